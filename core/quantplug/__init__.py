@@ -1,0 +1,75 @@
+"""quantplug: quantize PyTorch / Transformers models with any backend through one API.
+
+Importing quantplug is light: torch and backend libraries are imported only when a model is
+quantized, saved or loaded. Plugins use only the names exported here.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .backend import Backend, BackendStatus, Capabilities, Quantizer
+from .config import QuantConfig
+from .errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    ConfigError,
+    PluginError,
+    QuantplugError,
+    UnknownMethodError,
+)
+from .hookspecs import hookimpl
+from .registry import (
+    AutoQuantizer,
+    backends,
+    config_from_dict,
+    get_backend,
+    plugins,
+    problems,
+    register_backend,
+    register_plugin,
+    reload_plugins,
+    unregister_plugin,
+)
+
+__version__ = "0.1.0"
+
+# Heavy parts (they import torch), loaded on first attribute access.
+_LAZY = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'quantplug' has no attribute {name!r}")
+
+
+__all__ = [
+    "AutoQuantizer",
+    "Backend",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "Capabilities",
+    "CheckpointError",
+    "ConfigError",
+    "PluginError",
+    "QuantConfig",
+    "Quantizer",
+    "QuantplugError",
+    "UnknownMethodError",
+    "__version__",
+    "backends",
+    "config_from_dict",
+    "get_backend",
+    "hookimpl",
+    "plugins",
+    "problems",
+    "register_backend",
+    "register_plugin",
+    "reload_plugins",
+    "unregister_plugin",
+    *_LAZY,
+]

@@ -1,0 +1,252 @@
+"""What a plugin declares: the ``Backend`` descriptor, its ``Capabilities``, and the ``Quantizer``
+base class a backend implements.
+
+A descriptor is plain data. The heavy quantizer class is named by a ``"module:Class"`` string and
+imported only when a model is actually quantized or loaded, so listing backends, reading their
+capabilities and validating configs never imports torch or a backend library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import types
+from collections.abc import Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from .config import QuantConfig
+from .errors import BackendUnavailableError, PluginError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, declared by its plugin. ``select`` reasons from these alone."""
+
+    bits: tuple[int, ...]
+    """Weight bit widths the backend supports."""
+    devices: tuple[str, ...] = ("cpu",)
+    """torch device types it runs on (``"cpu"``, ``"cuda"``, ``"mps"``, ...)."""
+    needs_calibration: bool = False
+    """True when quantizing needs calibration data."""
+    trainable: bool = False
+    """True when adapters (e.g. LoRA) can be trained on top of the quantized layers."""
+    serializable: bool = True
+    """True when quantized models save and load through quantplug checkpoints."""
+    weight_dtypes: tuple[str, ...] = ()
+    """Storage formats of the weights, e.g. ``("int8", "int4")``."""
+    activation_dtypes: tuple[str, ...] = ()
+    """Activation formats when activations are quantized too; empty means full precision."""
+    max_rel_error: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    """Per bit width, the bound on relative output error ``||y_q - y|| / ||y||`` of one Linear layer
+    with Gaussian weights and inputs. The conformance kit checks it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", tuple(self.bits))
+        object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "weight_dtypes", tuple(self.weight_dtypes))
+        object.__setattr__(self, "activation_dtypes", tuple(self.activation_dtypes))
+        object.__setattr__(self, "max_rel_error", types.MappingProxyType(dict(self.max_rel_error)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        d["max_rel_error"] = {str(k): v for k, v in self.max_rel_error.items()}
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A backend, as a plugin registers it. ``plugin`` and ``plugin_version`` are filled in by
+    quantplug from the distribution that registered it."""
+
+    name: str
+    """The ``quant_method`` this backend owns (Transformers' name where Transformers has the method)."""
+    config: type[QuantConfig]
+    """The config class (a light dataclass; importing it must not import torch or the library)."""
+    quantizer: str
+    """``"module:Class"`` of the ``Quantizer`` subclass, imported on first use."""
+    capabilities: Capabilities
+    requires: tuple[str, ...] = ()
+    """Requirement strings of the backend library, e.g. ``("bitsandbytes>=0.45,<0.51",)``, checked
+    at runtime from installed metadata (without importing the library)."""
+    description: str = ""
+    notes: str = ""
+    """Anything a user must know, shown by ``list`` and ``doctor`` (e.g. "upstream is in maintenance mode")."""
+    plugin: str = ""
+    plugin_version: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "requires", tuple(self.requires))
+
+    def problems(self) -> list[str]:
+        """What is wrong with this descriptor (empty when valid). Checked at registration."""
+        out = []
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            out.append(f"name {self.name!r} must be a lowercase identifier like 'hqq' or 'compressed-tensors'")
+        if not (isinstance(self.config, type) and issubclass(self.config, QuantConfig)):
+            out.append(f"config must be a QuantConfig subclass, got {self.config!r}")
+        elif self.config.quant_method != self.name:
+            out.append(
+                f"config {self.config.__name__}.quant_method is {self.config.quant_method!r}, "
+                f"but the backend is named {self.name!r}; they must be equal"
+            )
+        if not isinstance(self.quantizer, str) or not _TARGET_RE.match(self.quantizer):
+            out.append(f"quantizer must be a 'module:Class' string, got {self.quantizer!r}")
+        if not isinstance(self.capabilities, Capabilities):
+            out.append(f"capabilities must be a quantplug.Capabilities, got {type(self.capabilities).__name__}")
+        elif not self.capabilities.bits or not all(
+            isinstance(b, int) and 1 <= b <= 32 for b in self.capabilities.bits
+        ):
+            out.append(f"capabilities.bits must be a non-empty list of integers 1..32, got {self.capabilities.bits!r}")
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        for req in self.requires:
+            try:
+                Requirement(req)
+            except (InvalidRequirement, TypeError) as exc:
+                out.append(f"requires entry {req!r} is not a valid requirement: {exc}")
+        return out
+
+    @cached_property
+    def status(self) -> BackendStatus:
+        """Whether the backend's libraries are installed in a supported version (metadata only)."""
+        return check_requirements(self)
+
+    @property
+    def available(self) -> bool:
+        return self.status.available
+
+    def ensure_available(self) -> None:
+        """Raise ``BackendUnavailableError`` with the fix when the backend cannot run here."""
+        st = self.status
+        if not st.available:
+            raise BackendUnavailableError(f"backend {self.name!r} is unavailable: {st.reason}. Fix: {st.fix}")
+
+    def quantizer_class(self) -> type[Quantizer]:
+        """Import and return the quantizer class (the first heavy import of this backend)."""
+        self.ensure_available()
+        module_name, _, attr = self.quantizer.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except Exception as exc:
+            raise BackendUnavailableError(
+                f"backend {self.name!r}: importing its quantizer {self.quantizer!r} failed: "
+                f"{type(exc).__name__}: {exc}. Fix: reinstall {self.plugin or 'the plugin'} and its "
+                f"library ({', '.join(self.requires) or 'no library'}); run `quantplug doctor` for details."
+            ) from exc
+        if not (isinstance(obj, type) and issubclass(obj, Quantizer)):
+            raise PluginError(
+                f"backend {self.name!r}: {self.quantizer!r} is not a quantplug.Quantizer subclass; "
+                f"report this to the maintainers of {self.plugin or 'the plugin'}."
+            )
+        return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str = ""
+    fix: str = ""
+    library_versions: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+
+
+def _installed_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def check_requirements(backend: Backend) -> BackendStatus:
+    """Check ``backend.requires`` against installed distributions, without importing them."""
+    from packaging.requirements import Requirement
+    from packaging.version import InvalidVersion, Version
+
+    versions: dict[str, str | None] = {}
+    problems, fixes = [], []
+    for text in backend.requires:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        installed = _installed_version(req.name)
+        versions[req.name] = installed
+        quoted = f"'{req.name}{req.specifier}'" if req.specifier else req.name
+        if installed is None:
+            problems.append(f"{req.name} is not installed")
+            fixes.append(f"pip install {quoted}")
+            continue
+        try:
+            ok = req.specifier.contains(Version(installed), prereleases=True)
+        except InvalidVersion:
+            ok = False
+        if not ok:
+            problems.append(f"{req.name} {installed} is installed, but {backend.plugin or backend.name} supports {req.specifier}")
+            fixes.append(f"pip install {quoted}")
+    if problems:
+        return BackendStatus(False, "; ".join(problems), " && ".join(fixes), versions)
+    return BackendStatus(True, "", "", versions)
+
+
+class Quantizer:
+    """Quantizes single modules for one backend and one config; the core does everything else
+    (the model walk, skipping, progress, checkpoints, the Transformers bridge).
+
+    Subclasses implement ``quantize_module`` and ``empty_module``; the rest have defaults.
+    Torch and the backend library may be imported at the top of the subclass's module: it is
+    imported only on first use.
+    """
+
+    def __init__(self, backend: Backend, config: QuantConfig):
+        self.backend = backend
+        self.config = config
+
+    def validate_environment(self, device: torch.device | str) -> None:
+        """Raise ``BackendUnavailableError`` (saying why and what to do) if this config cannot run
+        on ``device``. The default checks ``capabilities.devices``."""
+        kind = str(device).split(":")[0]
+        if kind not in self.backend.capabilities.devices:
+            raise BackendUnavailableError(
+                f"backend {self.backend.name!r} does not run on {kind!r}; it supports "
+                f"{', '.join(self.backend.capabilities.devices)}. Pass device= one of those, or pick "
+                f"another backend (`quantplug select`)."
+            )
+
+    def skip_reason(self, name: str, module: nn.Module) -> str | None:
+        """Return why ``module`` cannot be quantized by this config (it is then left in full
+        precision and reported), or ``None`` to quantize it."""
+        return None
+
+    def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
+        """Return the quantized replacement of ``module`` (an ``nn.Linear`` on the target device)."""
+        raise NotImplementedError
+
+    def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
+        """Return the quantized module that ``quantize_module`` would produce for ``module``, with
+        uninitialized tensors (meta tensors are fine): its ``state_dict()`` keys, shapes and
+        dtypes are what a checkpoint must hold. ``module`` is an ``nn.Linear`` on the meta device."""
+        raise NotImplementedError
+
+    def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors that represent ``qmodule`` in a checkpoint, keyed relative to the module.
+        Plain tensors only (tensor subclasses must be flattened here)."""
+        return dict(qmodule.state_dict())
+
+    def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """Rebuild a quantized module from its checkpoint tensors (keys relative to the module).
+        The default builds ``empty_module`` and assigns the tensors to it."""
+        qmodule = self.empty_module(name, module)
+        qmodule.load_state_dict(tensors, strict=True, assign=True)
+        return qmodule

@@ -1,0 +1,180 @@
+"""``QuantConfig``: the base of every backend's quantization config.
+
+A config is a frozen dataclass. Its class attribute ``quant_method`` is the dispatch key (the same
+string Transformers uses where Transformers knows the method, so ``config.json`` files
+interoperate). Construction validates every field against its type annotation (``Literal`` gives
+the allowed values) and then calls ``validate()`` for cross-field rules; anything wrong raises
+``ConfigError`` naming the field, the value and what is allowed. Unknown keys are an error, never
+silently dropped.
+
+This module imports nothing heavy: listing backends and validating configs never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, ClassVar, Literal, Union
+
+from .errors import ConfigError
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to annotation ``tp`` (list -> tuple, int -> float), or raise _Mismatch."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        for allowed in typing.get_args(tp):
+            # bool is an int subclass: True must not pass for 1.
+            if value == allowed and type(value) is type(allowed):
+                return value
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(value, member)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        args = typing.get_args(tp)
+        return tuple(_coerce(v, args[0]) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return dict(value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise _Mismatch
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _Mismatch
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Base class of quantization configs.
+
+    Subclass it as a frozen dataclass, set ``quant_method`` and give every field a type annotation
+    and a default. Override ``validate()`` for rules that involve several fields, raising
+    ``self.invalid(...)``.
+    """
+
+    quant_method: ClassVar[str] = ""
+
+    modules_to_not_convert: tuple[str, ...] | None = None
+    """Module names (or name suffixes, matched per dotted component) left in full precision.
+    ``None`` means the default: keep the output head (``lm_head``) unquantized."""
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        if not cls.quant_method:
+            raise TypeError(f"{cls.__name__} must set the class attribute quant_method")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            tp = _hints(cls)[f.name]
+            try:
+                coerced = _coerce(value, tp)
+            except _Mismatch:
+                raise self.invalid(f.name, _describe(tp)) from None
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check rules that involve more than one field. Raise ``self.invalid(...)`` on failure."""
+
+    def invalid(self, field: str, allowed: str, why: str = "") -> ConfigError:
+        """Build the ConfigError for ``field``: names the config, the field, the value and what is allowed."""
+        value = getattr(self, field, None)
+        reason = f" ({why})" if why else ""
+        return ConfigError(
+            f"{type(self).__name__}: {field}={value!r} is invalid{reason}; allowed: {allowed}.",
+            field=field,
+            value=value,
+            allowed=allowed,
+        )
+
+    # -- serialization --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that starts with ``quant_method``; tuples become lists."""
+        out: dict[str, Any] = {"quant_method": self.quant_method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """Build a config from ``to_dict()`` output or a ``config.json`` ``quantization_config``."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}",
+                value=data, allowed="a dict",
+            )
+        data = dict(data)
+        method = data.pop("quant_method", cls.quant_method)
+        if method != cls.quant_method:
+            raise ConfigError(
+                f"{cls.__name__}: quant_method={method!r} does not match this config class "
+                f"(expected {cls.quant_method!r}); dispatch with quantplug.AutoQuantizer.from_config instead.",
+                field="quant_method", value=method, allowed=cls.quant_method,
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed keys: quant_method, {', '.join(sorted(known))}.",
+                field=unknown[0], value=data[unknown[0]], allowed=sorted(known),
+            )
+        return cls(**data)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cls.__name__}: not valid JSON: {exc}", value=text, allowed="a JSON object") from None
+        return cls.from_dict(data)

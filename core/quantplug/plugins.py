@@ -1,0 +1,233 @@
+"""Plugin loading: entry points in the ``quantplug`` group, allow/deny lists from the environment,
+per-plugin error isolation, and the backends the plugins register.
+
+Each plugin is loaded and asked for its backends on its own. A plugin that fails to import,
+raises in a hook, registers an invalid descriptor or a backend name another plugin already owns
+is recorded as a ``Problem`` (shown by ``quantplug doctor``); the other plugins are unaffected.
+
+Environment:
+    QUANTPLUG_PLUGINS          comma list of plugins to load (entry point or distribution names);
+                               set but empty loads none
+    QUANTPLUG_DISABLE_PLUGINS  comma list of plugins not to load
+    QUANTPLUG_TRACE_PLUGINS=1  print each plugin load and hook call to stderr
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .backend import Backend
+
+ENTRY_POINT_GROUP = "quantplug"
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def _env_list(var: str) -> set[str] | None:
+    raw = os.environ.get(var)
+    if raw is None:
+        return None
+    return {_norm(x) for x in raw.split(",") if x.strip()}
+
+
+@dataclasses.dataclass
+class PluginInfo:
+    """One plugin as quantplug saw it."""
+
+    name: str
+    module: str = ""
+    dist: str | None = None
+    version: str | None = None
+    backends: list[str] = dataclasses.field(default_factory=list)
+    status: str = "loaded"  # loaded | disabled | failed
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Something wrong with a plugin or backend, and what to do about it."""
+
+    plugin: str
+    problem: str
+    fix: str
+    backend: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.plugin}" + (f" (backend {self.backend!r})" if self.backend else "")
+        return f"{where}: {self.problem}\n    fix: {self.fix}"
+
+
+class Registry:
+    """The backends registered by plugins, and what went wrong while loading them."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.trace = os.environ.get("QUANTPLUG_TRACE_PLUGINS", "") not in ("", "0")
+        self.backends: dict[str, Backend] = {}
+        self.plugins: dict[str, PluginInfo] = {}
+        self.problems: list[Problem] = []
+
+    # -- tracing ------------------------------------------------------------------------------
+
+    def _log(self, msg: str) -> None:
+        if self.trace:
+            print(f"quantplug: {msg}", file=sys.stderr, flush=True)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load_entry_points(self) -> None:
+        from importlib.metadata import entry_points
+
+        allow = _env_list("QUANTPLUG_PLUGINS")
+        deny = _env_list("QUANTPLUG_DISABLE_PLUGINS") or set()
+        seen = set()
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            dist_version = dist.version if dist is not None else None
+            key = (ep.name, ep.value, dist_name)
+            if key in seen:  # the same distribution found twice on sys.path
+                continue
+            seen.add(key)
+            names = {_norm(ep.name)} | ({_norm(dist_name)} if dist_name else set())
+            if (allow is not None and not names & allow) or names & deny:
+                why = "QUANTPLUG_DISABLE_PLUGINS" if names & deny else "QUANTPLUG_PLUGINS"
+                self.plugins.setdefault(
+                    ep.name,
+                    PluginInfo(ep.name, ep.value, dist_name, dist_version, status="disabled", error=f"disabled by {why}"),
+                )
+                self._log(f"plugin {ep.name!r} disabled by {why}")
+                continue
+            self._log(f"loading plugin {ep.name!r} ({dist_name} {dist_version}) from {ep.value}")
+            try:
+                obj = ep.load()
+            except BaseException as exc:  # noqa: BLE001 - a plugin must never take the others down
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self._fail(
+                    PluginInfo(ep.name, ep.value, dist_name, dist_version),
+                    f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}",
+                    f"reinstall it (pip install --force-reinstall {dist_name or ep.name}) or disable it "
+                    f"with QUANTPLUG_DISABLE_PLUGINS={ep.name}",
+                )
+                continue
+            self.add_plugin(obj, name=ep.name, module=ep.value, dist=dist_name, version=dist_version)
+
+    def add_plugin(
+        self, obj: Any, *, name: str | None = None, module: str = "", dist: str | None = None, version: str | None = None
+    ) -> PluginInfo:
+        """Register one plugin object (a module or any object with hookimpls) and collect its backends."""
+        name = name or getattr(obj, "__name__", None) or repr(obj)
+        info = PluginInfo(name, module or getattr(obj, "__name__", ""), dist, version)
+        label = dist or name
+        if name in self.plugins and self.plugins[name].status != "disabled":
+            return self._fail(
+                info,
+                f"a plugin named {name!r} is already registered (from {self.plugins[name].dist or self.plugins[name].module})",
+                f"uninstall one of the two, or disable one with QUANTPLUG_DISABLE_PLUGINS={name}",
+            )
+        try:
+            self.pm.register(obj, name=name)
+        except Exception as exc:  # pluggy validates hookimpl signatures here
+            return self._fail(
+                info,
+                f"invalid plugin: {type(exc).__name__}: {exc}",
+                f"report this to the maintainers of {label}; disable it with QUANTPLUG_DISABLE_PLUGINS={name}",
+            )
+        self.plugins[name] = info
+        staged = []
+
+        def register(backend: Backend) -> None:
+            staged.append(backend)
+
+        for impl in self.pm.hook.register_backends.get_hookimpls():
+            if impl.plugin is not obj:
+                continue
+            t0 = time.perf_counter()
+            try:
+                impl.function(**{a: register for a in impl.argnames})
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self.pm.unregister(obj)
+                return self._fail(
+                    info,
+                    f"register_backends raised {type(exc).__name__}: {exc}",
+                    f"report this to the maintainers of {label}; disable it with QUANTPLUG_DISABLE_PLUGINS={name}",
+                )
+            self._log(
+                f"{name}.register_backends(register) -> {[getattr(b, 'name', b) for b in staged]} "
+                f"[{(time.perf_counter() - t0) * 1e3:.1f} ms]"
+            )
+        for backend in staged:
+            self._add_backend(info, backend)
+        return info
+
+    def _add_backend(self, info: PluginInfo, backend: Any) -> None:
+        label = info.dist or info.name
+        fix = f"report this to the maintainers of {label}; disable it with QUANTPLUG_DISABLE_PLUGINS={info.name}"
+        if not isinstance(backend, Backend):
+            self._problem(info, f"registered {type(backend).__name__!r}, not a quantplug.Backend", fix)
+            return
+        bad = backend.problems()
+        if bad:
+            self._problem(info, "invalid backend descriptor: " + "; ".join(bad), fix, backend=str(backend.name))
+            return
+        owner = self.backends.get(backend.name)
+        if owner is not None:
+            self._problem(
+                info,
+                f"backend name {backend.name!r} is already registered by {owner.plugin or 'another plugin'}; "
+                f"this one is ignored",
+                f"uninstall one of {owner.plugin} and {label}, or disable one with QUANTPLUG_DISABLE_PLUGINS",
+                backend=backend.name,
+            )
+            return
+        backend = dataclasses.replace(backend, plugin=label, plugin_version=info.version or backend.plugin_version)
+        self.backends[backend.name] = backend
+        info.backends.append(backend.name)
+        self._log(f"backend {backend.name!r} registered by {label}")
+
+    def remove_plugin(self, name: str) -> None:
+        info = self.plugins.pop(name, None)
+        if info is None:
+            raise KeyError(f"no plugin named {name!r}; registered: {', '.join(sorted(self.plugins)) or 'none'}")
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+        for backend in info.backends:
+            self.backends.pop(backend, None)
+        self.problems = [p for p in self.problems if p.plugin not in (name, info.dist)]
+
+    def _fail(self, info: PluginInfo, problem: str, fix: str) -> PluginInfo:
+        info.status, info.error = "failed", problem
+        self.plugins.setdefault(info.name, info)
+        self._problem(info, problem, fix)
+        return info
+
+    def _problem(self, info: PluginInfo, problem: str, fix: str, backend: str | None = None) -> None:
+        self._log(f"problem in {info.name}: {problem}")
+        self.problems.append(Problem(info.dist or info.name, problem, fix, backend))
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def all_problems(self) -> list[Problem]:
+        """Plugin problems plus every registered backend that cannot run here."""
+        out = list(self.problems)
+        for b in self.sorted_backends():
+            if not b.available:
+                out.append(Problem(b.plugin or "?", b.status.reason, b.status.fix, backend=b.name))
+        return out
+
+    def sorted_backends(self) -> Iterable[Backend]:
+        return [self.backends[k] for k in sorted(self.backends)]

@@ -1,0 +1,141 @@
+"""The dispatcher: the process-wide plugin registry, ``backends()``, ``get_backend(name)`` and
+``AutoQuantizer.from_config(config_or_dict)`` (``quant_method`` -> the plugin that owns it)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .backend import Backend, Quantizer
+from .config import QuantConfig
+from .errors import ConfigError, UnknownMethodError
+from .known_methods import install_hint
+from .plugins import PluginInfo, Problem, Registry
+
+_lock = threading.RLock()
+_registry: Registry | None = None
+
+
+def registry() -> Registry:
+    """The process-wide registry, loading entry points on first use."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            reg = Registry()
+            reg.load_entry_points()
+            _registry = reg
+        return _registry
+
+
+def reload_plugins() -> None:
+    """Forget everything loaded and read the entry points (and environment variables) again.
+    Plugins registered programmatically are dropped too."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> PluginInfo:
+    """Register a plugin object (a module or object with ``@quantplug.hookimpl`` functions) at runtime,
+    e.g. in a test or a notebook. Problems are recorded like an entry point's, not raised."""
+    with _lock:
+        return registry().add_plugin(plugin, name=name)
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin and the backends it registered."""
+    with _lock:
+        registry().remove_plugin(name)
+
+
+def register_backend(backend: Backend) -> None:
+    """Register one backend directly (a shortcut for a one-backend plugin). Raises ``PluginError``
+    when the descriptor is invalid or the name is taken."""
+    import types
+
+    from .errors import PluginError
+    from .hookspecs import hookimpl
+
+    @hookimpl
+    def register_backends(register):
+        register(backend)
+
+    plugin = types.SimpleNamespace(register_backends=register_backends)
+    with _lock:
+        reg = registry()
+        before = len(reg.problems)
+        info = reg.add_plugin(plugin, name=f"inline:{getattr(backend, 'name', backend)}")
+        if len(reg.problems) > before or info.status == "failed":
+            new = reg.problems[before:]
+            if info.status != "failed":
+                reg.remove_plugin(info.name)
+            raise PluginError("; ".join(p.problem for p in new) or info.error or "registration failed")
+
+
+def backends() -> list[Backend]:
+    """Every registered backend, sorted by name, available or not (see ``Backend.available``)."""
+    return list(registry().sorted_backends())
+
+
+def plugins() -> list[PluginInfo]:
+    return [registry().plugins[k] for k in sorted(registry().plugins)]
+
+
+def problems() -> list[Problem]:
+    """What is wrong with installed plugins and backends, each with its fix."""
+    return registry().all_problems()
+
+
+def get_backend(name: str) -> Backend:
+    """The backend that owns ``quant_method`` ``name``; ``UnknownMethodError`` says what to install."""
+    reg = registry()
+    if not isinstance(name, str):
+        raise UnknownMethodError(f"quant_method must be a string, got {name!r}", method=str(name))
+    backend = reg.backends.get(name)
+    if backend is not None:
+        return backend
+    installed = ", ".join(sorted(reg.backends)) or "none"
+    parts = [f"No installed backend owns quant_method {name!r} (installed backends: {installed})."]
+    disabled = [p.name for p in reg.plugins.values() if p.status == "disabled"]
+    if disabled:
+        parts.append(f"Disabled by QUANTPLUG_PLUGINS / QUANTPLUG_DISABLE_PLUGINS: {', '.join(sorted(disabled))}.")
+    parts.append(install_hint(name) + ".")
+    if reg.problems:
+        parts.append(f"{len(reg.problems)} plugin problem(s) were recorded: run `quantplug doctor`.")
+    raise UnknownMethodError(" ".join(parts), method=name)
+
+
+def config_from_dict(data: dict[str, Any]) -> QuantConfig:
+    """Validate a config dict (e.g. ``config.json``'s ``quantization_config``) into the owning
+    backend's config class. Light: imports no backend library."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a quantization config must be a dict, got {type(data).__name__}", value=data, allowed="a dict")
+    if "quant_method" not in data:
+        raise ConfigError(
+            "the quantization config has no 'quant_method' key; add one "
+            f"(installed backends: {', '.join(sorted(registry().backends)) or 'none'})",
+            field="quant_method", value=None, allowed=sorted(registry().backends),
+        )
+    return get_backend(data["quant_method"]).config.from_dict(data)
+
+
+class AutoQuantizer:
+    """Dispatch a config to the ``Quantizer`` of the plugin that owns its ``quant_method``."""
+
+    @staticmethod
+    def from_config(config: QuantConfig | dict[str, Any]) -> Quantizer:
+        if isinstance(config, dict):
+            config = config_from_dict(config)
+        elif not isinstance(config, QuantConfig):
+            raise ConfigError(
+                f"expected a QuantConfig or a dict, got {type(config).__name__}", value=config,
+                allowed="a QuantConfig or a dict with quant_method",
+            )
+        backend = get_backend(config.quant_method)
+        if not isinstance(config, backend.config):
+            raise ConfigError(
+                f"config {type(config).__name__} has quant_method {config.quant_method!r}, but that backend "
+                f"(from {backend.plugin}) expects {backend.config.__name__}",
+                field="quant_method", value=config.quant_method, allowed=backend.config.__name__,
+            )
+        return backend.quantizer_class()(backend, config)
