@@ -36,7 +36,12 @@ from .registry import (
 __version__ = "0.1.0"
 
 # Heavy parts (they import torch), loaded on first attribute access.
-_LAZY = {}
+_LAZY = {
+    "quantize": ".convert",
+    "QuantizeReport": ".convert",
+    "save": ".checkpoint",
+    "load": ".checkpoint",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -244,6 +244,11 @@ class Quantizer:
         Plain tensors only (tensor subclasses must be flattened here)."""
         return dict(qmodule.state_dict())
 
+    def expected_tensors(self, name: str, module: nn.Linear) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]]:
+        """Keys (relative to the module), shapes and dtypes a checkpoint must hold for ``module``
+        (``None`` = not checked). The default reads them off ``empty_module``."""
+        return {k: (tuple(t.shape), t.dtype) for k, t in self.empty_module(name, module).state_dict().items()}
+
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         """Rebuild a quantized module from its checkpoint tensors (keys relative to the module).
         The default builds ``empty_module`` and assigns the tensors to it."""

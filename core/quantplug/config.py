@@ -159,12 +159,12 @@ class QuantConfig:
                 field="quant_method", value=method, allowed=cls.quant_method,
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)  # keys may be non-strings in a hand-made dict
         if unknown:
             raise ConfigError(
                 f"{cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}; "
                 f"allowed keys: quant_method, {', '.join(sorted(known))}.",
-                field=unknown[0], value=data[unknown[0]], allowed=sorted(known),
+                field=str(unknown[0]), value=data[unknown[0]], allowed=sorted(known),
             )
         return cls(**data)
 

@@ -1,0 +1,229 @@
+"""The model walk: which modules to quantize, replacing them with the backend's modules, progress,
+and a report of what changed. Backends only ever see one ``nn.Linear`` at a time.
+
+Eligible modules are exactly ``nn.Linear`` and Transformers' ``Conv1D`` (GPT-2 style, weight stored
+transposed; handed to the backend as the equivalent ``nn.Linear``). Subclasses of ``nn.Linear``
+(a backend's own modules, adapters) are never touched, so quantizing twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .registry import AutoQuantizer
+
+#: attribute on a quantized model holding its ``QuantizedModelInfo``
+INFO_ATTR = "quantplug_info"
+
+
+@dataclasses.dataclass
+class QuantizedModelInfo:
+    """What quantplug knows about a model it quantized or loaded."""
+
+    config: QuantConfig
+    quantizer: Any
+    modules: list[str]
+
+
+@dataclasses.dataclass
+class QuantizeReport:
+    """What ``quantize`` did."""
+
+    backend: str
+    config: dict[str, Any]
+    converted: list[str]
+    skipped: dict[str, str]
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+
+    def __str__(self) -> str:
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0.0
+        lines = [
+            f"quantplug: {self.backend}: converted {len(self.converted)} module(s), skipped {len(self.skipped)}, "
+            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x) "
+            f"in {self.seconds:.1f} s"
+        ]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
+def is_eligible(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing the same function as ``module`` (``module`` itself if it is one)."""
+    if type(module) is nn.Linear:
+        return module
+    lin = as_linear_meta(module)  # Conv1D: weight stored [in, out]
+    lin.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+    if module.bias is not None:
+        lin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return lin
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """True when ``name`` equals a pattern or the pattern is a run of whole dotted components of it."""
+    padded = f".{name}."
+    return any(name == p or f".{p}." in padded for p in patterns)
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """Linear modules whose weight shares storage with an earlier parameter: name -> the other name."""
+    seen: dict[int, str] = {}
+    tied = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if p.device.type == "meta":
+            continue
+        key = p.data_ptr()
+        if key in seen and pname.endswith(".weight"):
+            tied[pname[: -len(".weight")]] = seen[key]
+        seen.setdefault(key, pname)
+    tied_keys = getattr(model, "_tied_weights_keys", None)  # Transformers (also meaningful on meta skeletons)
+    if isinstance(tied_keys, dict) and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        for target, source in tied_keys.items():
+            if target.endswith(".weight"):
+                tied.setdefault(target[: -len(".weight")], source)
+    return tied
+
+
+def default_skips(model: nn.Module) -> dict[str, str]:
+    """Modules left in full precision when ``modules_to_not_convert`` is None: the output head and
+    any layer whose weight is tied to another parameter."""
+    out = {}
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None:
+        for name, mod in model.named_modules():
+            if mod is head:
+                out[name] = "output head (kept in full precision by default; set modules_to_not_convert=[] to quantize it)"
+    for name, other in _tied_names(model).items():
+        out.setdefault(name, f"weight tied to {other}")
+    return out
+
+
+def plan(model: nn.Module, config: QuantConfig, quantizer: Any) -> tuple[list[str], dict[str, str]]:
+    """The modules to quantize (in model order) and the eligible ones skipped, with reasons.
+    Works on meta-device skeletons too: it looks at structure and shapes only."""
+    skips = default_skips(model) if config.modules_to_not_convert is None else {}
+    patterns = tuple(config.modules_to_not_convert or ())
+    convert, skipped = [], {}
+    for name, module in model.named_modules():
+        if not name or not is_eligible(module):
+            continue
+        if name in skips:
+            skipped[name] = skips[name]
+        elif matches(name, patterns):
+            skipped[name] = "listed in modules_to_not_convert"
+        else:
+            why = quantizer.skip_reason(name, as_linear_meta(module))
+            if why:
+                skipped[name] = why
+            else:
+                convert.append(name)
+    return convert, skipped
+
+
+def as_linear_meta(module: nn.Module) -> nn.Linear:
+    """A meta-device ``nn.Linear`` with the shape, dtype and bias of ``module`` (no data)."""
+    if is_conv1d(module):
+        in_f, out_f = module.weight.shape
+    else:
+        out_f, in_f = module.weight.shape
+    return nn.Linear(in_f, out_f, bias=module.bias is not None, device="meta", dtype=module.weight.dtype)
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def tensor_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="module", disable=not (enabled and sys.stderr.isatty()), leave=False)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def attach_info(model: nn.Module, info: QuantizedModelInfo) -> None:
+    # model.config is left alone: Transformers models built from one config object share it, so
+    # writing quantization_config there would mark other, unquantized models too. ``save`` writes
+    # it into config.json from this record instead.
+    setattr(model, INFO_ATTR, info)
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | dict[str, Any],
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize ``model`` in place with the backend that owns ``config.quant_method``.
+
+    Eligible layers (``nn.Linear``, Transformers' ``Conv1D``) are replaced by the backend's modules,
+    except ``modules_to_not_convert`` and, by default, the output head and tied layers. Each layer
+    is moved to ``device`` (default: where the model's parameters are) before it is quantized.
+    Returns a ``QuantizeReport``; the model keeps working (``forward``, ``generate``).
+    """
+    t0 = time.perf_counter()
+    quantizer = AutoQuantizer.from_config(config)
+    config = quantizer.config
+    if getattr(model, INFO_ATTR, None) is not None:
+        from .errors import ConfigError
+
+        done = getattr(model, INFO_ATTR).config
+        raise ConfigError(
+            f"this model is already quantized with {done.quant_method!r}; quantize a fresh full-precision model instead",
+            field="quant_method", value=config.quant_method, allowed="a model quantplug has not quantized yet",
+        )
+    target = torch.device(device) if device is not None else model_device(model)
+    quantizer.validate_environment(target)
+    names, skipped = plan(model, config, quantizer)
+    before = after = 0
+    with torch.no_grad(), progress_bar(len(names), f"quantizing ({config.quant_method})", progress) as bar:
+        for name in names:
+            module = model.get_submodule(name)
+            before += tensor_bytes([module.weight] + ([module.bias] if module.bias is not None else []))
+            linear = as_linear(module.to(target))
+            qmodule = quantizer.quantize_module(name, linear)
+            after += tensor_bytes(quantizer.module_tensors(name, qmodule).values())
+            set_submodule(model, name, qmodule)
+            bar.update(1)
+    if any(t.device.type != target.type for t in [*model.parameters(), *model.buffers()]):
+        model.to(target)  # the layers left in full precision follow the quantized ones
+    attach_info(model, QuantizedModelInfo(config, quantizer, names))
+    return QuantizeReport(
+        backend=config.quant_method,
+        config=config.to_dict(),
+        converted=names,
+        skipped=skipped,
+        bytes_before=before,
+        bytes_after=after,
+        seconds=time.perf_counter() - t0,
+    )

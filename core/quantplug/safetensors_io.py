@@ -1,0 +1,149 @@
+"""Streaming safetensors files: write and read one tensor at a time, with strict validation.
+
+The format (https://github.com/huggingface/safetensors): 8-byte little-endian header length, a JSON
+header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
+then the data. Files written here are read by ``safetensors.safe_open`` and vice versa.
+
+Reading uses plain file reads, not mmap, so the memory it holds is only the tensors asked for
+(a whole-file mmap counts the file's pages in the process's resident memory). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+
+
+def _buffer(t: torch.Tensor):
+    """A zero-copy writable buffer over a contiguous CPU tensor's bytes."""
+    n = t.numel() * t.element_size()
+    return (ctypes.c_char * n).from_address(t.data_ptr())
+
+
+def write_file(
+    path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> int:
+    """Write ``(name, tensor)`` pairs to ``path``, fsynced. Returns the bytes of tensor data written."""
+    items = []
+    offset = 0
+    for name, t in tensors:
+        if t.dtype not in NAMES:
+            raise CheckpointError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            raise CheckpointError(
+                f"tensor {name!r} is a {type(t).__name__} (a tensor subclass); the backend's module_tensors() "
+                f"must flatten it to plain tensors"
+            )
+        t = t.detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        items.append((name, t, offset, offset + n))
+        offset += n
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, t, begin, end in items:
+        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, t, _, _ in items:
+            if t.numel():
+                f.write(_buffer(t))
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+class SafetensorsFile:
+    """A safetensors file opened for reading single tensors; the header is validated on open."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise self._bad(f"file is {size} bytes, too short to be safetensors")
+                n = int.from_bytes(head, "little")
+                if n > MAX_HEADER or 8 + n > size:
+                    if head[:1] == b"\x80" or head[:2] == b"PK":
+                        raise self._bad("this is a pickle / torch.save file, not safetensors; refusing to unpickle it")
+                    raise self._bad(f"header length {n} does not fit in a {size}-byte file (truncated or not safetensors)")
+                raw = f.read(n)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.path}: {exc}") from exc
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._bad(f"header is not valid JSON ({exc}); the file is corrupt") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object; the file is corrupt")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise self._bad("__metadata__ is not a JSON object")
+        self.metadata: dict[str, str] = meta
+        self.data_start = 8 + n
+        data_len = size - self.data_start
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        spans = []
+        for name, e in header.items():
+            try:
+                dtype, shape, (begin, end) = DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+                ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int) and isinstance(end, int)
+            except (KeyError, TypeError, ValueError):
+                raise self._bad(f"tensor {name!r}: malformed header entry {e!r}") from None
+            if not ok:
+                raise self._bad(f"tensor {name!r}: malformed shape or offsets in {e!r}")
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
+                raise self._bad(
+                    f"tensor {name!r}: offsets [{begin}, {end}] do not match its shape {list(shape)} and dtype "
+                    f"{e['dtype']} ({nbytes} bytes) within {data_len} data bytes (truncated or corrupt)"
+                )
+            self.entries[name] = (dtype, shape, begin, end)
+            spans.append((begin, end, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise self._bad(f"tensors {n0!r} and {n1!r} overlap; the file is corrupt")
+
+    def _bad(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {why}")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh CPU memory."""
+        dtype, shape, begin, end = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self.data_start + begin)
+                    got = f.readinto(_buffer(out))
+            except OSError as exc:
+                raise CheckpointError(f"{self.path}: reading tensor {name!r} failed: {exc}") from exc
+            if got != end - begin:
+                raise self._bad(f"tensor {name!r}: file ended after {got} of {end - begin} bytes (truncated)")
+        return out
