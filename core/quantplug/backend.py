@@ -27,6 +27,12 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
+def _str_tuple(value: Any) -> tuple:
+    """A tuple of ``value``; a bare string is one item (``("torch")`` is a missing-comma slip, not
+    ``('t', 'o', 'r', 'c', 'h')``)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What a backend can do, declared by its plugin. ``select`` reasons from these alone."""
@@ -51,9 +57,9 @@ class Capabilities:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", tuple(self.bits))
-        object.__setattr__(self, "devices", tuple(self.devices))
-        object.__setattr__(self, "weight_dtypes", tuple(self.weight_dtypes))
-        object.__setattr__(self, "activation_dtypes", tuple(self.activation_dtypes))
+        object.__setattr__(self, "devices", _str_tuple(self.devices))
+        object.__setattr__(self, "weight_dtypes", _str_tuple(self.weight_dtypes))
+        object.__setattr__(self, "activation_dtypes", _str_tuple(self.activation_dtypes))
         object.__setattr__(self, "max_rel_error", types.MappingProxyType(dict(self.max_rel_error)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,13 +91,15 @@ class Backend:
     plugin_version: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "requires", tuple(self.requires))
+        object.__setattr__(self, "requires", _str_tuple(self.requires))
 
     def problems(self) -> list[str]:
         """What is wrong with this descriptor (empty when valid). Checked at registration."""
         out = []
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            out.append(f"name {self.name!r} must be a lowercase identifier like 'hqq' or 'compressed-tensors'")
+            out.append(
+                f"name {self.name!r} must be a lowercase identifier like 'hqq' or 'compressed-tensors'"
+            )
         if not (isinstance(self.config, type) and issubclass(self.config, QuantConfig)):
             out.append(f"config must be a QuantConfig subclass, got {self.config!r}")
         elif self.config.quant_method != self.name:
@@ -102,11 +110,15 @@ class Backend:
         if not isinstance(self.quantizer, str) or not _TARGET_RE.match(self.quantizer):
             out.append(f"quantizer must be a 'module:Class' string, got {self.quantizer!r}")
         if not isinstance(self.capabilities, Capabilities):
-            out.append(f"capabilities must be a quantplug.Capabilities, got {type(self.capabilities).__name__}")
+            out.append(
+                f"capabilities must be a quantplug.Capabilities, got {type(self.capabilities).__name__}"
+            )
         elif not self.capabilities.bits or not all(
             isinstance(b, int) and 1 <= b <= 32 for b in self.capabilities.bits
         ):
-            out.append(f"capabilities.bits must be a non-empty list of integers 1..32, got {self.capabilities.bits!r}")
+            out.append(
+                f"capabilities.bits must be a non-empty list of integers 1..32, got {self.capabilities.bits!r}"
+            )
         from packaging.requirements import InvalidRequirement, Requirement
 
         for req in self.requires:
@@ -193,7 +205,9 @@ def check_requirements(backend: Backend) -> BackendStatus:
         except InvalidVersion:
             ok = False
         if not ok:
-            problems.append(f"{req.name} {installed} is installed, but {backend.plugin or backend.name} supports {req.specifier}")
+            problems.append(
+                f"{req.name} {installed} is installed, but {backend.plugin or backend.name} supports {req.specifier}"
+            )
             fixes.append(f"pip install {quoted}")
     if problems:
         return BackendStatus(False, "; ".join(problems), " && ".join(fixes), versions)
@@ -244,7 +258,9 @@ class Quantizer:
         Plain tensors only (tensor subclasses must be flattened here)."""
         return dict(qmodule.state_dict())
 
-    def expected_tensors(self, name: str, module: nn.Linear) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]]:
+    def expected_tensors(
+        self, name: str, module: nn.Linear
+    ) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]]:
         """Keys (relative to the module), shapes and dtypes a checkpoint must hold for ``module``
         (``None`` = not checked). The default reads them off ``empty_module``."""
         return {k: (tuple(t.shape), t.dtype) for k, t in self.empty_module(name, module).state_dict().items()}

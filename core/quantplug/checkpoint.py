@@ -53,7 +53,9 @@ CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_OWN_FILES = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json)$")
+_OWN_FILES = re.compile(
+    r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json)$"
+)
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "qmodel.pt", "tf_model.h5")
 
 
@@ -202,7 +204,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str
     limit = parse_size(max_shard_size)
     info: QuantizedModelInfo | None = getattr(model, INFO_ATTR, None)
     if info is not None and not info.quantizer.backend.capabilities.serializable:
-        raise CheckpointError(f"backend {info.config.quant_method!r} declares that its models cannot be saved")
+        raise CheckpointError(
+            f"backend {info.config.quant_method!r} declares that its models cannot be saved"
+        )
     tensors, aliases = _checkpoint_tensors(model)
     meta = _versions(info)
     if aliases:
@@ -275,7 +279,9 @@ class Checkpoint:
                     f"{folder} holds {', '.join(pickles)}, a pickle-based format quantplug never loads (it can run "
                     f"code). Convert it to safetensors with the tool that made it, from a source you trust."
                 )
-            raise CheckpointError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}; it is not a safetensors checkpoint")
+            raise CheckpointError(
+                f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}; it is not a safetensors checkpoint"
+            )
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
         for name in names:
@@ -285,14 +291,18 @@ class Checkpoint:
                 raise CheckpointError(f"{folder}: shard {name} listed in {INDEX_NAME} is missing")
             f = SafetensorsFile(folder / name)
             self.files[name] = f
-            for key in f.keys():
+            for key in f.entries:
                 if key in self.where:
-                    raise CheckpointError(f"{folder}: tensor {key!r} is stored twice ({self.where[key].path.name}, {name})")
+                    raise CheckpointError(
+                        f"{folder}: tensor {key!r} is stored twice ({self.where[key].path.name}, {name})"
+                    )
                 self.where[key] = f
         if weight_map is not None:
             for key, fname in weight_map.items():
                 if key not in self.where or self.where[key].path.name != fname:
-                    raise CheckpointError(f"{index}: lists tensor {key!r} in {fname}, but that file does not hold it")
+                    raise CheckpointError(
+                        f"{index}: lists tensor {key!r} in {fname}, but that file does not hold it"
+                    )
             extra = sorted(set(self.where) - set(weight_map))
             if extra:
                 raise CheckpointError(f"{index}: tensors {extra[:5]} are in the shards but not in the index")
@@ -374,7 +384,9 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module = model.get_submodule(mod_name) if mod_name else model
     if attr in module._parameters:
         old = module._parameters[attr]
-        module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
+        module._parameters[attr] = nn.Parameter(
+            tensor, requires_grad=old.requires_grad if old is not None else False
+        )
     else:
         module._buffers[attr] = tensor
 
@@ -410,7 +422,9 @@ def load(
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; a checkpoint is a folder with {CONFIG_NAME} and safetensors files")
+        raise CheckpointError(
+            f"{folder} is not a folder; a checkpoint is a folder with {CONFIG_NAME} and safetensors files"
+        )
     config_path = folder / CONFIG_NAME
     if not config_path.exists():
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
@@ -423,7 +437,9 @@ def load(
         raise ConfigError(
             f"{folder} is already quantized (quant_method {method!r}); load it without config=, or "
             f"quantize its full-precision original",
-            field="quant_method", value=method, allowed="a full-precision checkpoint",
+            field="quant_method",
+            value=method,
+            allowed="a full-precision checkpoint",
         )
     if config is None and saved_qc is not None:
         if not isinstance(saved_qc, dict):
@@ -472,7 +488,9 @@ def load(
         shape, dt = expected[key]
         got_shape, got_dtype = ckpt.spec(key)
         if shape is not None and tuple(got_shape) != tuple(shape):
-            raise CheckpointError(f"{folder}: tensor {key!r} has shape {list(got_shape)}, expected {list(shape)}")
+            raise CheckpointError(
+                f"{folder}: tensor {key!r} has shape {list(got_shape)}, expected {list(shape)}"
+            )
         if dt is not None and got_dtype != dt:
             raise CheckpointError(f"{folder}: tensor {key!r} has dtype {got_dtype}, expected {dt}")
 
@@ -482,7 +500,7 @@ def load(
         for name in names:
             prefix = name + "."
             keys = [k for k in have if k.startswith(prefix)]
-            tensors = {k[len(prefix):]: ckpt.read(k).to(target) for k in keys}
+            tensors = {k[len(prefix) :]: ckpt.read(k).to(target) for k in keys}
             if prequantized:
                 qmodule = quantizer.load_module(name, metas[name], tensors)
             else:

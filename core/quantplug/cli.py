@@ -74,7 +74,15 @@ def list_cmd(as_json: bool) -> None:
     rows = [("backend", "plugin", "library", "status", "capabilities")]
     for b in backends:
         status = "available" if b.available else "unavailable: " + b.status.reason
-        rows.append((b.name, f"{b.plugin} {b.plugin_version}".strip(), _library_text(b), status, _caps_text(b.capabilities)))
+        rows.append(
+            (
+                b.name,
+                f"{b.plugin} {b.plugin_version}".strip(),
+                _library_text(b),
+                status,
+                _caps_text(b.capabilities),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
@@ -82,7 +90,9 @@ def list_cmd(as_json: bool) -> None:
         if b.notes:
             click.echo(f"note: {b.name}: {b.notes}")
     if problems:
-        click.echo(f"\n{len(problems)} plugin problem(s); run `quantplug doctor` for details and fixes.", err=True)
+        click.echo(
+            f"\n{len(problems)} plugin problem(s); run `quantplug doctor` for details and fixes.", err=True
+        )
 
 
 @main.command()

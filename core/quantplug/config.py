@@ -148,7 +148,8 @@ class QuantConfig:
         if not isinstance(data, dict):
             raise ConfigError(
                 f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}",
-                value=data, allowed="a dict",
+                value=data,
+                allowed="a dict",
             )
         data = dict(data)
         method = data.pop("quant_method", cls.quant_method)
@@ -156,7 +157,9 @@ class QuantConfig:
             raise ConfigError(
                 f"{cls.__name__}: quant_method={method!r} does not match this config class "
                 f"(expected {cls.quant_method!r}); dispatch with quantplug.AutoQuantizer.from_config instead.",
-                field="quant_method", value=method, allowed=cls.quant_method,
+                field="quant_method",
+                value=method,
+                allowed=cls.quant_method,
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)  # keys may be non-strings in a hand-made dict
@@ -164,7 +167,9 @@ class QuantConfig:
             raise ConfigError(
                 f"{cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}; "
                 f"allowed keys: quant_method, {', '.join(sorted(known))}.",
-                field=str(unknown[0]), value=data[unknown[0]], allowed=sorted(known),
+                field=str(unknown[0]),
+                value=data[unknown[0]],
+                allowed=sorted(known),
             )
         return cls(**data)
 
@@ -176,5 +181,7 @@ class QuantConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{cls.__name__}: not valid JSON: {exc}", value=text, allowed="a JSON object") from None
+            raise ConfigError(
+                f"{cls.__name__}: not valid JSON: {exc}", value=text, allowed="a JSON object"
+            ) from None
         return cls.from_dict(data)

@@ -110,7 +110,9 @@ def default_skips(model: nn.Module) -> dict[str, str]:
     if head is not None:
         for name, mod in model.named_modules():
             if mod is head:
-                out[name] = "output head (kept in full precision by default; set modules_to_not_convert=[] to quantize it)"
+                out[name] = (
+                    "output head (kept in full precision by default; set modules_to_not_convert=[] to quantize it)"
+                )
     for name, other in _tied_names(model).items():
         out.setdefault(name, f"weight tied to {other}")
     return out
@@ -160,7 +162,9 @@ def tensor_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
 def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="module", disable=not (enabled and sys.stderr.isatty()), leave=False)
+    return tqdm(
+        total=total, desc=desc, unit="module", disable=not (enabled and sys.stderr.isatty()), leave=False
+    )
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -200,7 +204,9 @@ def quantize(
         done = getattr(model, INFO_ATTR).config
         raise ConfigError(
             f"this model is already quantized with {done.quant_method!r}; quantize a fresh full-precision model instead",
-            field="quant_method", value=config.quant_method, allowed="a model quantplug has not quantized yet",
+            field="quant_method",
+            value=config.quant_method,
+            allowed="a model quantplug has not quantized yet",
         )
     target = torch.device(device) if device is not None else model_device(model)
     quantizer.validate_environment(target)

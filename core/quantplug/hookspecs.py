@@ -1,10 +1,10 @@
-'''The pluggy hook specifications a quantplug plugin implements.
+"""The pluggy hook specifications a quantplug plugin implements.
 
 A plugin is a module named by an entry point in the ``quantplug`` group. It implements hooks by
 decorating functions with ``quantplug.hookimpl``. Each hook is called once per plugin, in
 isolation: an exception in one plugin's hook is recorded (see ``quantplug doctor``) and the
 other plugins keep working.
-'''
+"""
 
 from __future__ import annotations
 

@@ -19,9 +19,28 @@ PLUGIN_FOR_METHOD: dict[str, str] = {
 #: methods Transformers implements for which no quantplug plugin exists yet
 TRANSFORMERS_ONLY: frozenset[str] = frozenset(
     {
-        "awq", "gptq", "aqlm", "quark", "fouroversix", "fp_quant", "eetq", "higgs", "compressed-tensors",
-        "fbgemm_fp8", "bitnet", "vptq", "spqr", "fp8", "gguf", "nvfp4", "mxfp8", "auto-round", "mxfp4",
-        "metal", "sinq", "gemma",
+        "awq",
+        "gptq",
+        "aqlm",
+        "quark",
+        "fouroversix",
+        "fp_quant",
+        "eetq",
+        "higgs",
+        "compressed-tensors",
+        "fbgemm_fp8",
+        "bitnet",
+        "vptq",
+        "spqr",
+        "fp8",
+        "gguf",
+        "nvfp4",
+        "mxfp8",
+        "auto-round",
+        "mxfp4",
+        "metal",
+        "sinq",
+        "gemma",
     }
 )
 

@@ -105,7 +105,14 @@ class Registry:
                 why = "QUANTPLUG_DISABLE_PLUGINS" if names & deny else "QUANTPLUG_PLUGINS"
                 self.plugins.setdefault(
                     ep.name,
-                    PluginInfo(ep.name, ep.value, dist_name, dist_version, status="disabled", error=f"disabled by {why}"),
+                    PluginInfo(
+                        ep.name,
+                        ep.value,
+                        dist_name,
+                        dist_version,
+                        status="disabled",
+                        error=f"disabled by {why}",
+                    ),
                 )
                 self._log(f"plugin {ep.name!r} disabled by {why}")
                 continue
@@ -125,7 +132,13 @@ class Registry:
             self.add_plugin(obj, name=ep.name, module=ep.value, dist=dist_name, version=dist_version)
 
     def add_plugin(
-        self, obj: Any, *, name: str | None = None, module: str = "", dist: str | None = None, version: str | None = None
+        self,
+        obj: Any,
+        *,
+        name: str | None = None,
+        module: str = "",
+        dist: str | None = None,
+        version: str | None = None,
     ) -> PluginInfo:
         """Register one plugin object (a module or any object with hookimpls) and collect its backends."""
         name = name or getattr(obj, "__name__", None) or repr(obj)
@@ -134,7 +147,8 @@ class Registry:
         if name in self.plugins and self.plugins[name].status != "disabled":
             return self._fail(
                 info,
-                f"a plugin named {name!r} is already registered (from {self.plugins[name].dist or self.plugins[name].module})",
+                f"a plugin named {name!r} is already registered "
+                f"(from {self.plugins[name].dist or self.plugins[name].module or 'register_plugin'})",
                 f"uninstall one of the two, or disable one with QUANTPLUG_DISABLE_PLUGINS={name}",
             )
         try:
@@ -182,7 +196,9 @@ class Registry:
             return
         bad = backend.problems()
         if bad:
-            self._problem(info, "invalid backend descriptor: " + "; ".join(bad), fix, backend=str(backend.name))
+            self._problem(
+                info, "invalid backend descriptor: " + "; ".join(bad), fix, backend=str(backend.name)
+            )
             return
         owner = self.backends.get(backend.name)
         if owner is not None:
@@ -194,7 +210,9 @@ class Registry:
                 backend=backend.name,
             )
             return
-        backend = dataclasses.replace(backend, plugin=label, plugin_version=info.version or backend.plugin_version)
+        backend = dataclasses.replace(
+            backend, plugin=label, plugin_version=info.version or backend.plugin_version
+        )
         self.backends[backend.name] = backend
         info.backends.append(backend.name)
         self._log(f"backend {backend.name!r} registered by {label}")
@@ -202,7 +220,9 @@ class Registry:
     def remove_plugin(self, name: str) -> None:
         info = self.plugins.pop(name, None)
         if info is None:
-            raise KeyError(f"no plugin named {name!r}; registered: {', '.join(sorted(self.plugins)) or 'none'}")
+            raise KeyError(
+                f"no plugin named {name!r}; registered: {', '.join(sorted(self.plugins)) or 'none'}"
+            )
         if self.pm.has_plugin(name):
             self.pm.unregister(name=name)
         for backend in info.backends:

@@ -69,6 +69,10 @@ def register_backend(backend: Backend) -> None:
             new = reg.problems[before:]
             if info.status != "failed":
                 reg.remove_plugin(info.name)
+            else:  # the caller gets the error; `doctor` must not keep reporting it
+                del reg.problems[before:]
+                if reg.plugins.get(info.name) is info:
+                    del reg.plugins[info.name]
             raise PluginError("; ".join(p.problem for p in new) or info.error or "registration failed")
 
 
@@ -98,7 +102,9 @@ def get_backend(name: str) -> Backend:
     parts = [f"No installed backend owns quant_method {name!r} (installed backends: {installed})."]
     disabled = [p.name for p in reg.plugins.values() if p.status == "disabled"]
     if disabled:
-        parts.append(f"Disabled by QUANTPLUG_PLUGINS / QUANTPLUG_DISABLE_PLUGINS: {', '.join(sorted(disabled))}.")
+        parts.append(
+            f"Disabled by QUANTPLUG_PLUGINS / QUANTPLUG_DISABLE_PLUGINS: {', '.join(sorted(disabled))}."
+        )
     parts.append(install_hint(name) + ".")
     if reg.problems:
         parts.append(f"{len(reg.problems)} plugin problem(s) were recorded: run `quantplug doctor`.")
@@ -109,12 +115,16 @@ def config_from_dict(data: dict[str, Any]) -> QuantConfig:
     """Validate a config dict (e.g. ``config.json``'s ``quantization_config``) into the owning
     backend's config class. Light: imports no backend library."""
     if not isinstance(data, dict):
-        raise ConfigError(f"a quantization config must be a dict, got {type(data).__name__}", value=data, allowed="a dict")
+        raise ConfigError(
+            f"a quantization config must be a dict, got {type(data).__name__}", value=data, allowed="a dict"
+        )
     if "quant_method" not in data:
         raise ConfigError(
             "the quantization config has no 'quant_method' key; add one "
             f"(installed backends: {', '.join(sorted(registry().backends)) or 'none'})",
-            field="quant_method", value=None, allowed=sorted(registry().backends),
+            field="quant_method",
+            value=None,
+            allowed=sorted(registry().backends),
         )
     return get_backend(data["quant_method"]).config.from_dict(data)
 
@@ -128,7 +138,8 @@ class AutoQuantizer:
             config = config_from_dict(config)
         elif not isinstance(config, QuantConfig):
             raise ConfigError(
-                f"expected a QuantConfig or a dict, got {type(config).__name__}", value=config,
+                f"expected a QuantConfig or a dict, got {type(config).__name__}",
+                value=config,
                 allowed="a QuantConfig or a dict with quant_method",
             )
         backend = get_backend(config.quant_method)
@@ -136,6 +147,8 @@ class AutoQuantizer:
             raise ConfigError(
                 f"config {type(config).__name__} has quant_method {config.quant_method!r}, but that backend "
                 f"(from {backend.plugin}) expects {backend.config.__name__}",
-                field="quant_method", value=config.quant_method, allowed=backend.config.__name__,
+                field="quant_method",
+                value=config.quant_method,
+                allowed=backend.config.__name__,
             )
         return backend.quantizer_class()(backend, config)

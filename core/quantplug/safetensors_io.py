@@ -22,10 +22,21 @@ import torch
 from .errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # the reference implementation's limit
@@ -38,7 +49,9 @@ def _buffer(t: torch.Tensor):
 
 
 def write_file(
-    path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
 ) -> int:
     """Write ``(name, tensor)`` pairs to ``path``, fsynced. Returns the bytes of tensor data written."""
     items = []
@@ -87,8 +100,12 @@ class SafetensorsFile:
                 n = int.from_bytes(head, "little")
                 if n > MAX_HEADER or 8 + n > size:
                     if head[:1] == b"\x80" or head[:2] == b"PK":
-                        raise self._bad("this is a pickle / torch.save file, not safetensors; refusing to unpickle it")
-                    raise self._bad(f"header length {n} does not fit in a {size}-byte file (truncated or not safetensors)")
+                        raise self._bad(
+                            "this is a pickle / torch.save file, not safetensors; refusing to unpickle it"
+                        )
+                    raise self._bad(
+                        f"header length {n} does not fit in a {size}-byte file (truncated or not safetensors)"
+                    )
                 raw = f.read(n)
         except OSError as exc:
             raise CheckpointError(f"cannot read {self.path}: {exc}") from exc
@@ -109,7 +126,11 @@ class SafetensorsFile:
         for name, e in header.items():
             try:
                 dtype, shape, (begin, end) = DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
-                ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int) and isinstance(end, int)
+                ok = (
+                    all(isinstance(d, int) and d >= 0 for d in shape)
+                    and isinstance(begin, int)
+                    and isinstance(end, int)
+                )
             except (KeyError, TypeError, ValueError):
                 raise self._bad(f"tensor {name!r}: malformed header entry {e!r}") from None
             if not ok:
@@ -123,7 +144,7 @@ class SafetensorsFile:
             self.entries[name] = (dtype, shape, begin, end)
             spans.append((begin, end, name))
         spans.sort()
-        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise self._bad(f"tensors {n0!r} and {n1!r} overlap; the file is corrupt")
 

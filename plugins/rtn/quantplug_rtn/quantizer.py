@@ -67,15 +67,25 @@ class RtnLinear(nn.Module):
             self.zero = None
         else:
             self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: RtnConfig) -> RtnLinear:
         w = linear.weight.detach()
         out_f, in_f = w.shape
         q = cls(
-            in_f, out_f, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
-            bias=linear.bias is not None, dtype=w.dtype, device=w.device,
+            in_f,
+            out_f,
+            bits=config.bits,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            bias=linear.bias is not None,
+            dtype=w.dtype,
+            device=w.device,
         )
         g, levels = q.group_size, (1 << config.bits) - 1
         wg = F.pad(w.float(), (0, q.scale.shape[1] * g - in_f)).reshape(out_f, -1, g)
@@ -106,9 +116,13 @@ class RtnLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The full-precision weight [out, in] this layer computes with."""
         groups = self.scale.shape[1]
-        codes = unpack(self.qweight, self.bits, groups * self.group_size).reshape(self.out_features, groups, -1)
+        codes = unpack(self.qweight, self.bits, groups * self.group_size).reshape(
+            self.out_features, groups, -1
+        )
         zero = (
-            torch.full_like(self.scale, 1 << (self.bits - 1)) if self.zero is None else self.zero.to(self.scale.dtype)
+            torch.full_like(self.scale, 1 << (self.bits - 1))
+            if self.zero is None
+            else self.zero.to(self.scale.dtype)
         )
         w = (codes.to(self.scale.dtype) - zero.unsqueeze(-1)) * self.scale.unsqueeze(-1)
         return w.reshape(self.out_features, -1)[:, : self.in_features]
@@ -131,6 +145,12 @@ class RtnQuantizer(quantplug.Quantizer):
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         c = self.config
         return RtnLinear(
-            module.in_features, module.out_features, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
-            bias=module.bias is not None, dtype=module.weight.dtype, device="meta",
+            module.in_features,
+            module.out_features,
+            bits=c.bits,
+            group_size=c.group_size,
+            symmetric=c.symmetric,
+            bias=module.bias is not None,
+            dtype=module.weight.dtype,
+            device="meta",
         )

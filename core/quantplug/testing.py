@@ -1,0 +1,251 @@
+"""The conformance kit: one pytest base class that every backend plugin's tests subclass.
+
+    # plugins/mybackend/tests/test_conformance.py
+    from quantplug.testing import BackendConformance
+
+    class TestMyBackend(BackendConformance):
+        backend_name = "mymethod"
+        configs = [({"bits": 4}, 4), ({"bits": 8}, 8)]         # (config dict, weight bits)
+        bad_configs = [({"bits": 3}, "bits")]                    # (config dict, field the error names)
+        library_modules = ("mylib",)                             # must stay unimported by listing
+
+It checks the plugin contract the same way for every backend: registration and lazy import,
+config round trips and ``ConfigError``s, one-layer error within the declared
+``Capabilities.max_rel_error`` and storage near the declared bits, a tiny Transformers model
+quantized and still generating, save -> load in a fresh process with identical logits, and clear
+errors for corrupt checkpoints. Needs pytest, torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+import quantplug
+
+
+def tiny_llama(seed: int = 0, **overrides: Any):
+    """A small random-weight Llama (2 layers, hidden 128) built locally; nothing is downloaded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=384,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+
+
+def _load_and_dump(checkpoint: Path, ids_file: Path, out_file: Path) -> None:
+    """Run in a fresh interpreter: load the checkpoint, write its logits."""
+    script = textwrap.dedent(
+        f"""
+        import torch, quantplug
+        from safetensors.torch import load_file, save_file
+        ids = load_file({str(ids_file)!r})["ids"]
+        model = quantplug.load({str(checkpoint)!r}, progress=False)
+        with torch.no_grad():
+            save_file({{"logits": model(ids).logits.contiguous()}}, {str(out_file)!r})
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, f"loading in a fresh process failed:\n{proc.stderr[-4000:]}"
+
+
+class BackendConformance:
+    """Base class of a backend's conformance tests (not collected itself: no ``Test`` prefix)."""
+
+    backend_name: ClassVar[str]
+    configs: ClassVar[list[tuple[dict[str, Any], int]]]
+    bad_configs: ClassVar[list[tuple[dict[str, Any], str]]] = []
+    library_modules: ClassVar[tuple[str, ...]] = ()
+    device: ClassVar[str] = "cpu"
+    max_overhead_bits: ClassVar[float] = 1.5
+    """Stored bits per weight may exceed the nominal bits by this much (scales, zero points)."""
+    model_rel_error_factor: ClassVar[float] = 4.0
+    """Logit error of the tiny model may be this multiple of the one-layer bound."""
+
+    # -- parametrization ------------------------------------------------------------------------
+
+    def pytest_generate_tests(self, metafunc):
+        if "case" in metafunc.fixturenames:
+            ids = [json.dumps(c, sort_keys=True, separators=(",", ":")) for c, _ in self.configs]
+            metafunc.parametrize("case", self.configs, ids=ids)
+        if "bad_case" in metafunc.fixturenames:
+            if not self.bad_configs:
+                pytest.skip("no bad_configs declared")
+            ids = [json.dumps(c, sort_keys=True, separators=(",", ":")) for c, _ in self.bad_configs]
+            metafunc.parametrize("bad_case", self.bad_configs, ids=ids)
+
+    def make_config(self, config: dict[str, Any]) -> quantplug.QuantConfig:
+        return quantplug.config_from_dict({"quant_method": self.backend_name, **config})
+
+    def make_model(self):
+        """The tiny Transformers model used by the model-level checks; override to change it."""
+        return tiny_llama()
+
+    # -- registration and lazy import ---------------------------------------------------------
+
+    def test_registered_and_available(self):
+        backend = quantplug.get_backend(self.backend_name)
+        assert backend.plugin, "the backend must come from an installed distribution"
+        assert backend.available, (
+            f"{self.backend_name} unavailable: {backend.status.reason} (fix: {backend.status.fix})"
+        )
+        assert not [p for p in quantplug.problems() if p.backend == self.backend_name]
+
+    def test_listing_and_config_validation_import_nothing_heavy(self, case):
+        backend = quantplug.get_backend(self.backend_name)
+        heavy = {"torch", *self.library_modules, backend.quantizer.partition(":")[0]}
+        script = textwrap.dedent(
+            f"""
+            import json, sys, quantplug
+            quantplug.backends()
+            quantplug.config_from_dict(json.loads({json.dumps({"quant_method": self.backend_name, **case[0]})!r}))
+            heavy = {sorted(heavy)!r}
+            print(json.dumps(sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy))))
+            """
+        )
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+    # -- configs ------------------------------------------------------------------------------
+
+    def test_config_round_trip(self, case):
+        config = self.make_config(case[0])
+        assert type(config).from_dict(config.to_dict()) == config
+        assert type(config).from_json(config.to_json()) == config
+        assert quantplug.config_from_dict(json.loads(config.to_json())) == config
+
+    def test_bad_config_raises_config_error(self, bad_case):
+        data, field = bad_case
+        with pytest.raises(quantplug.ConfigError) as err:
+            self.make_config(data)
+        assert err.value.field == field
+        assert field in str(err.value)
+
+    def test_unknown_key_raises_config_error(self):
+        with pytest.raises(quantplug.ConfigError, match="no_such_key"):
+            self.make_config({**self.configs[0][0], "no_such_key": 1})
+
+    # -- one layer ----------------------------------------------------------------------------
+
+    def test_layer_error_and_bytes(self, case):
+        import torch
+
+        config, bits = case
+        bound = quantplug.get_backend(self.backend_name).capabilities.max_rel_error.get(bits)
+        assert bound is not None, f"Capabilities.max_rel_error declares no bound for {bits} bits"
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(512, 256, bias=True, device=self.device)
+        torch.nn.init.normal_(layer.weight, std=0.02)
+        x = torch.randn(32, 512, device=self.device)
+        quantizer = quantplug.AutoQuantizer.from_config(self.make_config(config))
+        with torch.no_grad():
+            ref = layer(x)
+            qlayer = quantizer.quantize_module("layer", layer)
+            out = qlayer(x)
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        assert rel <= bound, (
+            f"relative output error {rel:.4f} exceeds the declared bound {bound} at {bits} bits"
+        )
+        stored = quantizer.module_tensors("layer", qlayer)
+        weight_bits = (
+            8
+            * sum(t.numel() * t.element_size() for k, t in stored.items() if k != "bias")
+            / layer.weight.numel()
+        )
+        assert bits <= weight_bits + 0.01, (
+            f"{weight_bits:.2f} stored bits per weight is below the nominal {bits}"
+        )
+        assert weight_bits <= bits + self.max_overhead_bits, (
+            f"{weight_bits:.2f} stored bits per weight; nominal {bits} + {self.max_overhead_bits} overhead allowed"
+        )
+
+    # -- a model ------------------------------------------------------------------------------
+
+    def _quantized_model(self, config):
+        import torch
+
+        model = self.make_model().to(self.device)
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        ids = ids.to(self.device)
+        with torch.no_grad():
+            ref = model(ids).logits
+        report = quantplug.quantize(model, self.make_config(config), progress=False)
+        return model, ids, ref, report
+
+    def test_quantize_model(self, case):
+        import torch
+
+        config, bits = case
+        model, ids, ref, report = self._quantized_model(config)
+        assert report.converted, "no module was quantized"
+        assert "lm_head" in report.skipped and "lm_head" not in report.converted
+        assert report.bytes_after < report.bytes_before
+        with torch.no_grad():
+            out = model(ids).logits
+        bound = quantplug.get_backend(self.backend_name).capabilities.max_rel_error[bits]
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(out).all()
+        assert rel <= bound * self.model_rel_error_factor, f"logit error {rel:.4f} (layer bound {bound})"
+        gen = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+        assert gen.shape == (1, 7)
+
+    def test_save_load_fresh_process_identical(self, case, tmp_path):
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        model, ids, _, _ = self._quantized_model(case[0])
+        with torch.no_grad():
+            out = model(ids).logits
+        ckpt = quantplug.save(model, tmp_path / "ckpt")
+        names = sorted(p.name for p in ckpt.iterdir())
+        assert all(n.endswith((".json", ".safetensors")) for n in names), names
+        save_file({"ids": ids.cpu()}, tmp_path / "ids.safetensors")
+        _load_and_dump(ckpt, tmp_path / "ids.safetensors", tmp_path / "out.safetensors")
+        loaded = load_file(tmp_path / "out.safetensors")["logits"]
+        assert torch.equal(loaded, out.cpu()), f"max abs diff {(loaded - out.cpu()).abs().max().item()}"
+
+    def test_corrupt_checkpoints_give_clear_errors(self, tmp_path):
+        model, _, _, _ = self._quantized_model(self.configs[0][0])
+        ckpt = quantplug.save(model, tmp_path / "ckpt")
+        config = json.loads((ckpt / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == self.backend_name
+
+        config["quantization_config"]["quant_method"] = "no-such-method"
+        (ckpt / "config.json").write_text(json.dumps(config))
+        with pytest.raises(quantplug.UnknownMethodError, match="no-such-method"):
+            quantplug.load(ckpt, progress=False)
+
+        config["quantization_config"]["quant_method"] = self.backend_name
+        (ckpt / "config.json").write_text(json.dumps(config))
+        weights = ckpt / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 100])
+        with pytest.raises(quantplug.CheckpointError, match="model.safetensors"):
+            quantplug.load(ckpt, progress=False)
+
+    def test_unsupported_device_is_refused(self):
+        quantizer = quantplug.AutoQuantizer.from_config(self.make_config(self.configs[0][0]))
+        with pytest.raises(quantplug.BackendUnavailableError, match="does not run on"):
+            quantizer.validate_environment("no-such-device")
