@@ -114,7 +114,7 @@ class Backend:
                 f"capabilities must be a quantplug.Capabilities, got {type(self.capabilities).__name__}"
             )
         elif not self.capabilities.bits or not all(
-            isinstance(b, int) and 1 <= b <= 32 for b in self.capabilities.bits
+            isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 32 for b in self.capabilities.bits
         ):
             out.append(
                 f"capabilities.bits must be a non-empty list of integers 1..32, got {self.capabilities.bits!r}"

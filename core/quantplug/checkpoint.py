@@ -192,11 +192,30 @@ def _config_json(model: nn.Module, info: QuantizedModelInfo | None) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+def non_checkpoint_files(folder: Path) -> list[Path]:
+    """Files of ``folder`` that are not weights or configs (tokenizer files, README, ...)."""
+    return [
+        p
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+        and not _OWN_FILES.match(p.name)
+        and p.name not in _PICKLE_FILES
+        and not p.name.startswith(".")
+    ]
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    extra_files: list[str | os.PathLike] = (),
+) -> Path:
     """Save ``model`` (quantized by quantplug, or full precision) as a safetensors checkpoint folder.
 
     The write is atomic: the folder at ``path`` is replaced in one step only once every file is
     complete and fsynced. Files already in ``path`` that are not checkpoint files are kept.
+    ``extra_files`` (e.g. a tokenizer's files) are copied in as part of the same atomic write.
     """
     final = Path(path).absolute()
     if final.exists() and not final.is_dir():
@@ -244,6 +263,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str
             if f.name in (CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME):
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
+        for extra in extra_files:
+            extra = Path(extra)
+            if _OWN_FILES.match(extra.name):
+                raise CheckpointError(f"extra file {extra} would overwrite a checkpoint file; rename it")
+            shutil.copy2(extra, tmp / extra.name)
         if final.is_dir():
             _carry_over(final, tmp)
         _fsync_dir(tmp)

@@ -118,5 +118,62 @@ def doctor() -> None:
     sys.exit(1)
 
 
+def _parse_sets(pairs: tuple[str, ...]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw  # a bare string, e.g. --set bnb_4bit_quant_type=nf4
+    return out
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-m", "--method", required=True, help="Backend (quant_method), e.g. rtn; see `quantplug list`.")
+@click.option("-b", "--bits", type=int, help="Weight bits; the backend picks its config for that width.")
+@click.option(
+    "-s", "--set", "sets", multiple=True, metavar="KEY=VALUE", help="A config key (JSON value); repeatable."
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="Output checkpoint folder."
+)
+@click.option("--device", default="cpu", show_default=True, help="Device to quantize on.")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def quantize(model_dir, method, bits, sets, output, device, max_shard_size, progress) -> None:
+    """Quantize a full-precision checkpoint folder while reading it, and save the result.
+
+    Tokenizer and other non-weight files of MODEL_DIR are copied to the output."""
+    import time
+    from pathlib import Path
+
+    from .checkpoint import load, non_checkpoint_files, save
+    from .errors import QuantplugError
+
+    t0 = time.perf_counter()
+    try:
+        backend = reg.get_backend(method)
+        data = backend.config.for_bits(bits).to_dict() if bits is not None else {"quant_method": method}
+        data.update(_parse_sets(sets))
+        config = reg.config_from_dict(data)
+        model = load(model_dir, config=config, device=device, progress=progress)
+        out = save(
+            model, output, max_shard_size=max_shard_size, extra_files=non_checkpoint_files(Path(model_dir))
+        )
+    except QuantplugError as exc:
+        raise click.ClickException(str(exc)) from None
+    info = model.quantplug_info
+    size = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
+    click.echo(
+        f"quantized {len(info.modules)} module(s) with {config.quant_method} "
+        f"({json.dumps(config.to_dict())}) in {time.perf_counter() - t0:.1f} s; "
+        f"wrote {out} ({size / 2**20:.1f} MiB of weights)"
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -132,6 +132,20 @@ class QuantConfig:
             allowed=allowed,
         )
 
+    @classmethod
+    def for_bits(cls, bits: int, **overrides: Any) -> QuantConfig:
+        """A config of this backend that stores weights at ``bits`` bits (used by the CLI's
+        ``--bits`` and by ``select``). The default sets a field named ``bits``; backends whose
+        configs spell it differently (``nbits``, ``load_in_4bit``, ...) override this."""
+        if "bits" not in {f.name for f in dataclasses.fields(cls)}:
+            raise ConfigError(
+                f"{cls.__name__} has no generic bit-width setting; give its own keys instead",
+                field="bits",
+                value=bits,
+                allowed=sorted(f.name for f in dataclasses.fields(cls)),
+            )
+        return cls(bits=bits, **overrides)
+
     # -- serialization --------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from typing import Any
 from .backend import Backend, Quantizer
 from .config import QuantConfig
 from .errors import ConfigError, UnknownMethodError
-from .known_methods import install_hint
-from .plugins import PluginInfo, Problem, Registry
+from .known_methods import PLUGIN_FOR_METHOD, install_hint
+from .plugins import PluginInfo, Problem, Registry, _norm
 
 _lock = threading.RLock()
 _registry: Registry | None = None
@@ -105,7 +105,27 @@ def get_backend(name: str) -> Backend:
         parts.append(
             f"Disabled by QUANTPLUG_PLUGINS / QUANTPLUG_DISABLE_PLUGINS: {', '.join(sorted(disabled))}."
         )
-    parts.append(install_hint(name) + ".")
+    provider = PLUGIN_FOR_METHOD.get(name.strip().lower())
+    owner = next(
+        (
+            p
+            for p in reg.plugins.values()
+            if p.status == "disabled" and p.dist and provider and _norm(p.dist) == provider
+        ),
+        None,
+    )
+    if owner is not None:  # installed, so "pip install" would be the wrong advice
+        action = (
+            f"remove {owner.name} from QUANTPLUG_DISABLE_PLUGINS"
+            if "QUANTPLUG_DISABLE_PLUGINS" in (owner.error or "")
+            else f"add {owner.name} to QUANTPLUG_PLUGINS"
+        )
+        parts.append(
+            f"quant_method {name!r} is provided by {owner.dist}, which is installed but {owner.error}: "
+            f"{action} to use it."
+        )
+    else:
+        parts.append(install_hint(name) + ".")
     if reg.problems:
         parts.append(f"{len(reg.problems)} plugin problem(s) were recorded: run `quantplug doctor`.")
     raise UnknownMethodError(" ".join(parts), method=name)
