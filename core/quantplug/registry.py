@@ -100,6 +100,9 @@ def get_backend(name: str) -> Backend:
         return backend
     installed = ", ".join(sorted(reg.backends)) or "none"
     parts = [f"No installed backend owns quant_method {name!r} (installed backends: {installed})."]
+    near = [b for b in reg.backends if _norm(b) == _norm(name)]
+    if near:  # quant_method is matched exactly, as Transformers does
+        parts.append(f"Did you mean {near[0]!r}?")
     disabled = [p.name for p in reg.plugins.values() if p.status == "disabled"]
     if disabled:
         parts.append(
@@ -146,7 +149,15 @@ def config_from_dict(data: dict[str, Any]) -> QuantConfig:
             value=None,
             allowed=sorted(registry().backends),
         )
-    return get_backend(data["quant_method"]).config.from_dict(data)
+    method = data["quant_method"]
+    if not isinstance(method, str):
+        raise ConfigError(
+            f"quant_method must be a string, got {method!r}",
+            field="quant_method",
+            value=method,
+            allowed=sorted(registry().backends),
+        )
+    return get_backend(method).config.from_dict(data)
 
 
 class AutoQuantizer:

@@ -1,0 +1,114 @@
+"""Shared fixtures for the core tests.
+
+Every test starts and ends with a freshly loaded plugin registry (``quantplug.reload_plugins()``)
+and with no ``QUANTPLUG_*`` environment variable set, so programmatic registrations and env-var
+experiments never leak from one test into another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+
+import quantplug
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins(monkeypatch: pytest.MonkeyPatch):
+    """Clear QUANTPLUG_* env vars and reload the registry before and after each test."""
+    for var in list(os.environ):
+        if var.startswith("QUANTPLUG_"):
+            monkeypatch.delenv(var)
+    quantplug.reload_plugins()
+    yield
+    quantplug.reload_plugins()
+
+
+@pytest.fixture
+def rtn_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load only the rtn plugin, whatever other plugins are installed (e.g. in the integration env),
+    so tests can assert exact listings and an empty problem list."""
+    monkeypatch.setenv("QUANTPLUG_PLUGINS", "rtn")
+    quantplug.reload_plugins()
+
+
+def _make_config_class(method: str) -> type[quantplug.QuantConfig]:
+    @dataclasses.dataclass(frozen=True)
+    class TestConfig(quantplug.QuantConfig):
+        quant_method = method
+        bits: int = 4
+
+    TestConfig.__name__ = TestConfig.__qualname__ = f"TestConfig_{method.replace('-', '_').replace('.', '_')}"
+    return TestConfig
+
+
+@pytest.fixture
+def make_config_class() -> Callable[[str], type[quantplug.QuantConfig]]:
+    """``make_config_class("name")``: a fresh light QuantConfig subclass owning ``quant_method`` "name"."""
+    return _make_config_class
+
+
+@pytest.fixture
+def make_backend() -> Callable[..., quantplug.Backend]:
+    """``make_backend(name, **overrides)``: a valid Backend descriptor (its quantizer is the
+    importable base class ``quantplug:Quantizer``, so no torch is needed) with fields overridden."""
+
+    def make(name: str, **overrides: Any) -> quantplug.Backend:
+        fields: dict[str, Any] = {
+            "name": name,
+            "config": _make_config_class(name),
+            "quantizer": "quantplug:Quantizer",
+            "capabilities": quantplug.Capabilities(bits=(4, 8)),
+        }
+        fields.update(overrides)
+        return quantplug.Backend(**fields)
+
+    return make
+
+
+@pytest.fixture
+def make_plugin() -> Callable[[Callable[..., None]], Any]:
+    """``make_plugin(fn)``: a plugin object whose ``register_backends`` hook is ``fn(register)``."""
+
+    def make(fn: Callable[..., None]) -> Any:
+        return types.SimpleNamespace(register_backends=quantplug.hookimpl(fn))
+
+    return make
+
+
+@pytest.fixture
+def plugin_registering(make_plugin) -> Callable[[Iterable[Any]], Any]:
+    """``plugin_registering([b1, b2])``: a plugin whose hook registers each object given."""
+
+    def make(objs: Iterable[Any]) -> Any:
+        objs = list(objs)
+
+        def register_backends(register):
+            for obj in objs:
+                register(obj)
+
+        return make_plugin(register_backends)
+
+    return make
+
+
+@pytest.fixture
+def subprocess_env() -> Callable[..., dict[str, str]]:
+    """``subprocess_env(pythonpath=None, **extra)``: os.environ without QUANTPLUG_* variables, with
+    ``pythonpath`` prepended to PYTHONPATH and ``extra`` variables set."""
+
+    def make(pythonpath: str | os.PathLike | None = None, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QUANTPLUG_")}
+        if pythonpath is not None:
+            parts = [os.fspath(pythonpath)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            env["PYTHONPATH"] = os.pathsep.join(parts)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.update(extra)
+        return env
+
+    return make

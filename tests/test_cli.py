@@ -1,0 +1,195 @@
+"""The command line: ``--version``, ``list`` (table and JSON) and ``doctor``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+from click.testing import CliRunner
+
+import quantplug
+from quantplug.cli import main
+
+RTN_VERSION = version("quantplug-rtn")
+
+
+@pytest.fixture
+def cli():
+    """``cli(*args)``: invoke the CLI in-process against the process-wide registry."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_version_in_process(cli):
+    result = cli("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"quantplug, version {quantplug.__version__}"
+    assert quantplug.__version__ == version("quantplug")
+
+
+def test_version_as_a_command(subprocess_env):
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantplug.cli", "--version"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"quantplug, version {version('quantplug')}"
+
+
+def test_help_lists_the_commands(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    assert "list" in result.output and "doctor" in result.output
+
+
+def test_list_table(cli, rtn_only):
+    result = cli("list")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["backend", "plugin", "library", "status", "capabilities"]
+    (row,) = [line for line in lines[1:] if line.startswith("rtn ")]
+    assert f"quantplug-rtn {RTN_VERSION}" in row
+    assert " available " in row
+    assert "bits=2,4,8" in row and "devices=cpu,cuda,mps" in row and "serializable" in row
+    assert "calibration" not in row and "trainable" not in row
+    assert result.stderr == ""
+
+
+def test_list_table_shows_unavailable_backends_with_reason(cli, make_backend):
+    quantplug.register_backend(make_backend("needs-missing", requires=("quantplug-test-no-such-lib>=1",)))
+    result = cli("list")
+    assert result.exit_code == 0
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("needs-missing ")]
+    assert "quantplug-test-no-such-lib (missing)" in row
+    assert "unavailable: quantplug-test-no-such-lib is not installed" in row
+
+
+def test_list_shows_notes(cli, make_backend):
+    quantplug.register_backend(make_backend("noted", notes="upstream is in maintenance mode"))
+    assert "note: noted: upstream is in maintenance mode" in cli("list").stdout
+
+
+def test_list_with_no_backends_says_what_to_install(cli, monkeypatch):
+    monkeypatch.setenv("QUANTPLUG_PLUGINS", "")
+    quantplug.reload_plugins()
+    result = cli("list")
+    assert result.exit_code == 0
+    assert "No backends installed" in result.stdout and "pip install quantplug-rtn" in result.stdout
+
+
+def test_list_json(cli, rtn_only):
+    result = cli("list", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["quantplug"] == quantplug.__version__
+    assert data["plugin_problems"] == []
+    (rtn,) = [b for b in data["backends"] if b["name"] == "rtn"]
+    assert rtn["plugin"] == "quantplug-rtn"
+    assert rtn["plugin_version"] == RTN_VERSION
+    assert rtn["available"] is True
+    assert rtn["reason"] is None and rtn["fix"] is None
+    assert rtn["requires"] == [] and rtn["libraries"] == {}
+    caps = rtn["capabilities"]
+    assert caps["bits"] == [2, 4, 8]
+    assert caps["devices"] == ["cpu", "cuda", "mps"]
+    assert caps["needs_calibration"] is False and caps["serializable"] is True
+    assert caps["max_rel_error"] == {"2": 0.75, "4": 0.16, "8": 0.02}
+
+
+def test_list_json_reports_unavailable_backends_and_plugin_problems(cli, make_backend, make_plugin):
+    quantplug.register_backend(make_backend("needs-old-pluggy", requires=("pluggy<0.1",)))
+
+    def raises(register):
+        raise RuntimeError("boom")
+
+    quantplug.register_plugin(make_plugin(raises), name="jsonbroken")
+    result = cli("list", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    (b,) = [b for b in data["backends"] if b["name"] == "needs-old-pluggy"]
+    assert b["available"] is False
+    assert b["libraries"] == {"pluggy": version("pluggy")}
+    assert b["fix"] == "pip install 'pluggy<0.1'"
+    (p,) = [p for p in data["plugin_problems"] if p["plugin"] == "jsonbroken"]
+    assert "register_backends raised RuntimeError: boom" in p["problem"] and p["fix"]
+
+
+def test_list_table_warns_about_plugin_problems_on_stderr(cli, make_plugin):
+    def raises(register):
+        raise RuntimeError("boom")
+
+    quantplug.register_plugin(make_plugin(raises), name="tablebroken")
+    result = cli("list")
+    assert result.exit_code == 0
+    assert "1 plugin problem(s); run `quantplug doctor`" in result.stderr
+    assert "rtn" in result.stdout
+
+
+def test_doctor_clean(cli, rtn_only):
+    result = cli("doctor")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"quantplug {quantplug.__version__}, Python ")
+    assert f"plugin rtn [quantplug-rtn {RTN_VERSION}]: loaded -> backends: rtn" in result.stdout
+    assert result.stdout.rstrip().endswith("No problems found.")
+
+
+def test_doctor_reports_a_programmatically_registered_broken_plugin(cli, rtn_only, make_plugin):
+    def raises(register):
+        raise RuntimeError("simulated bug")
+
+    quantplug.register_plugin(make_plugin(raises), name="doctorbroken")
+    result = cli("doctor")
+    assert result.exit_code == 1
+    out = result.stdout
+    assert "No problems found." not in out
+    assert (
+        "plugin doctorbroken" in out
+        and "failed (register_backends raised RuntimeError: simulated bug)" in out
+    )
+    assert "1 problem(s):" in out
+    assert "- doctorbroken: register_backends raised RuntimeError: simulated bug" in out
+    assert "    fix: report this to the maintainers of doctorbroken" in out
+
+
+def test_doctor_reports_unavailable_backends(cli, rtn_only, make_backend):
+    quantplug.register_backend(make_backend("needs-missing", requires=("quantplug-test-no-such-lib",)))
+    result = cli("doctor")
+    assert result.exit_code == 1
+    assert (
+        "- inline:needs-missing (backend 'needs-missing'): quantplug-test-no-such-lib is not installed\n"
+        "    fix: pip install quantplug-test-no-such-lib"
+    ) in result.stdout
+
+
+def test_doctor_clean_again_after_unregistering(cli, rtn_only, make_backend, plugin_registering):
+    quantplug.register_plugin(plugin_registering([make_backend("Bad")]), name="temp-bad")
+    assert cli("doctor").exit_code == 1
+    quantplug.unregister_plugin("temp-bad")
+    assert cli("doctor").exit_code == 0
+
+
+def test_doctor_shows_disabled_plugins(cli, monkeypatch):
+    monkeypatch.setenv("QUANTPLUG_PLUGINS", "rtn")  # nothing else installed may add problems
+    monkeypatch.setenv("QUANTPLUG_DISABLE_PLUGINS", "rtn")
+    quantplug.reload_plugins()
+    result = cli("doctor")
+    assert result.exit_code == 0
+    assert "plugin rtn [quantplug-rtn" in result.stdout
+    assert "disabled (disabled by QUANTPLUG_DISABLE_PLUGINS)" in result.stdout
+
+
+def test_unknown_command_fails():
+    runner = CliRunner()
+    result = runner.invoke(main, ["no-such-command"])
+    assert result.exit_code == 2
+    assert "No such command" in result.output

@@ -1,0 +1,392 @@
+"""Real, installed, broken plugins (no mocks): tiny distributions with ``[project.entry-points.quantplug]``
+are pip-installed into a temporary directory, and fresh ``python`` processes with that directory on
+``PYTHONPATH`` run the CLI and the dispatcher. One broken plugin must never break the others.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+# Every broken plugin's entry point name sorts after "rtn", and the backend-name conflict is
+# resolved in entry-point-name order (first loaded wins), so the real rtn keeps its name.
+CONFIG_SOURCE = """
+import dataclasses
+import quantplug
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(quantplug.QuantConfig):
+    quant_method = {method!r}
+    bits: int = 4
+"""
+
+BROKEN = {
+    # entry point name: (distribution name, module source)
+    "test-importerror": (
+        "quantplug-test-importerror",
+        'raise ImportError("simulated: libfoo.so cannot be opened")\n',
+    ),
+    "test-hookraises": (
+        "quantplug-test-hookraises",
+        CONFIG_SOURCE.format(method="test-hookraises")
+        + textwrap.dedent(
+            """
+            @quantplug.hookimpl
+            def register_backends(register):
+                register(quantplug.Backend(name="test-hookraises", config=Config, quantizer="x:Y",
+                                           capabilities=quantplug.Capabilities(bits=(4,))))
+                raise RuntimeError("simulated bug in register_backends")
+            """
+        ),
+    ),
+    "test-baddescriptor": (
+        "quantplug-test-baddescriptor",
+        CONFIG_SOURCE.format(method="Bad Descriptor")
+        + textwrap.dedent(
+            """
+            @quantplug.hookimpl
+            def register_backends(register):
+                register(quantplug.Backend(name="Bad Descriptor", config=Config, quantizer="no colon here",
+                                           capabilities=quantplug.Capabilities(bits=())))
+            """
+        ),
+    ),
+    "test-duprtn": (
+        "quantplug-test-duprtn",
+        CONFIG_SOURCE.format(method="rtn")
+        + textwrap.dedent(
+            """
+            @quantplug.hookimpl
+            def register_backends(register):
+                register(quantplug.Backend(name="rtn", config=Config, quantizer="qpt_duprtn:Impostor",
+                                           capabilities=quantplug.Capabilities(bits=(4,))))
+            """
+        ),
+    ),
+    "test-missinglib": (
+        "quantplug-test-missinglib",
+        CONFIG_SOURCE.format(method="test-missinglib")
+        + textwrap.dedent(
+            """
+            @quantplug.hookimpl
+            def register_backends(register):
+                register(quantplug.Backend(name="test-missinglib", config=Config, quantizer="qpt_missinglib:Q",
+                                           capabilities=quantplug.Capabilities(bits=(4,)),
+                                           requires=("quantplug-test-no-such-library>=1.0",)))
+            """
+        ),
+    ),
+    "test-outofrange": (
+        "quantplug-test-outofrange",
+        CONFIG_SOURCE.format(method="test-outofrange")
+        + textwrap.dedent(
+            """
+            @quantplug.hookimpl
+            def register_backends(register):
+                register(quantplug.Backend(name="test-outofrange", config=Config, quantizer="qpt_outofrange:Q",
+                                           capabilities=quantplug.Capabilities(bits=(4,)),
+                                           requires=("pluggy<0.1",)))
+            """
+        ),
+    ),
+}
+
+# entry point name -> (text in the problem, text in the fix)
+EXPECTED = {
+    "test-importerror": (
+        "failed to import 'qpt_importerror': ImportError: simulated: libfoo.so cannot be opened",
+        "pip install --force-reinstall quantplug-test-importerror",
+    ),
+    "test-hookraises": (
+        "register_backends raised RuntimeError: simulated bug in register_backends",
+        "QUANTPLUG_DISABLE_PLUGINS=test-hookraises",
+    ),
+    "test-baddescriptor": (
+        "invalid backend descriptor: name 'Bad Descriptor' must be a lowercase identifier",
+        "report this to the maintainers of quantplug-test-baddescriptor",
+    ),
+    "test-duprtn": (
+        "backend name 'rtn' is already registered by quantplug-rtn",
+        "uninstall one of quantplug-rtn and quantplug-test-duprtn",
+    ),
+    "test-missinglib": (
+        "quantplug-test-no-such-library is not installed",
+        "pip install 'quantplug-test-no-such-library>=1.0'",
+    ),
+    "test-outofrange": (
+        f"pluggy {version('pluggy')} is installed, but quantplug-test-outofrange supports <0.1",
+        "pip install 'pluggy<0.1'",
+    ),
+}
+
+
+def _module_name(ep_name: str) -> str:
+    return "qpt_" + ep_name.removeprefix("test-")
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory) -> Path:
+    """A directory holding the six broken plugins, pip-installed (built once per module)."""
+    missing = [m for m in ("pip", "setuptools") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(
+            f"{' and '.join(missing)} not importable in {sys.executable}: cannot pip-install the broken "
+            f"test plugins (add {', '.join(missing)} to this environment's dependencies to run these tests)"
+        )
+    root = tmp_path_factory.mktemp("broken_plugins")
+    sources = []
+    for ep_name, (dist, source) in BROKEN.items():
+        module = _module_name(ep_name)
+        src = root / "src" / dist
+        src.mkdir(parents=True)
+        (src / f"{module}.py").write_text(source)
+        (src / "pyproject.toml").write_text(
+            textwrap.dedent(
+                f"""
+                [build-system]
+                requires = ["setuptools>=61"]
+                build-backend = "setuptools.build_meta"
+
+                [project]
+                name = "{dist}"
+                version = "0.0.1"
+                dependencies = ["quantplug"]
+
+                [project.entry-points.quantplug]
+                {ep_name} = "{module}"
+
+                [tool.setuptools]
+                py-modules = ["{module}"]
+                """
+            )
+        )
+        sources.append(str(src))
+    target = root / "site"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+    ]
+    cmd += ["--disable-pip-version-check", "--target", str(target), *sources]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (
+        f"pip install of the broken test plugins failed:\n{proc.stdout}\n{proc.stderr}"
+    )
+    for dist in (d for d, _ in BROKEN.values()):
+        assert list(target.glob(f"{dist.replace('-', '_')}-0.0.1.dist-info")), f"{dist} was not installed"
+    return target
+
+
+@pytest.fixture
+def run(broken_site, subprocess_env):
+    """``run(args, **env)``: ``python <args>`` in a fresh process with the broken plugins installed."""
+
+    def run_(args: list[str], *, with_broken: bool = True, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=subprocess_env(broken_site if with_broken else None, **env),
+        )
+
+    return run_
+
+
+def _problem_blocks(doctor_output: str) -> list[tuple[str, str]]:
+    """(problem line, fix line) pairs from the problem list ``doctor`` prints."""
+    lines = doctor_output.splitlines()
+    blocks = []
+    for i, line in enumerate(lines):
+        if line.startswith("- "):
+            fix = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            assert fix.startswith("fix: "), f"problem without a fix line:\n{doctor_output}"
+            blocks.append((line[2:], fix[5:]))
+    return blocks
+
+
+def test_doctor_names_each_broken_plugin_its_problem_and_a_fix(run):
+    proc = run(["-m", "quantplug.cli", "doctor"])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "Traceback" not in out + proc.stderr
+    blocks = _problem_blocks(out)
+    assert f"\n{len(blocks)} problem(s):" in out
+    for ep_name, (dist, _) in BROKEN.items():
+        problem_text, fix_text = EXPECTED[ep_name]
+        mine = [(p, f) for p, f in blocks if p.startswith(dist)]
+        assert len(mine) == 1, f"{dist}: expected exactly one problem in:\n{out}"
+        (problem, fix) = mine[0]
+        assert problem_text in problem, out
+        assert fix_text in fix, out
+        assert f"plugin {ep_name} [{dist} 0.0.1]" in out
+    assert len([p for p, _ in blocks if p.startswith("quantplug-test-")]) == len(BROKEN)
+    assert "plugin rtn [quantplug-rtn" in out and "loaded -> backends: rtn" in out
+
+
+def test_doctor_statuses_per_plugin(run):
+    out = run(["-m", "quantplug.cli", "doctor"]).stdout
+    statuses = {
+        line.split()[1]: line.split("]: ", 1)[1].split()[0]
+        for line in out.splitlines()
+        if line.startswith("  plugin ")
+    }
+    assert (
+        statuses.items()
+        >= {
+            "rtn": "loaded",
+            "test-importerror": "failed",
+            "test-hookraises": "failed",
+            "test-baddescriptor": "loaded",  # loaded, but its only backend was rejected
+            "test-duprtn": "loaded",
+            "test-missinglib": "loaded",
+            "test-outofrange": "loaded",
+        }.items()
+    ), statuses
+
+
+def test_list_still_works_and_shows_rtn_available(run):
+    proc = run(["-m", "quantplug.cli", "list"])
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()}
+    assert "available" in rows["rtn"] and "quantplug-rtn" in rows["rtn"] and "unavailable" not in rows["rtn"]
+    assert "unavailable: quantplug-test-no-such-library is not installed" in rows["test-missinglib"]
+    assert "unavailable: pluggy" in rows["test-outofrange"]
+    assert "test-hookraises" not in rows and "Bad" not in proc.stdout
+    assert "plugin problem(s); run `quantplug doctor`" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_list_json_with_broken_plugins(run):
+    proc = run(["-m", "quantplug.cli", "list", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    by_name = {b["name"]: b for b in data["backends"]}
+    assert {"rtn", "test-missinglib", "test-outofrange"} <= set(by_name)
+    assert not {"test-hookraises", "Bad Descriptor"} & set(by_name)
+    assert by_name["rtn"]["available"] is True and by_name["rtn"]["plugin"] == "quantplug-rtn"
+    assert by_name["test-missinglib"]["available"] is False
+    assert by_name["test-missinglib"]["fix"] == "pip install 'quantplug-test-no-such-library>=1.0'"
+    assert by_name["test-outofrange"]["libraries"] == {"pluggy": version("pluggy")}
+    problem_plugins = {
+        p["plugin"] for p in data["plugin_problems"] if p["plugin"].startswith("quantplug-test-")
+    }
+    assert problem_plugins == {
+        "quantplug-test-importerror",
+        "quantplug-test-hookraises",
+        "quantplug-test-baddescriptor",
+        "quantplug-test-duprtn",
+    }
+
+
+QUANTIZE = """
+import json, torch, quantplug
+torch.manual_seed(0)
+lin = torch.nn.Linear(64, 32)
+q = quantplug.AutoQuantizer.from_config({"quant_method": "rtn", "bits": 4}).quantize_module("l", lin)
+x = torch.randn(16, 64)
+with torch.no_grad():
+    err = ((q(x) - lin(x)).norm() / lin(x).norm()).item()
+backend = quantplug.get_backend("rtn")
+print(json.dumps({"err": err, "type": type(q).__name__, "plugin": backend.plugin,
+                  "bound": backend.capabilities.max_rel_error[4],
+                  "problems": sorted({p.plugin for p in quantplug.problems()})}))
+"""
+
+
+def test_rtn_still_quantizes_with_broken_plugins_installed(run):
+    proc = run(["-c", QUANTIZE])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["plugin"] == "quantplug-rtn"
+    assert result["type"] == "RtnLinear"
+    assert 0 < result["err"] < result["bound"]
+    assert {dist for dist, _ in BROKEN.values()} <= set(result["problems"])
+
+
+def test_disabling_the_broken_plugins_as_doctor_suggests_makes_it_clean(run):
+    proc = run(
+        ["-m", "quantplug.cli", "doctor"],
+        QUANTPLUG_PLUGINS=",".join(["rtn", *BROKEN]),  # plugins installed in the env itself stay out
+        QUANTPLUG_DISABLE_PLUGINS=",".join(BROKEN),
+    )
+    assert proc.returncode == 0, proc.stdout
+    assert "No problems found." in proc.stdout
+    for ep_name in BROKEN:
+        assert f"plugin {ep_name} " in proc.stdout and "disabled by QUANTPLUG_DISABLE_PLUGINS" in proc.stdout
+
+
+def test_allow_list_loads_only_the_named_plugins(run):
+    proc = run(["-m", "quantplug.cli", "list", "--json"], QUANTPLUG_PLUGINS="rtn,quantplug-test-missinglib")
+    data = json.loads(proc.stdout)
+    assert [b["name"] for b in data["backends"]] == ["rtn", "test-missinglib"]
+    assert data["plugin_problems"] == []
+
+
+def test_empty_allow_list_gives_no_backends(run):
+    proc = run(["-m", "quantplug.cli", "list", "--json"], QUANTPLUG_PLUGINS="")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["backends"] == [] and data["plugin_problems"] == []
+    proc = run(["-m", "quantplug.cli", "doctor"], QUANTPLUG_PLUGINS="")
+    assert proc.returncode == 0 and "No problems found." in proc.stdout
+
+
+LAZY = """
+import json, sys
+import quantplug
+quantplug.backends()
+quantplug.problems()
+quantplug.config_from_dict({"quant_method": "rtn", "bits": 4})
+before = {m: m in sys.modules for m in ("torch", "quantplug_rtn", "quantplug_rtn.quantizer")}
+quantplug.AutoQuantizer.from_config({"quant_method": "rtn", "bits": 4})
+after = {m: m in sys.modules for m in ("torch", "quantplug_rtn.quantizer")}
+print(json.dumps({"before": before, "after": after}))
+"""
+
+
+@pytest.mark.parametrize("with_broken", [False, True], ids=["clean", "with-broken-plugins"])
+def test_listing_and_validating_never_import_torch_or_the_quantizer(run, with_broken):
+    proc = run(["-c", LAZY], with_broken=with_broken)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["before"] == {"torch": False, "quantplug_rtn": True, "quantplug_rtn.quantizer": False}
+    # the positive control: the first real use imports them
+    assert result["after"] == {"torch": True, "quantplug_rtn.quantizer": True}
+
+
+def test_cli_list_does_not_import_torch(run):
+    code = "import sys; from quantplug.cli import main\ntry:\n    main(['list'])\nexcept SystemExit: pass\n"
+    code += "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)"
+    proc = run(["-c", code])
+    assert proc.stderr.strip().splitlines()[-1] == "NO-TORCH", proc.stderr
+
+
+def test_trace_in_a_fresh_process_shows_every_plugin(run):
+    proc = run(["-m", "quantplug.cli", "list"], QUANTPLUG_TRACE_PLUGINS="1")
+    assert proc.returncode == 0
+    for ep_name in ["rtn", *BROKEN]:
+        assert f"quantplug: loading plugin '{ep_name}'" in proc.stderr
+    assert "problem in test-importerror" in proc.stderr
+
+
+def test_pythonpath_is_what_installs_the_broken_plugins(run):
+    # the control: without the target directory on PYTHONPATH the same command is clean
+    proc = run(["-m", "quantplug.cli", "doctor"], with_broken=False)
+    assert "plugin rtn [quantplug-rtn" in proc.stdout
+    assert "quantplug-test-" not in proc.stdout
+    assert os.environ.get("QUANTPLUG_PLUGINS") is None
