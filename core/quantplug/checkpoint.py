@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -352,23 +353,38 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read it as JSON: {exc}") from None
 
 
+_register_parameter = nn.Module.register_parameter
+_meta_init = threading.local()
+_meta_lock = threading.Lock()
+_meta_users = 0
+
+
+def _register_parameter_maybe_on_meta(module, name, param):
+    _register_parameter(module, name, param)
+    if getattr(_meta_init, "active", False) and param is not None and param.device.type != "meta":
+        p = module._parameters[name]
+        module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+
 @contextlib.contextmanager
 def _params_on_meta() -> Iterator[None]:
     """Create parameters on the meta device (buffers stay real, so computed ones like rotary
-    frequencies are right) — like accelerate's ``init_empty_weights(include_buffers=False)``."""
-    original = nn.Module.register_parameter
-
-    def register_parameter(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            p = module._parameters[name]
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register_parameter
+    frequencies are right) — like accelerate's ``init_empty_weights(include_buffers=False)``.
+    Only the calling thread is affected: models built meanwhile in other threads are normal."""
+    global _meta_users
+    with _meta_lock:
+        if _meta_users == 0:
+            nn.Module.register_parameter = _register_parameter_maybe_on_meta
+        _meta_users += 1
+    _meta_init.active = True
     try:
         yield
     finally:
-        nn.Module.register_parameter = original
+        _meta_init.active = False
+        with _meta_lock:
+            _meta_users -= 1
+            if _meta_users == 0:
+                nn.Module.register_parameter = _register_parameter
 
 
 def _skeleton(folder: Path, config_json: dict, dtype: torch.dtype | None) -> nn.Module:
