@@ -37,6 +37,8 @@ __version__ = "0.1.0"
 
 # Heavy parts (they import torch), loaded on first attribute access.
 _LAZY = {
+    "register_with_transformers": ".integrations.transformers",
+    "to_transformers": ".integrations.transformers",
     "quantize": ".convert",
     "QuantizeReport": ".convert",
     "save": ".checkpoint",

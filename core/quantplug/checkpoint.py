@@ -44,7 +44,9 @@ from .convert import (
     attach_info,
     plan,
     progress_bar,
+    release_freed_memory,
     set_submodule,
+    transformers_tied_keys,
 )
 from .errors import CheckpointError, ConfigError
 from .registry import AutoQuantizer, config_from_dict
@@ -185,6 +187,9 @@ def _config_json(model: nn.Module, info: QuantizedModelInfo | None) -> str:
     if hf_config is not None and hasattr(hf_config, "to_json_string"):
         data = json.loads(hf_config.to_json_string(use_diff=True))
         data["architectures"] = [type(model).__name__]
+        float_dtype = getattr(model, "dtype", None)
+        if isinstance(float_dtype, torch.dtype):
+            data["dtype"] = str(float_dtype).removeprefix("torch.")
     else:
         data = {"quantplug_model_class": f"{type(model).__module__}.{type(model).__qualname__}"}
     data.pop("quantization_config", None)
@@ -219,6 +224,8 @@ def save(
     ``extra_files`` (e.g. a tokenizer's files) are copied in as part of the same atomic write.
     """
     final = Path(path).absolute()
+    if final.is_symlink():  # replace the folder the link points to, and keep the link
+        final = final.resolve()
     if final.exists() and not final.is_dir():
         raise CheckpointError(f"{final} exists and is not a folder; choose another path")
     limit = parse_size(max_shard_size)
@@ -333,10 +340,29 @@ class Checkpoint:
                 raise CheckpointError(f"{index}: tensors {extra[:5]} are in the shards but not in the index")
         meta = next(iter(self.files.values())).metadata if self.files else {}
         self.metadata = meta
-        self.aliases: dict[str, str] = json.loads(meta.get("quantplug_aliases", "{}"))
+        try:
+            aliases = json.loads(meta.get("quantplug_aliases", "{}"))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{folder}: metadata quantplug_aliases is not valid JSON ({exc})") from None
+        if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+        ):
+            raise CheckpointError(
+                f"{folder}: metadata quantplug_aliases must map tensor names to tensor names"
+            )
+        self.aliases: dict[str, str] = aliases
 
     def keys(self) -> set[str]:
         return set(self.where)
+
+    def most_common_float_dtype(self) -> torch.dtype:
+        """The floating dtype most tensors are stored in (float32 when there are none)."""
+        counts: dict[torch.dtype, int] = {}
+        for f in self.files.values():
+            for dtype, *_ in f.entries.values():
+                if dtype.is_floating_point:
+                    counts[dtype] = counts.get(dtype, 0) + 1
+        return max(counts, key=counts.get) if counts else torch.float32
 
     def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         dtype, shape, _, _ = self.where[key].entries[key]
@@ -387,7 +413,9 @@ def _params_on_meta() -> Iterator[None]:
                 nn.Module.register_parameter = _register_parameter
 
 
-def _skeleton(folder: Path, config_json: dict, dtype: torch.dtype | None) -> nn.Module:
+def _skeleton(
+    folder: Path, config_json: dict, dtype: torch.dtype | None, stored_dtype: torch.dtype
+) -> nn.Module:
     try:
         import transformers
     except ImportError:
@@ -404,7 +432,7 @@ def _skeleton(folder: Path, config_json: dict, dtype: torch.dtype | None) -> nn.
     hf_config = transformers.AutoConfig.from_pretrained(folder)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config  # quantplug applies it; Transformers must not
-    dtype = dtype or getattr(hf_config, "dtype", None) or torch.float32
+    dtype = dtype or getattr(hf_config, "dtype", None) or stored_dtype
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with _params_on_meta():
@@ -429,14 +457,6 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         )
     else:
         module._buffers[attr] = tensor
-
-
-def _tied_keys(model: nn.Module) -> dict[str, str]:
-    """Transformers' tied parameters (target -> source) when the model ties them."""
-    keys = getattr(model, "_tied_weights_keys", None)
-    if isinstance(keys, dict) and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return dict(keys)
-    return {}
 
 
 def load(
@@ -467,6 +487,8 @@ def load(
         )
     config_path = folder / CONFIG_NAME
     if not config_path.exists():
+        if any((folder / n).exists() for n in _PICKLE_FILES):
+            Checkpoint(folder)  # raises the clearer reason: pickle-only weights
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
     config_json = _read_json(config_path)
     if not isinstance(config_json, dict):
@@ -493,29 +515,26 @@ def load(
 
     ckpt = Checkpoint(folder)
     if model is None:
-        model = _skeleton(folder, config_json, dtype)
+        model = _skeleton(folder, config_json, dtype, ckpt.most_common_float_dtype())
     names, _ = plan(model, quantizer.config, quantizer) if quantizer else ([], {})
-
-    # What the checkpoint must hold.
-    expected: dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]] = {}
     qset = set(names)
-    metas = {}
+
+    # What the checkpoint must hold: every key, with its shape (and dtype where the backend says).
+    expected: dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]] = {}
     for key, t in model.state_dict().items():
         if not _prefixes(key, qset):
             expected[key] = (tuple(t.shape), None)
+    metas = {name: as_linear_meta(model.get_submodule(name)) for name in names}
     for name in names:
-        meta = as_linear_meta(model.get_submodule(name))
-        metas[name] = meta
         if prequantized:
-            spec = quantizer.expected_tensors(name, meta)
+            spec = quantizer.expected_tensors(name, metas[name])
         else:
-            orig = model.get_submodule(name)
-            spec = {k: (tuple(v.shape), None) for k, v in orig.state_dict().items()}
+            spec = {k: (tuple(v.shape), None) for k, v in model.get_submodule(name).state_dict().items()}
         expected.update({f"{name}.{k}": v for k, v in spec.items()})
     have = ckpt.keys()
-    tied = {**_tied_keys(model), **ckpt.aliases}
+    aliases = _aliases(folder, ckpt, model, expected)
     unexpected = have - set(expected)
-    missing = set(expected) - have - set(tied)
+    missing = set(expected) - have - set(aliases)
     if unexpected or missing:
         what = f"quant_method {quantizer.config.quant_method!r}" if prequantized else "the model"
         parts = []
@@ -535,12 +554,17 @@ def load(
             raise CheckpointError(f"{folder}: tensor {key!r} has dtype {got_dtype}, expected {dt}")
 
     float_dtype = dtype or (model.dtype if hasattr(model, "dtype") else None)
-    with torch.no_grad(), progress_bar(len(have), "loading", progress) as bar:
+
+    def read(key: str) -> torch.Tensor:
+        t = ckpt.read(aliases.get(key, key)).to(target)
+        return t
+
+    with torch.no_grad(), progress_bar(len(expected), "loading", progress) as bar:
         done: set[str] = set()
         for name in names:
             prefix = name + "."
-            keys = [k for k in have if k.startswith(prefix)]
-            tensors = {k[len(prefix) :]: ckpt.read(k).to(target) for k in keys}
+            keys = [k for k in expected if k.startswith(prefix)]
+            tensors = {k[len(prefix) :]: read(k) for k in keys}
             if prequantized:
                 qmodule = quantizer.load_module(name, metas[name], tensors)
             else:
@@ -549,19 +573,21 @@ def load(
                     _assign(orig, k, t.to(float_dtype) if float_dtype and t.is_floating_point() else t)
                 qmodule = quantizer.quantize_module(name, as_linear(orig))
             set_submodule(model, name, qmodule)
+            del tensors
+            release_freed_memory()
             done.update(keys)
             bar.update(len(keys))
-        for key in sorted(have - done):
-            t = ckpt.read(key).to(target)
-            if float_dtype is not None and t.is_floating_point():
-                t = t.to(float_dtype)
-            _assign(model, key, t)
+        rest = [k for k in expected if k not in done]
+        # Stored tensors first, then tied ones share storage with their (loaded) source.
+        for key in sorted(rest, key=lambda k: (k in aliases and not _prefixes(aliases[k], qset), k)):
+            if key in aliases and not _prefixes(aliases[key], qset):
+                _assign_alias(model, key, aliases[key])
+            else:
+                t = read(key)
+                _assign(
+                    model, key, t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
+                )
             bar.update(1)
-    for alias, source in ckpt.aliases.items():
-        if alias not in have:
-            _assign_alias(model, alias, source)
-    if hasattr(model, "tie_weights") and _tied_keys(model):
-        model.tie_weights()
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise CheckpointError(f"{folder}: tensors {_fmt(left)} were not in the checkpoint")
@@ -570,6 +596,33 @@ def load(
         attach_info(model, QuantizedModelInfo(quantizer.config, quantizer, names))
     model.eval()
     return model
+
+
+def _aliases(folder: Path, ckpt: Checkpoint, model: nn.Module, expected: dict) -> dict[str, str]:
+    """Tensors stored once under another name (tied weights): alias -> stored key, checked."""
+    have = ckpt.keys()
+    out = {}
+    candidates = [(a, s, "quantplug_aliases") for a, s in ckpt.aliases.items()]
+    candidates += [(a, s, "tied weights") for a, s in transformers_tied_keys(model).items()]
+    for alias, source, where in candidates:
+        if alias in have or alias in out:
+            continue
+        if where == "tied weights" and (alias not in expected or source not in have):
+            continue  # e.g. the tied head was quantized: nothing to tie
+        if alias not in expected:
+            raise CheckpointError(f"{folder}: {where} names {alias!r}, which the model does not have")
+        if source not in have:
+            raise CheckpointError(
+                f"{folder}: {where} ties {alias!r} to {source!r}, which is not in the checkpoint"
+            )
+        shape = expected[alias][0]
+        if shape is not None and tuple(ckpt.spec(source)[0]) != tuple(shape):
+            raise CheckpointError(
+                f"{folder}: {where} ties {alias!r} (shape {list(shape)}) to {source!r} "
+                f"(shape {list(ckpt.spec(source)[0])})"
+            )
+        out[alias] = source
+    return out
 
 
 def _prefixes(key: str, qset: set[str]) -> list[str]:

@@ -1,0 +1,1 @@
+"""Bridges between quantplug and other libraries (each module imports its library on first use)."""
