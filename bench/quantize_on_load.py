@@ -419,7 +419,9 @@ def results_markdown(data: dict) -> str:
         f"{_la(data, 'end')} at the end (a shared machine: timings are noisy)",
         f"- Versions: Python {mach['python']}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"quantplug {v.get('quantplug')}, quantplug-rtn {v.get('quantplug-rtn')}"
-        + (f" (git {mach['git_revision']})" if mach.get("git_revision") else ""),
+        + (f", code at git {mach['git_revision']}" if mach.get("git_revision") else "")
+        + (f" (uncommitted diff sha256 {mach['git_diff_sha256']})" if mach.get("git_diff_sha256") else "")
+        + (" — the code changed while it ran" if data.get("code_changed_during_run") else ""),
         f"- Raw figures: `bench/results/{NAME}.json`",
     ]
     return "\n".join(lines)
@@ -467,6 +469,10 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> int:
     )
     _warm_page_cache(ckpt)
     load_start = _loadavg()
+    # Taken before the runs: the code measured is the code at this revision (and uncommitted diff).
+    machine = common.machine_info(
+        ("torch", "transformers", "accelerate", "safetensors", "quantplug", "quantplug-rtn")
+    )
 
     per_mode: dict[str, list[dict]] = {m: [] for m in modes}
     for i in range(runs):
@@ -487,14 +493,21 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> int:
         keys = [k for k in SUMMARY_KEYS if any(k in r for r in rs)]
         med[mode] = common.medians(rs, keys)
     rtn = med["rtn4"]
+    code_changed = (common.git_revision(), common.git_diff_hash()) != (
+        machine["git_revision"],
+        machine["git_diff_sha256"],
+    )
+    if code_changed:
+        _log(
+            "warning: the repository's code changed while the benchmark ran; the recorded revision is the one at the start"
+        )
     a, b = per_mode["rtn4"][0]["argmax"], per_mode["bf16"][0]["argmax"]
     data = {
         "benchmark": NAME,
         "date": common.now_iso(),
         "command": _command(argv),
-        "machine": common.machine_info(
-            ("torch", "transformers", "accelerate", "safetensors", "quantplug", "quantplug-rtn")
-        ),
+        "machine": machine,
+        "code_changed_during_run": code_changed,
         "load_average": {"start": load_start, "end": _loadavg()},
         "checkpoint": {**ck_meta, "path": os.path.relpath(ckpt, common.REPO_ROOT)},
         "quant_config": {"quant_method": "rtn", **RTN},
