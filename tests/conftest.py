@@ -29,6 +29,22 @@ def fresh_plugins(monkeypatch: pytest.MonkeyPatch):
     quantplug.reload_plugins()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's wake-ups make
+    each small op take milliseconds. torch is imported only by modules that use it."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rtn_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Load only the rtn plugin, whatever other plugins are installed (e.g. in the integration env),

@@ -36,30 +36,11 @@ import quantplug.checkpoint as checkpoint_module
 from quantplug.checkpoint import Checkpoint
 from quantplug.convert import INFO_ATTR
 from quantplug.safetensors_io import SafetensorsFile, write_file
-from quantplug.testing import tiny_llama
+from quantplug.testing import logits, tiny_llama, token_ids
 from quantplug_rtn import RtnConfig
 from quantplug_rtn.quantizer import RtnLinear, RtnQuantizer
 
 WEIGHTS = "model.safetensors"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's wake-ups make
-    each small op take milliseconds; restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def token_ids(vocab: int = 384, shape=(2, 12), seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def tiny_gpt2(seed: int = 0):

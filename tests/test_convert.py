@@ -17,7 +17,7 @@ from torch import nn
 
 import quantplug
 from quantplug.convert import INFO_ATTR, plan
-from quantplug.testing import tiny_llama
+from quantplug.testing import logits, tiny_llama, token_ids
 from quantplug_rtn import RtnConfig
 from quantplug_rtn.quantizer import RtnLinear
 
@@ -34,25 +34,6 @@ LLAMA_LINEARS = [
         "mlp.down_proj",
     )
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's wake-ups make
-    each small op take milliseconds; restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def token_ids(vocab: int = 384, shape=(2, 12), seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

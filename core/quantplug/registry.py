@@ -160,19 +160,25 @@ def config_from_dict(data: dict[str, Any]) -> QuantConfig:
     return get_backend(method).config.from_dict(data)
 
 
+def as_config(config: QuantConfig | dict[str, Any]) -> QuantConfig:
+    """``config`` itself, or the config a dict describes (validated by its backend's config class)."""
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(
+            f"expected a quantplug QuantConfig or a dict, got {type(config).__name__}",
+            value=config,
+            allowed="a QuantConfig or a dict with quant_method",
+        )
+    return config
+
+
 class AutoQuantizer:
     """Dispatch a config to the ``Quantizer`` of the plugin that owns its ``quant_method``."""
 
     @staticmethod
     def from_config(config: QuantConfig | dict[str, Any]) -> Quantizer:
-        if isinstance(config, dict):
-            config = config_from_dict(config)
-        elif not isinstance(config, QuantConfig):
-            raise ConfigError(
-                f"expected a QuantConfig or a dict, got {type(config).__name__}",
-                value=config,
-                allowed="a QuantConfig or a dict with quant_method",
-            )
+        config = as_config(config)
         backend = get_backend(config.quant_method)
         if not isinstance(config, backend.config):
             raise ConfigError(

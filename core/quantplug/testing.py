@@ -51,6 +51,21 @@ def tiny_llama(seed: int = 0, **overrides: Any):
     return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
 
 
+def token_ids(vocab: int = 384, shape=(2, 12), seed: int = 1):
+    """Deterministic random token ids."""
+    import torch
+
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    """The model's logits for ``ids``, without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return model(ids).logits
+
+
 def _load_and_dump(checkpoint: Path, ids_file: Path, out_file: Path) -> None:
     """Run in a fresh interpreter: load the checkpoint, write its logits."""
     script = textwrap.dedent(

@@ -52,7 +52,7 @@ from ..convert import (
     set_submodule,
 )
 from ..errors import CheckpointError, ConfigError, PluginError
-from ..registry import AutoQuantizer, backends, config_from_dict, get_backend
+from ..registry import AutoQuantizer, as_config, backends, get_backend
 
 __all__ = [
     "QuantplugHfConfig",
@@ -513,14 +513,7 @@ def to_transformers(config: QuantConfig | dict[str, Any] | QuantplugHfConfig) ->
     """
     if isinstance(config, QuantplugHfConfig):
         return config
-    if isinstance(config, dict):
-        config = config_from_dict(config)
-    elif not isinstance(config, QuantConfig):
-        raise ConfigError(
-            f"expected a quantplug QuantConfig or a dict, got {type(config).__name__}",
-            value=config,
-            allowed="a QuantConfig or a dict with quant_method",
-        )
+    config = as_config(config)
     method = config.quant_method
     with _lock:
         if not _is_ours(method):
