@@ -44,7 +44,7 @@ MiB = 2**20
 # -- machine and versions -------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -106,7 +106,7 @@ def machine_info(
     """CPU model, cores, RAM, OS and the versions of Python and ``packages``."""
     ram = _ram_bytes()
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ram_bytes": ram,
