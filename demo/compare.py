@@ -172,16 +172,28 @@ def environment() -> dict[str, Any]:
 # -- sizes ----------------------------------------------------------------------------------------
 
 
+def _plain_tensors(t: torch.Tensor):
+    """``t``, or the plain tensors inside a wrapper tensor subclass (e.g. torchao's, which has no
+    storage of its own), found through ``__tensor_flatten__``."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _plain_tensors(getattr(t, name))
+    else:
+        yield t
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer, each shared storage counted once (tied embeddings)."""
     seen: set[tuple[str, int]] = set()
     total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = (t.device.type, t.untyped_storage().data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
+    for p in [*model.parameters(), *model.buffers()]:
+        for t in _plain_tensors(p):
+            key = (t.device.type, t.untyped_storage().data_ptr())
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
     return total
 
 

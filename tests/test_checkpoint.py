@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -466,6 +467,9 @@ def test_unknown_quant_method_is_an_error_naming_it(rtn_checkpoint, copy_of):
     assert "rtn" in str(err.value)  # lists what is installed
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("quantplug_hqq") is not None, reason="quantplug-hqq is installed here"
+)
 def test_hqq_without_its_plugin_says_what_to_install(rtn_checkpoint, copy_of):
     folder = copy_of(rtn_checkpoint[0])
     _edit_config(folder, lambda c: c.update(quantization_config={"quant_method": "hqq", "nbits": 4}))

@@ -7,6 +7,7 @@ Everything here runs against the real ``quantplug-rtn`` plugin found through its
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import threading
 from importlib.metadata import entry_points, version
@@ -138,11 +139,13 @@ def test_unregister_removes_the_plugins_problems(make_backend, plugin_registerin
     assert quantplug.problems() == []
 
 
-def test_register_backend_raises_plugin_error_on_invalid_descriptor_and_leaves_no_trace(make_backend):
+def test_register_backend_raises_plugin_error_on_invalid_descriptor_and_leaves_no_trace(
+    rtn_only, make_backend
+):
     with pytest.raises(PluginError, match="name 'Bad Name'"):
         quantplug.register_backend(make_backend("Bad Name"))
     assert quantplug.problems() == []
-    assert [p.name for p in quantplug.plugins()] == ["rtn"]
+    assert [p.name for p in quantplug.plugins() if p.status != "disabled"] == ["rtn"]
 
 
 def test_register_backend_raises_on_duplicate_name_and_leaves_no_trace(make_backend):
@@ -494,7 +497,8 @@ def test_allow_list_set_but_empty_loads_no_plugins(monkeypatch):
     monkeypatch.setenv("QUANTPLUG_PLUGINS", "")
     quantplug.reload_plugins()
     assert quantplug.backends() == []
-    assert [(p.name, p.status) for p in quantplug.plugins()] == [("rtn", "disabled")]
+    statuses = [(p.name, p.status) for p in quantplug.plugins()]
+    assert ("rtn", "disabled") in statuses and {status for _, status in statuses} == {"disabled"}
     assert quantplug.problems() == []
     with pytest.raises(UnknownMethodError) as info:
         quantplug.get_backend("rtn")
@@ -529,8 +533,8 @@ def test_env_vars_are_read_on_reload_not_at_each_call(monkeypatch):
 def test_deny_list_disables_and_the_error_says_so(monkeypatch, value):
     monkeypatch.setenv("QUANTPLUG_DISABLE_PLUGINS", value)
     quantplug.reload_plugins()
-    assert quantplug.backends() == []
-    (info,) = quantplug.plugins()
+    assert "rtn" not in [b.name for b in quantplug.backends()]  # other installed plugins still load
+    (info,) = [p for p in quantplug.plugins() if p.name == "rtn"]
     assert (info.name, info.status, info.error) == (
         "rtn",
         "disabled",
@@ -539,7 +543,7 @@ def test_deny_list_disables_and_the_error_says_so(monkeypatch, value):
     with pytest.raises(UnknownMethodError) as err:
         AutoQuantizer.from_config({"quant_method": "rtn", "bits": 4})
     msg = str(err.value)
-    assert "Disabled by" in msg and ": rtn." in msg
+    assert re.search(r"Disabled by [^.]*\brtn\b", msg)
     assert "quantplug-rtn, which is installed but disabled by QUANTPLUG_DISABLE_PLUGINS" in msg
     assert "remove rtn from QUANTPLUG_DISABLE_PLUGINS" in msg
     assert "pip install" not in msg  # it is installed: installing it again would not help

@@ -423,7 +423,7 @@ def test_concurrent_registration_registers_once():
     assert sorted(n for r in results for n in r if n == name) == [name]
 
 
-def test_methods_transformers_knows_keep_transformers_path():
+def test_methods_transformers_knows_keep_transformers_path(rtn_only):
     theirs = {m: hf_auto.AUTO_QUANTIZER_MAPPING.get(m) for m in ("hqq", "torchao")}
     for method in ("hqq", "torchao", "bitsandbytes"):  # bitsandbytes: Transformers' name, not a mapping key
         quantplug.register_backend(make_int8_backend(method))

@@ -265,6 +265,26 @@ class Quantizer:
         (``None`` = not checked). The default reads them off ``empty_module``."""
         return {k: (tuple(t.shape), t.dtype) for k, t in self.empty_module(name, module).state_dict().items()}
 
+    def needs_calibration(self) -> bool:
+        """True when quantizing with this config needs calibration data (``quantplug.quantize(...,
+        calibration_data=)``); without it ``quantize`` raises ``ConfigError``, and data given to a
+        config that needs none is refused too. The default is ``capabilities.needs_calibration``;
+        backends where only some configs calibrate (e.g. static activation scales) override this."""
+        return self.backend.capabilities.needs_calibration
+
+    def calibrate(self, model: nn.Module, batches: list[Any]) -> None:
+        """Fit what the config needs from data (activation scales, GPTQ/AWQ statistics, ...).
+        Called by ``quantize`` under ``torch.no_grad()`` once every layer has been replaced by
+        ``quantize_module``, only when ``needs_calibration()``. ``batches`` is a non-empty list of
+        model inputs already on the target device: a tensor (call ``model(batch)``) or a dict of
+        keyword arguments (``model(**batch)``). A quantizer may leave its layers unfinished in
+        ``quantize_module`` and finish them here."""
+        raise PluginError(
+            f"backend {self.backend.name!r} declares that {type(self.config).__name__} needs calibration, "
+            f"but its quantizer does not implement calibrate(); report this to the maintainers of "
+            f"{self.backend.plugin or 'the plugin'}."
+        )
+
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         """Rebuild a quantized module from its checkpoint tensors (keys relative to the module).
         The default builds ``empty_module`` and assigns the tensors to it."""

@@ -509,6 +509,15 @@ def load(
         config = config_from_dict(saved_qc)
     prequantized = saved_qc is not None
     quantizer = AutoQuantizer.from_config(config) if config is not None else None
+    if quantizer is not None and not prequantized and quantizer.needs_calibration():
+        raise ConfigError(
+            f"{type(quantizer.config).__name__} ({quantizer.config.quant_method}) needs calibration data, "
+            f"which quantize-on-load cannot give it: load the full-precision model, then "
+            f"quantplug.quantize(model, config, calibration_data=...)",
+            field="calibration_data",
+            value=None,
+            allowed="a config that needs no calibration",
+        )
     target = torch.device(device)
     if quantizer is not None:
         quantizer.validate_environment(target)

@@ -13,13 +13,14 @@ import ctypes
 import dataclasses
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import QuantConfig
+from .errors import ConfigError
 from .registry import AutoQuantizer
 
 #: attribute on a quantized model holding its ``QuantizedModelInfo``
@@ -220,26 +221,91 @@ def attach_info(model: nn.Module, info: QuantizedModelInfo) -> None:
         register_with_transformers()
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def calibration_batches(
+    quantizer: Any, calibration_data: Iterable[Any] | None, device: torch.device
+) -> list[Any] | None:
+    """``calibration_data`` as a list of batches on ``device``, checked against what the config
+    needs: a config that needs calibration without data, data for a config that takes none, an
+    empty iterable and a batch that is neither a tensor nor a mapping are ``ConfigError``s."""
+    config = quantizer.config
+    needed = quantizer.needs_calibration()
+    if calibration_data is None:
+        if needed:
+            raise ConfigError(
+                f"{type(config).__name__} ({config.quant_method}) needs calibration data: pass "
+                f"calibration_data= to quantplug.quantize (an iterable of model inputs: token-id tensors "
+                f"or dicts of tensors, e.g. a few hundred tokens of representative text)",
+                field="calibration_data",
+                value=None,
+                allowed="an iterable of model inputs",
+            )
+        return None
+    if not needed:
+        raise ConfigError(
+            f"{type(config).__name__} ({config.quant_method}) takes no calibration data; "
+            f"drop calibration_data= (or choose a config that calibrates)",
+            field="calibration_data",
+            value=type(calibration_data).__name__,
+            allowed="None for this config",
+        )
+    if isinstance(calibration_data, (torch.Tensor, Mapping, str, bytes)):
+        raise ConfigError(
+            "calibration_data must be an iterable of batches (e.g. [ids1, ids2] or [{'input_ids': ids}]), "
+            f"not a single {type(calibration_data).__name__}; wrap one batch in a list",
+            field="calibration_data",
+            value=type(calibration_data).__name__,
+            allowed="an iterable of tensors or dicts of tensors",
+        )
+    batches = []
+    for i, batch in enumerate(calibration_data):
+        if not isinstance(batch, (torch.Tensor, Mapping)):
+            raise ConfigError(
+                f"calibration_data batch {i} is a {type(batch).__name__}; each batch must be a tensor "
+                f"(passed as the model's first argument) or a dict of model keyword arguments",
+                field="calibration_data",
+                value=type(batch).__name__,
+                allowed="tensors or dicts of tensors",
+            )
+        batches.append(_to_device(batch, device))
+    if not batches:
+        raise ConfigError(
+            "calibration_data is empty; pass at least one batch of model inputs",
+            field="calibration_data",
+            value=[],
+            allowed="a non-empty iterable of model inputs",
+        )
+    return batches
+
+
 def quantize(
     model: nn.Module,
     config: QuantConfig | dict[str, Any],
     *,
     device: torch.device | str | None = None,
     progress: bool = True,
+    calibration_data: Iterable[Any] | None = None,
 ) -> QuantizeReport:
     """Quantize ``model`` in place with the backend that owns ``config.quant_method``.
 
     Eligible layers (``nn.Linear``, Transformers' ``Conv1D``) are replaced by the backend's modules,
     except ``modules_to_not_convert`` and, by default, the output head and tied layers. Each layer
     is moved to ``device`` (default: where the model's parameters are) before it is quantized.
+    ``calibration_data`` is an iterable of model inputs (tensors, e.g. token ids, or dicts of
+    tensors passed as keyword arguments), required by configs that need calibration (activation
+    quantization, GPTQ-style methods) and refused by those that do not: after every layer is
+    replaced, the quantizer's ``calibrate(model, batches)`` runs them through the model.
     Returns a ``QuantizeReport``; the model keeps working (``forward``, ``generate``).
     """
     t0 = time.perf_counter()
     quantizer = AutoQuantizer.from_config(config)
     config = quantizer.config
     if getattr(model, INFO_ATTR, None) is not None:
-        from .errors import ConfigError
-
         done = getattr(model, INFO_ATTR).config
         raise ConfigError(
             f"this model is already quantized with {done.quant_method!r}; quantize a fresh full-precision model instead",
@@ -249,21 +315,27 @@ def quantize(
         )
     target = torch.device(device) if device is not None else model_device(model)
     quantizer.validate_environment(target)
+    batches = calibration_batches(quantizer, calibration_data, target)
     names, skipped = plan(model, config, quantizer)
-    before = after = 0
+    before = 0
     with torch.no_grad(), progress_bar(len(names), f"quantizing ({config.quant_method})", progress) as bar:
         for name in names:
             module = model.get_submodule(name)
             before += tensor_bytes([module.weight] + ([module.bias] if module.bias is not None else []))
             linear = as_linear(module.to(target))
             qmodule = quantizer.quantize_module(name, linear)
-            after += tensor_bytes(quantizer.module_tensors(name, qmodule).values())
             set_submodule(model, name, qmodule)
             del module, linear
             release_freed_memory()
             bar.update(1)
     if any(t.device.type != target.type for t in [*model.parameters(), *model.buffers()]):
         model.to(target)  # the layers left in full precision follow the quantized ones
+    if batches is not None:
+        with torch.no_grad():
+            quantizer.calibrate(model, batches)
+        release_freed_memory()
+    # Measured after calibration: a quantizer may finish its layers there.
+    after = sum(tensor_bytes(quantizer.module_tensors(n, model.get_submodule(n)).values()) for n in names)
     attach_info(model, QuantizedModelInfo(config, quantizer, names))
     return QuantizeReport(
         backend=config.quant_method,

@@ -240,10 +240,9 @@ class QuantplugHfQuantizer(HfQuantizer):
             )
         super().__init__(quantization_config, **kwargs)
         self.quantizer = AutoQuantizer.from_config(quantization_config.quantplug_config)
-        caps = self.quantizer.backend.capabilities
-        if not self.pre_quantized and caps.needs_calibration:
+        if not self.pre_quantized and self.quantizer.needs_calibration():
             raise ConfigError(
-                f"backend {self.quant_method!r} needs calibration data, which from_pretrained cannot give it: "
+                f"this {self.quant_method!r} config needs calibration data, which from_pretrained cannot give it: "
                 f"quantize with quantplug (calibrating), save with quantplug.save or save_pretrained, then load that",
                 field="quant_method",
                 value=self.quant_method,
