@@ -1051,3 +1051,27 @@ def test_bfloat16_quantized_checkpoint_loads(tmp_path):
     loaded = quantplug.load(path, progress=False)
     assert loaded.dtype == torch.bfloat16
     assert torch.equal(logits(loaded, ids), logits(workaround, ids))
+
+
+def test_backend_header_metadata_is_written_and_validated(tmp_path, monkeypatch):
+    model = quantized_llama()
+    quantizer = model.quantplug_info.quantizer
+    seen = {}
+
+    def checkpoint_metadata(modules):
+        seen.update(modules)
+        return {"mybackend.layers": json.dumps(sorted(modules))}
+
+    monkeypatch.setattr(quantizer, "checkpoint_metadata", checkpoint_metadata)
+    ckpt = quantplug.save(model, tmp_path / "ckpt")
+    assert sorted(seen) == sorted(model.quantplug_info.modules)
+    with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["mybackend.layers"]) == sorted(seen)
+    assert meta["quant_method"] == "rtn"  # the core's own entries stay
+    assert torch.equal(logits(quantplug.load(ckpt, progress=False), token_ids()), logits(model, token_ids()))
+
+    monkeypatch.setattr(quantizer, "checkpoint_metadata", lambda modules: {"quant_method": "other"})
+    with pytest.raises(quantplug.PluginError, match="clash"):
+        quantplug.save(model, tmp_path / "clash")
+    assert not (tmp_path / "clash").exists()

@@ -265,6 +265,12 @@ class Quantizer:
         (``None`` = not checked). The default reads them off ``empty_module``."""
         return {k: (tuple(t.shape), t.dtype) for k, t in self.empty_module(name, module).state_dict().items()}
 
+    def checkpoint_metadata(self, modules: dict[str, nn.Module]) -> dict[str, str]:
+        """Extra string entries for the header of every safetensors file ``save`` writes, given the
+        quantized modules by name (e.g. the per-tensor descriptions Transformers' torchao loader
+        reads). Keys must not clash with quantplug's own (``format``, ``quantplug_*``, ...)."""
+        return {}
+
     def needs_calibration(self) -> bool:
         """True when quantizing with this config needs calibration data (``quantplug.quantize(...,
         calibration_data=)``); without it ``quantize`` raises ``ConfigError``, and data given to a

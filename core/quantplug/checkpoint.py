@@ -48,7 +48,7 @@ from .convert import (
     set_submodule,
     transformers_tied_keys,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, PluginError
 from .registry import AutoQuantizer, config_from_dict
 from .safetensors_io import SafetensorsFile, write_file
 
@@ -236,6 +236,16 @@ def save(
         )
     tensors, aliases = _checkpoint_tensors(model)
     meta = _versions(info)
+    if info is not None:
+        extra = info.quantizer.checkpoint_metadata({n: model.get_submodule(n) for n in info.modules})
+        bad = [k for k, v in extra.items() if k in meta or not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise PluginError(
+                f"backend {info.config.quant_method!r}: checkpoint_metadata() returned entries {bad[:5]} that "
+                f"are not strings or clash with quantplug's own; report this to the maintainers of "
+                f"{info.quantizer.backend.plugin or 'the plugin'}"
+            )
+        meta.update(extra)
     if aliases:
         meta["quantplug_aliases"] = json.dumps(aliases)
 

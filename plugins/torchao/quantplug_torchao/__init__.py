@@ -2,12 +2,9 @@
 
 This module is what the ``quantplug`` entry point names. It only registers a descriptor: torch and
 torchao are imported when the quantizer (``quantplug_torchao.quantizer``) is first used.
-``add_transformers_metadata`` (``quantplug_torchao.interop``) is imported on first access.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import quantplug
 
@@ -18,17 +15,8 @@ __all__ = [
     "MODE_DEVICES",
     "MODE_REQUIREMENTS",
     "TorchaoConfig",
-    "add_transformers_metadata",
     "register_backends",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "add_transformers_metadata":
-        from .interop import add_transformers_metadata
-
-        return add_transformers_metadata
-    raise AttributeError(f"module 'quantplug_torchao' has no attribute {name!r}")
 
 
 @quantplug.hookimpl

@@ -210,6 +210,19 @@ class TorchaoQuantizer(quantplug.Quantizer):
 
     # -- checkpoints -------------------------------------------------------------------------------
 
+    def checkpoint_metadata(self, modules: dict[str, nn.Module]) -> dict[str, str]:
+        """torchao's per-tensor header entries (``"<layer>.weight": {"_type": ..., "_data": ...}`` and
+        ``tensor_names``), which Transformers' torchao loader needs to rebuild the tensor subclasses.
+        quantplug itself rebuilds them from the config and does not read these."""
+        meta = {
+            f"{name}.weight": subclass_metadata(module.weight)
+            for name, module in modules.items()
+            if isinstance(module, TorchaoLinear)
+        }
+        if meta:
+            meta["tensor_names"] = json.dumps(sorted(meta))
+        return meta
+
     def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
         out = {f"_weight_{k}": t for k, t in tensor_data(qmodule.weight).items()}
         if qmodule.bias is not None:

@@ -27,7 +27,7 @@ from torchao.quantization.granularity import PerAxis
 
 import quantplug
 from quantplug.testing import logits, tiny_llama, token_ids
-from quantplug_torchao import TorchaoConfig, add_transformers_metadata
+from quantplug_torchao import TorchaoConfig
 from quantplug_torchao.config import MODES, torchao_config_dict
 from quantplug_torchao.quantizer import TorchaoLinear
 
@@ -235,17 +235,18 @@ def test_quantplug_checkpoint_loads_with_transformers_identically(fp_checkpoint,
     )
     hf.save_pretrained(tmp_path / "hf")
     assert _layout(ours) == _layout(tmp_path / "hf")
-    # Transformers needs torchao's per-tensor header metadata, which the core cannot write yet
-    with pytest.raises(Exception, match="torchao safetensors metadata"):
-        AutoModelForCausalLM.from_pretrained(ours, device_map="cpu")
-    add_transformers_metadata(ours, model)
+    # torchao's per-tensor header entries, which Transformers needs to rebuild the subclasses
+    from safetensors import safe_open
+
+    with safe_open(str(ours / "model.safetensors"), framework="pt") as f:
+        header = f.metadata()
+    assert json.loads(header["model.layers.0.mlp.down_proj.weight"])["_type"] == "Int8Tensor"
+    assert "model.layers.0.mlp.down_proj.weight" in json.loads(header["tensor_names"])
+    assert header["quant_method"] == "torchao"  # quantplug's own entries are kept
     loaded = AutoModelForCausalLM.from_pretrained(ours, device_map="cpu")
     assert type(loaded.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
     assert torch.equal(logits(loaded, ids), expected)
-    # quantplug still loads it (the added entries are ignored), and so does the no-model form
     assert torch.equal(logits(quantplug.load(ours, progress=False), ids), expected)
-    add_transformers_metadata(ours)
-    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(ours, device_map="cpu"), ids), expected)
 
 
 # -- supported version range ------------------------------------------------------------------------
