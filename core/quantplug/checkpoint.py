@@ -544,11 +544,13 @@ def load(
         if not _prefixes(key, qset):
             expected[key] = (tuple(t.shape), None)
     metas = {name: as_linear_meta(model.get_submodule(name)) for name in names}
+    owned: dict[str, list[str]] = {}  # quantized module -> its checkpoint keys
     for name in names:
         if prequantized:
             spec = quantizer.expected_tensors(name, metas[name])
         else:
             spec = {k: (tuple(v.shape), None) for k, v in model.get_submodule(name).state_dict().items()}
+        owned[name] = [f"{name}.{k}" for k in spec]
         expected.update({f"{name}.{k}": v for k, v in spec.items()})
     have = ckpt.keys()
     aliases = _aliases(folder, ckpt, model, expected)
@@ -574,38 +576,35 @@ def load(
 
     float_dtype = dtype or (model.dtype if hasattr(model, "dtype") else None)
 
-    def read(key: str) -> torch.Tensor:
+    def read(key: str, cast: bool) -> torch.Tensor:
+        """A tensor (or the stored source of an alias) on the target device; full-precision
+        floats are cast to the model's dtype, a quantized module's tensors stay as stored."""
         t = ckpt.read(aliases.get(key, key)).to(target)
-        return t
+        return t.to(float_dtype) if cast and float_dtype is not None and t.is_floating_point() else t
 
     with torch.no_grad(), progress_bar(len(expected), "loading", progress) as bar:
-        done: set[str] = set()
         for name in names:
             prefix = name + "."
-            keys = [k for k in expected if k.startswith(prefix)]
-            tensors = {k[len(prefix) :]: read(k) for k in keys}
+            tensors = {k[len(prefix) :]: read(k, cast=not prequantized) for k in owned[name]}
             if prequantized:
                 qmodule = quantizer.load_module(name, metas[name], tensors)
             else:
                 orig = model.get_submodule(name)
                 for k, t in tensors.items():
-                    _assign(orig, k, t.to(float_dtype) if float_dtype and t.is_floating_point() else t)
+                    _assign(orig, k, t)
                 qmodule = quantizer.quantize_module(name, as_linear(orig))
             set_submodule(model, name, qmodule)
             del tensors
             release_freed_memory()
-            done.update(keys)
-            bar.update(len(keys))
-        rest = [k for k in expected if k not in done]
-        # Stored tensors first, then tied ones share storage with their (loaded) source.
-        for key in sorted(rest, key=lambda k: (k in aliases and not _prefixes(aliases[k], qset), k)):
-            if key in aliases and not _prefixes(aliases[key], qset):
-                _assign_alias(model, key, aliases[key])
-            else:
-                t = read(key)
-                _assign(
-                    model, key, t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
-                )
+            bar.update(len(owned[name]))
+        done = {k for keys in owned.values() for k in keys}
+        # Tied tensors whose source stays in full precision share its storage, so they go last.
+        tied = {k for k, src in aliases.items() if k not in done and not _prefixes(src, qset)}
+        for key in sorted(k for k in expected if k not in done and k not in tied):
+            _assign(model, key, read(key, cast=True))
+            bar.update(1)
+        for key in sorted(tied):
+            _assign_alias(model, key, aliases[key])
             bar.update(1)
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
