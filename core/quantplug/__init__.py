@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .backend import Backend, BackendStatus, Capabilities, Quantizer
+from .backend import Backend, BackendStatus, Capabilities, Preset, Quantizer
 from .config import QuantConfig
 from .errors import (
     BackendUnavailableError,
@@ -32,6 +32,7 @@ from .registry import (
     reload_plugins,
     unregister_plugin,
 )
+from .selection import Selection, select
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,8 @@ _LAZY = {
     "quantize": ".convert",
     "QuantizeReport": ".convert",
     "save": ".checkpoint",
+    "compare": ".comparison",
+    "Comparison": ".comparison",
     "load": ".checkpoint",
 }
 
@@ -63,9 +66,11 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "PluginError",
+    "Preset",
     "QuantConfig",
     "Quantizer",
     "QuantplugError",
+    "Selection",
     "UnknownMethodError",
     "__version__",
     "backends",
@@ -77,6 +82,7 @@ __all__ = [
     "register_backend",
     "register_plugin",
     "reload_plugins",
+    "select",
     "unregister_plugin",
     *_LAZY,
 ]

@@ -1,6 +1,7 @@
-"""The ``quantplug`` command line: ``list``, ``doctor`` (and, as they land, ``quantize``, ``select``, ``compare``).
+"""The ``quantplug`` command line: ``list``, ``doctor``, ``select``, ``quantize``, ``compare``.
 
-``list`` and ``doctor`` read plugin metadata only: they import neither torch nor any backend library.
+``list``, ``doctor`` and ``select`` (with ``--device``) read plugin metadata only: they import
+neither torch nor any backend library.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict:
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-m", "--method", required=True, help="Backend (quant_method), e.g. rtn; see `quantplug list`.")
 @click.option("-b", "--bits", type=int, help="Weight bits; the backend picks its config for that width.")
+@click.option("-p", "--preset", help="One of the backend's presets (see `quantplug select`), e.g. nf4.")
 @click.option(
     "-s", "--set", "sets", multiple=True, metavar="KEY=VALUE", help="A config key (JSON value); repeatable."
 )
@@ -144,7 +146,7 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict:
 @click.option("--device", default="cpu", show_default=True, help="Device to quantize on.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def quantize(model_dir, method, bits, sets, output, device, max_shard_size, progress) -> None:
+def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_size, progress) -> None:
     """Quantize a full-precision checkpoint folder while reading it, and save the result.
 
     Tokenizer and other non-weight files of MODEL_DIR are copied to the output."""
@@ -157,7 +159,16 @@ def quantize(model_dir, method, bits, sets, output, device, max_shard_size, prog
     t0 = time.perf_counter()
     try:
         backend = reg.get_backend(method)
-        data = backend.config.for_bits(bits).to_dict() if bits is not None else {"quant_method": method}
+        if preset is not None and bits is not None:
+            raise click.UsageError("give --bits or --preset, not both")
+        if preset is not None:
+            from .selection import resolve
+
+            data = resolve(f"{backend.name}:{preset}").config.to_dict()
+        elif bits is not None:
+            data = backend.config.for_bits(bits).to_dict()
+        else:
+            data = {"quant_method": method}
         data.update(_parse_sets(sets))
         config = reg.config_from_dict(data)
         model = load(model_dir, config=config, device=device, progress=progress)
@@ -173,6 +184,156 @@ def quantize(model_dir, method, bits, sets, output, device, max_shard_size, prog
         f"({json.dumps(config.to_dict())}) in {time.perf_counter() - t0:.1f} s; "
         f"wrote {out} ({size / 2**20:.1f} MiB of weights)"
     )
+
+
+@main.command("select")
+@click.argument("model", required=False)
+@click.option("--params", type=float, help="Parameter count instead of MODEL, e.g. 7e9.")
+@click.option("--device", help="cpu, cuda, cuda:N or mps (default: detected; detection imports torch).")
+@click.option("--memory", "memory", help="Memory budget for the weights, e.g. 5GB or 12GiB.")
+@click.option("--finetune", is_flag=True, help="Only backends whose layers can train adapters (LoRA).")
+@click.option("--calibration-data", is_flag=True, help="You can provide calibration data.")
+@click.option(
+    "--workload", type=click.Choice(["decode", "prefill", "mixed"]), default="decode", show_default=True
+)
+@click.option(
+    "--priority",
+    type=click.Choice(["balanced", "quality", "size", "speed"]),
+    default="balanced",
+    show_default=True,
+)
+@click.option("--top", type=click.IntRange(min=1), help="Show only the first N candidates.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def select_cmd(model, params, device, memory, finetune, calibration_data, workload, priority, top, as_json):
+    """Rank the installed backends for MODEL (a model folder, its config.json or a parameter count)
+    from what each plugin declares, with the reason for every place and every rejection."""
+    from .errors import QuantplugError
+    from .selection import select
+
+    if (model is None) == (params is None):
+        raise click.UsageError("give MODEL (a folder, config.json or parameter count) or --params, not both")
+    try:
+        sel = select(
+            params if params is not None else model,
+            device=device,
+            memory_budget=memory,
+            finetune=finetune,
+            calibration_data=calibration_data,
+            workload=workload,
+            priority=priority,
+        )
+    except QuantplugError as exc:
+        raise click.ClickException(str(exc)) from None
+    if top is not None:
+        sel.candidates = sel.candidates[:top]
+    if as_json:
+        click.echo(json.dumps(sel.to_dict(), indent=2))
+    else:
+        click.echo(sel.table())
+    if not sel.candidates:
+        sys.exit(1)
+
+
+@main.command("compare")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-c",
+    "--candidate",
+    "candidates",
+    multiple=True,
+    metavar="BACKEND[:PRESET]",
+    help="A candidate (repeatable), e.g. bitsandbytes:nf4; default: every one `select` ranks.",
+)
+@click.option("--top", type=click.IntRange(min=1), help="Measure only select's first N candidates.")
+@click.option("--device", help="cpu, cuda, ... (default: cuda when available, else cpu).")
+@click.option(
+    "--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Text for perplexity."
+)
+@click.option(
+    "--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Perplexity tokens."
+)
+@click.option(
+    "--prefill-tokens", type=click.IntRange(min=1), help="Prompt length (default 256 CPU, 2048 GPU)."
+)
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--workload", type=click.Choice(["decode", "prefill", "mixed"]), default="decode", show_default=True
+)
+@click.option(
+    "--priority",
+    type=click.Choice(["balanced", "quality", "size", "speed"]),
+    default="balanced",
+    show_default=True,
+)
+@click.option(
+    "--max-quality-loss",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    help="Largest acceptable relative perplexity increase (or output error).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (progress stays on stderr).")
+@click.option(
+    "--out-dir", type=click.Path(file_okay=False), help="Write comparison.json and comparison.md here."
+)
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a size vs quality plot (PNG).")
+def compare_cmd(
+    model,
+    candidates,
+    top,
+    device,
+    text_file,
+    tokens,
+    prefill_tokens,
+    decode_tokens,
+    repeats,
+    workload,
+    priority,
+    max_quality_loss,
+    as_json,
+    out_dir,
+    plot,
+):
+    """Quantize MODEL (a full-precision checkpoint folder) with each candidate and measure weight
+    bytes, quality, quantize time and decode / prefill latency on this machine."""
+    from pathlib import Path
+
+    from .errors import QuantplugError
+
+    try:
+        from .comparison import compare, to_markdown
+
+        text = Path(text_file).read_text(encoding="utf-8", errors="replace") if text_file else None
+        result = compare(
+            model,
+            list(candidates) or None,
+            text=text,
+            device=device,
+            tokens=tokens,
+            prefill_tokens=prefill_tokens,
+            decode_tokens=decode_tokens,
+            repeats=repeats,
+            top=top,
+            workload=workload,
+            priority=priority,
+            max_quality_loss=max_quality_loss,
+        )
+        if plot:
+            result.plot(plot)
+    except QuantplugError as exc:
+        raise click.ClickException(str(exc)) from None
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        (out / "comparison.md").write_text(to_markdown(result))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(result.table())
+    if plot:
+        click.echo(f"plot: {plot}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

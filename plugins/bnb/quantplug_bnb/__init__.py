@@ -8,10 +8,58 @@ import quantplug
 
 from .config import BnbConfig
 
-__all__ = ["BnbConfig", "SUPPORTED_BITSANDBYTES", "register_backends"]
+__all__ = ["PRESETS", "BnbConfig", "SUPPORTED_BITSANDBYTES", "register_backends"]
 
 #: the bitsandbytes releases this plugin is tested with (checked from installed metadata)
 SUPPORTED_BITSANDBYTES = "bitsandbytes>=0.50,<0.51"
+
+
+# rel_error / bits_per_weight: one Linear(2048, 2048) with Gaussian weights and inputs through
+# quantplug. Speeds vs the unquantized model: cuda from an H200 (8 x Llama-7B linear triples,
+# bitsandbytes called directly, bf16; M=1 decode in a CUDA graph where capture works, M=2048
+# prefill); cpu from SmolLM2-135M on a 2-core EPYC vs fp32 (bench/results/quality-bnb, noisy).
+PRESETS = (
+    quantplug.Preset(
+        "int8",
+        {"load_in_8bit": True},
+        bits=8,
+        bits_per_weight=8.02,
+        rel_error=0.008,
+        speed={"cuda": {"decode": 0.12, "prefill": 0.48}, "cpu": {"decode": 0.5, "prefill": 0.33}},
+        note="LLM.int8(): int8 activations too; slow at decode on GPUs (no CUDA graph capture)",
+    ),
+    quantplug.Preset(
+        "nf4",
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"},
+        bits=4,
+        bits_per_weight=4.5,
+        rel_error=0.092,
+        speed={"cuda": {"decode": 1.10, "prefill": 0.82}, "cpu": {"decode": 0.6, "prefill": 0.85}},
+        note="QLoRA's format",
+    ),
+    quantplug.Preset(
+        "nf4-dq",
+        {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "bfloat16",
+        },
+        bits=4,
+        bits_per_weight=4.13,
+        rel_error=0.092,
+        speed={"cuda": {"decode": 1.05, "prefill": 0.8}, "cpu": {"decode": 0.55, "prefill": 0.8}},
+        note="double quantization: scales quantized again, 0.37 bit per weight less than nf4",
+    ),
+    quantplug.Preset(
+        "fp4",
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_compute_dtype": "bfloat16"},
+        bits=4,
+        bits_per_weight=4.5,
+        rel_error=0.121,
+        speed={"cuda": {"decode": 1.10, "prefill": 0.82}, "cpu": {"decode": 0.6, "prefill": 0.85}},
+    ),
+)
 
 
 @quantplug.hookimpl
@@ -32,6 +80,7 @@ def register_backends(register):
                 max_rel_error={8: 0.02, 4: 0.16},
             ),
             requires=(SUPPORTED_BITSANDBYTES,),
+            presets=PRESETS,
             description="bitsandbytes' own Linear8bitLt (LLM.int8()) and Linear4bit (NF4/FP4, double quant); "
             "checkpoints in Transformers' bitsandbytes layout.",
             notes="8-bit (LLM.int8()) also quantizes activations to int8 per row, except columns above "

@@ -9,7 +9,48 @@ import quantplug
 
 from .config import HqqConfig
 
-__all__ = ["HqqConfig", "register_backends"]
+__all__ = ["PRESETS", "HqqConfig", "register_backends"]
+
+
+# rel_error / bits_per_weight: one Linear(2048, 2048) with Gaussian weights and inputs through
+# quantplug (hqq keeps scale and zero in the compute dtype: 1 bit per weight at group 64).
+# Speeds vs the unquantized model: cuda from an H200 (8 x Llama-7B linear triples, hqq's torch
+# backend, bf16); cpu from SmolLM2-135M on a 2-core EPYC vs fp32 (bench/results/quality-hqq, noisy).
+PRESETS = (
+    quantplug.Preset(
+        "8bit-g64",
+        {"nbits": 8, "group_size": 64},
+        bits=8,
+        bits_per_weight=9.0,
+        rel_error=0.005,
+        speed={"cpu": {"decode": 0.15}},
+    ),
+    quantplug.Preset(
+        "4bit-g64",
+        {"nbits": 4, "group_size": 64},
+        bits=4,
+        bits_per_weight=5.0,
+        rel_error=0.086,
+        speed={"cuda": {"decode": 0.07, "prefill": 0.43}, "cpu": {"decode": 0.06}},
+    ),
+    quantplug.Preset(
+        "3bit-g64",
+        {"nbits": 3, "group_size": 64},
+        bits=3,
+        bits_per_weight=4.2,
+        rel_error=0.18,
+        speed={"cpu": {"decode": 0.04}},
+    ),
+    quantplug.Preset(
+        "2bit-g16",
+        {"nbits": 2, "group_size": 16},
+        bits=2,
+        bits_per_weight=6.0,
+        rel_error=0.30,
+        note="2-bit needs small groups; at group 16 the metadata makes it larger than 4-bit g64",
+        speed={"cpu": {"decode": 0.04}},
+    ),
+)
 
 
 @quantplug.hookimpl
@@ -31,6 +72,7 @@ def register_backends(register):
                 max_rel_error={8: 0.02, 4: 0.14, 3: 0.28, 2: 0.6, 1: 1.15},
             ),
             requires=("hqq>=0.2.8,<0.3",),
+            presets=PRESETS,
             description="HQQ: calibration-free half-quadratic optimization of scale/zero per group; hqq's HQQLinear.",
             notes="quantizing is slow on CPU (HQQ's optimizer: seconds per large layer); "
             "HQQLinear ignores .to(): quantize or load on the target device",

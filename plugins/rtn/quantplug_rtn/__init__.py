@@ -8,7 +8,47 @@ import quantplug
 
 from .config import RtnConfig
 
-__all__ = ["RtnConfig", "register_backends"]
+__all__ = ["PRESETS", "RtnConfig", "register_backends"]
+
+
+# rel_error and bits_per_weight: one Linear(2048, 2048), Gaussian weights and inputs, through
+# quantplug (fp32 scales). Speeds vs fp32: SmolLM2-135M on a 2-core EPYC (demo/results/latest.md):
+# the whole weight is dequantized on every forward, so rtn saves memory, not time.
+_CPU = {"decode": 0.35, "prefill": 0.75}
+PRESETS = (
+    quantplug.Preset(
+        "int8",
+        {"bits": 8, "group_size": -1},
+        bits=8,
+        bits_per_weight=8.02,
+        rel_error=0.008,
+        speed={"cpu": _CPU},
+    ),
+    quantplug.Preset(
+        "int4-g32-asym",
+        {"bits": 4, "group_size": 32, "symmetric": False},
+        bits=4,
+        bits_per_weight=5.25,
+        rel_error=0.080,
+        speed={"cpu": {"decode": 0.28, "prefill": 0.75}},
+    ),
+    quantplug.Preset(
+        "int4-g128",
+        {"bits": 4, "group_size": 128},
+        bits=4,
+        bits_per_weight=4.25,
+        rel_error=0.116,
+        speed={"cpu": {"decode": 0.28, "prefill": 0.75}},
+    ),
+    quantplug.Preset(
+        "int2-g32-asym",
+        {"bits": 2, "group_size": 32, "symmetric": False},
+        bits=2,
+        bits_per_weight=3.25,
+        rel_error=0.40,
+        speed={"cpu": {"decode": 0.29, "prefill": 0.75}},
+    ),
+)
 
 
 @quantplug.hookimpl
@@ -28,6 +68,7 @@ def register_backends(register):
                 max_rel_error={8: 0.02, 4: 0.16, 2: 0.75},
             ),
             requires=(),  # plain PyTorch: nothing beyond quantplug's own dependencies
+            presets=PRESETS,
             description="Round-to-nearest, per-channel or group-wise, symmetric or asymmetric; dequantize on forward.",
         )
     )

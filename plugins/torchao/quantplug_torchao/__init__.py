@@ -11,12 +11,76 @@ import quantplug
 from .config import MODE_DEVICES, MODE_REQUIREMENTS, MODES, TorchaoConfig
 
 __all__ = [
+    "PRESETS",
     "MODES",
     "MODE_DEVICES",
     "MODE_REQUIREMENTS",
     "TorchaoConfig",
     "register_backends",
 ]
+
+
+# rel_error / bits_per_weight: one Linear(2048, 2048) with Gaussian weights and inputs through
+# quantplug on CPU (CUDA-only modes: the H200 figures). Speeds vs the unquantized model: cuda from
+# an H200 (8 x Llama-7B linear triples, torchao called directly, bf16, eager unless noted); cpu from
+# 4 x Linear(2048, 2048) at batch 8 vs fp32 (shared/BACKENDS.md).
+PRESETS = (
+    quantplug.Preset(
+        "int8-weight-only",
+        TorchaoConfig.from_mode("int8_weight_only"),
+        bits=8,
+        bits_per_weight=8.02,
+        rel_error=0.008,
+        speed={"cuda": {"decode": 0.18, "prefill": 0.67}, "cpu": {"decode": 0.74}},
+        note="needs torch.compile to be fast on GPUs",
+    ),
+    quantplug.Preset(
+        "int8-dynamic",
+        TorchaoConfig.from_mode("int8_dynamic_activation_int8_weight"),
+        bits=8,
+        bits_per_weight=8.02,
+        rel_error=0.012,
+        speed={"cpu": {"decode": 0.25}},
+        note="int8 activations quantized per token at run time",
+    ),
+    quantplug.Preset(
+        "float8-dynamic",
+        TorchaoConfig.from_mode("float8_dynamic_activation_float8_weight"),
+        bits=8,
+        bits_per_weight=8.0,
+        rel_error=0.038,
+        devices=("cuda",),
+        min_cuda_capability=(8, 9),
+        speed={"cuda": {"decode": 0.59, "prefill": 0.65}},
+    ),
+    quantplug.Preset(
+        "float8-weight-only",
+        TorchaoConfig.from_mode("float8_weight_only"),
+        bits=8,
+        bits_per_weight=8.02,
+        rel_error=0.026,
+        speed={"cpu": {"decode": 0.2}},
+    ),
+    quantplug.Preset(
+        "int4-weight-only",
+        TorchaoConfig.from_mode("int4_weight_only", group_size=128),
+        bits=4,
+        bits_per_weight=4.25,
+        rel_error=0.101,
+        devices=("cuda",),
+        speed={"cuda": {"decode": 1.51, "prefill": 0.04}},
+        note="fastest at decode on GPUs, 25x slower than bf16 at prefill",
+    ),
+    quantplug.Preset(
+        "intx4-g32",
+        TorchaoConfig.from_mode("intx_weight_only", bits=4, group_size=32),
+        bits=4,
+        bits_per_weight=9.25,
+        rel_error=0.093,
+        speed={"cpu": {"decode": 0.33}},
+        note="stored one value per byte: no smaller than int8",
+    ),
+)
 
 
 @quantplug.hookimpl
@@ -42,6 +106,7 @@ def register_backends(register):
                 max_rel_error={8: 0.04, 7: 0.025, 6: 0.045, 5: 0.09, 4: 0.16, 3: 0.35, 2: 0.75},
             ),
             requires=("torchao>=0.18,<0.19",),
+            presets=PRESETS,
             description=(
                 "torchao quantize_: int8 weight-only / dynamic-activation, int4 (CUDA), intx 2-8 bit "
                 "group-wise, float8 weight-only / dynamic (CUDA cc>=8.9); Transformers TorchAoConfig checkpoints."
