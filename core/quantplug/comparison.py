@@ -130,9 +130,23 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int, device: torch.d
     return math.exp(nll / count) if count else float("nan")
 
 
-def _output(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    raise ConfigError(
+        f"inputs must be a tensor or a dict of keyword arguments, got {type(inputs).__name__}", field="inputs"
+    )
+
+
+def _call(model: nn.Module, inputs: Any, **kwargs: Any) -> Any:
+    return model(**inputs, **kwargs) if isinstance(inputs, dict) else model(inputs, **kwargs)
+
+
+def _output(model: nn.Module, inputs: Any) -> torch.Tensor:
     with torch.no_grad():
-        out = model(inputs)
+        out = _call(model, inputs)
     if isinstance(out, torch.Tensor):
         return out.float()
     for key in ("logits", "last_hidden_state"):
@@ -233,7 +247,7 @@ class Comparison:
         quality = "perplexity" if base.perplexity is not None else "output rel. error"
         head = (
             f"| candidate | select rank | weights | model | quantize s | {quality} | "
-            f"prefill {self.settings['prefill_tokens']} tok ms | decode ms/token | note |"
+            f"prefill {self.settings['prefill_tokens'] or ''} tok ms | decode ms/token | note |"
         )
         lines = [head, "|" + "---|" * 9]
         for r in self.rows:
@@ -413,6 +427,7 @@ def compare(
     text: str | None = None,
     device: str | torch.device | None = None,
     tokenizer: Any = None,
+    inputs: Any = None,
     tokens: int = 2048,
     window: int = 512,
     prefill_tokens: int | None = None,
@@ -432,7 +447,8 @@ def compare(
     ``"backend:preset"`` strings, configs or config dicts; None = every candidate ``select`` ranks
     for this device (``top`` keeps its first N). ``text``: for the perplexity of a causal LM
     (default: the stdlib's ``pydoc_data`` topics); other models are scored by the relative error of
-    their output against the unquantized model's. Latency: ``prefill_tokens`` in one forward
+    their output against the unquantized model's, on ``inputs`` (a tensor or a dict of keyword
+    arguments; default: token ids from the text, for models with a vocabulary). Latency: ``prefill_tokens`` in one forward
     (default 256 on CPU, 2048 on GPU) and ``decode_tokens`` new tokens one at a time with a KV
     cache; medians of ``repeats``. A candidate that fails is reported with its error.
     """
@@ -502,20 +518,34 @@ def compare(
                 "candidates is empty; pass None to compare every installed backend", field="candidates"
             )
 
-    causal = _is_causal_lm(model)
+    causal = _is_causal_lm(model) and inputs is None
     prefill_n = min(prefill_tokens or (2048 if dev.type == "cuda" else 256), _max_positions(model))
     window = min(window, _max_positions(model))
-    ids, encoding = encode(
-        text if text is not None else default_text(),
-        tokenizer,
-        _vocab_size(model),
-        max(tokens, prefill_n) + 1,
-    )
-    if ids.numel() < 2:
+    if inputs is None and not _vocab_size(model):
+        raise ConfigError(
+            f"{type(model).__name__} takes no token ids (no config.vocab_size): pass inputs= (a tensor or a dict "
+            f"of keyword arguments) to measure its output error and latency",
+            field="inputs",
+        )
+    if inputs is not None:
+        ids, encoding = torch.zeros(0, dtype=torch.long), "inputs given by the caller"
+    else:
+        ids, encoding = encode(
+            text if text is not None else default_text(),
+            tokenizer,
+            _vocab_size(model),
+            max(tokens, prefill_n) + 1,
+        )
+    if inputs is None and ids.numel() < 2:
         raise ConfigError("the text gives fewer than 2 tokens; pass a longer text", field="text")
     eval_ids = ids[:tokens]
-    prefill_ids = ids[:prefill_n].unsqueeze(0).to(dev)
-    probe = ids[: min(window, ids.numel())].unsqueeze(0).to(dev)
+    if inputs is not None:
+        probe = prefill_in = _to(inputs, dev)
+        warm = prefill_in
+    else:
+        prefill_in = ids[:prefill_n].unsqueeze(0).to(dev)
+        probe = ids[: min(window, ids.numel())].unsqueeze(0).to(dev)
+        warm = prefill_in[:, :8]
     prompt = ids[:32]
     settings = {
         "model": model_name,
@@ -524,7 +554,7 @@ def compare(
         "window": window,
         "text": "custom" if text is not None else "pydoc_data.topics (Python stdlib)",
         "encoding": encoding,
-        "prefill_tokens": int(prefill_ids.shape[1]),
+        "prefill_tokens": int(prefill_in.shape[-1]) if isinstance(prefill_in, torch.Tensor) else None,
         "decode_tokens": decode_tokens,
         "repeats": repeats,
         "workload": workload,
@@ -540,9 +570,9 @@ def compare(
         if causal:
             row.perplexity = perplexity(m, eval_ids, window, dev)
         with torch.no_grad():
-            m(prefill_ids[:, :8])  # warm-up: first calls pick kernels and allocate
+            _call(m, warm)  # warm-up: first calls pick kernels and allocate
             row.prefill_ms = statistics.median(
-                _timed(lambda: m(prefill_ids, use_cache=False) if causal else m(prefill_ids), dev)
+                _timed(lambda: _call(m, prefill_in, use_cache=False) if causal else _call(m, prefill_in), dev)
                 for _ in range(repeats)
             )
         if causal:

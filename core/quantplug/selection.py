@@ -315,9 +315,12 @@ def _cuda_hardware(index: int, detected: bool) -> Hardware:
     return Hardware("cuda", props.name, (props.major, props.minor), props.total_memory, detected)
 
 
-def detect_hardware(device: str | None = None) -> Hardware:
+def detect_hardware(device: Hardware | str | None = None) -> Hardware:
     """The device to reason about: ``device`` when given (``"cpu"``, ``"cuda"``, ``"cuda:1"``,
-    ``"mps"``), else the best one torch sees (CUDA, then MPS, then the CPU)."""
+    ``"mps"``, or a ``Hardware`` describing another machine), else the best one torch sees (CUDA,
+    then MPS, then the CPU)."""
+    if isinstance(device, Hardware):
+        return device
     if device is not None:
         kind, _, index = str(device).partition(":")
         kind = kind.strip().lower()
@@ -534,7 +537,7 @@ def _score(priority: str, err: float, size: int, speed: float) -> float:
 def select(
     model: Any,
     *,
-    device: str | None = None,
+    device: Hardware | str | None = None,
     memory_budget: int | str | None = None,
     finetune: bool = False,
     calibration_data: bool = False,
@@ -544,7 +547,8 @@ def select(
     """Rank every installed backend's presets for ``model`` on ``device``.
 
     ``model``: a parameter count (``7e9``), a model folder or its config.json, a Transformers
-    config, or an ``nn.Module``. ``device``: ``cpu``/``cuda``/``mps`` (detected when None).
+    config, or an ``nn.Module``. ``device``: ``cpu``/``cuda``/``mps`` (detected when None), or a
+    ``Hardware`` (e.g. ``Hardware("cuda", cuda_capability=(8, 0))`` to plan for another machine).
     ``memory_budget``: bytes or ``"5GB"`` for the weights. ``finetune``: only backends declared
     trainable qualify. ``calibration_data``: whether you can provide calibration data.
     ``workload``: ``decode`` (token by token), ``prefill`` (long prompts, batch work) or
@@ -664,7 +668,7 @@ def select(
                 )
             else:
                 reasons.append(
-                    f"no speed figure declared for {where}: ranked as the slowest declared one; `quantplug compare` measures it"
+                    f"no speed figure declared for {where}: ranked as the slowest declared one (at most 1x); `quantplug compare` measures it"
                 )
             reasons.append(
                 f"quality: typical 1-layer error {err:.3f} ({_quality_word(err)}"
@@ -701,8 +705,9 @@ def select(
             rejected.append(Rejection(method, None, f"not installed (plugin {dist})", f"pip install {dist}"))
 
     known = [c.speed for c in candidates if c.speed is not None]
-    # Unmeasured is not assumed fast: it ranks as the slowest declared figure (1.0 if none is).
-    neutral = min(known) if known else 1.0
+    # Unmeasured is not assumed fast: it ranks as the slowest declared figure, and never faster than
+    # the unquantized model.
+    neutral = min([*known, 1.0])
     for c in candidates:
         c.score = _score(
             priority, c.rel_error, c.predicted_bytes, c.speed if c.speed is not None else neutral
