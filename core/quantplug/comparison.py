@@ -434,6 +434,7 @@ def compare(
     decode_tokens: int = 16,
     repeats: int = 3,
     top: int | None = None,
+    per_backend: int | None = None,
     workload: str = "decode",
     priority: str = "balanced",
     max_quality_loss: float = DEFAULT_MAX_QUALITY_LOSS,
@@ -445,7 +446,7 @@ def compare(
     ``model``: an ``nn.Module`` (left untouched: each candidate quantizes a deep copy) or a
     full-precision checkpoint folder (its tokenizer is used when present). ``candidates``:
     ``"backend:preset"`` strings, configs or config dicts; None = every candidate ``select`` ranks
-    for this device (``top`` keeps its first N). ``text``: for the perplexity of a causal LM
+    for this device (``per_backend`` keeps each backend's best N, ``top`` the first N). ``text``: for the perplexity of a causal LM
     (default: the stdlib's ``pydoc_data`` topics); other models are scored by the relative error of
     their output against the unquantized model's, on ``inputs`` (a tensor or a dict of keyword
     arguments; default: token ids from the text, for models with a vocabulary). Latency: ``prefill_tokens`` in one forward
@@ -453,6 +454,11 @@ def compare(
     cache; medians of ``repeats``. A candidate that fails is reported with its error.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    for name, value in (("top", top), ("per_backend", per_backend)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(
+                f"{name} must be a positive integer or None, got {value!r}", field=name, value=value
+            )
     for name, value, low in (
         ("tokens", tokens, 2),
         ("window", window, 2),
@@ -494,7 +500,12 @@ def compare(
 
     selection = select(model, device=dev.type, workload=workload, priority=priority)
     if candidates is None:
-        specs = [Spec(c.label, c.config, c.rank) for c in selection.candidates]
+        specs, taken = [], {}
+        for c in selection.candidates:
+            if per_backend is not None and taken.get(c.backend, 0) >= per_backend:
+                continue
+            taken[c.backend] = taken.get(c.backend, 0) + 1
+            specs.append(Spec(c.label, c.config, c.rank))
         if top is not None:
             specs = specs[:top]
         if not specs:
