@@ -72,11 +72,14 @@ class TorchaoLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is a torchao tensor subclass (torchao computes the matmul)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        out_f, in_f = weight.shape
-        super().__init__(in_f, out_f, bias=False, device="meta", dtype=weight.dtype)
+        # nn.Module's __init__, not nn.Linear's: that one would build and randomly initialize a weight
+        # only to discard it (~0.4 ms a layer even on the meta device; bench/overhead.py).
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        self.register_parameter(
+            "bias", None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -176,8 +179,8 @@ class TorchaoQuantizer(quantplug.Quantizer):
 
     def _quantize_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         out_f, in_f = weight.shape
-        lin = nn.Linear(in_f, out_f, bias=False, device="meta", dtype=weight.dtype)
-        lin.weight = nn.Parameter(weight.detach(), requires_grad=False)  # the caller's module is untouched
+        # a carrier for quantize_ (the caller's module is untouched)
+        lin = TorchaoLinear(weight.detach(), None)
         try:
             quantize_(lin, self.ao_config)
         except Exception as exc:
