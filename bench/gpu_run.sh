@@ -156,7 +156,7 @@ for plugin in ("rtn", "bnb", "hqq", "quanto", "torchao"):
             globals()[f"TestCuda{name[4:]}"] = type(f"TestCuda{name[4:]}", (obj,), {"device": device})
 EOF
 export QP_ROOT=$ROOT
-want conformance && step conformance-cuda 80 "$PY" -m pytest "$CONF/test_cuda_conformance.py" -q -rfE --tb=line \
+want conformance && step conformance-cuda "${GPU_RUN_CONFORMANCE_S:-80}" "$PY" -m pytest "$CONF/test_cuda_conformance.py" -q -rfE --tb=line \
     -p no:cacheprovider --rootdir "$CONF" -k "registered or layer_error or quantize_model or corrupt" -o addopts=""
 
 echo "=== done in $(($(date +%s) - START))s"

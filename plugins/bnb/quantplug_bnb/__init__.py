@@ -15,9 +15,9 @@ SUPPORTED_BITSANDBYTES = "bitsandbytes>=0.50,<0.51"
 
 
 # rel_error / bits_per_weight: one Linear(2048, 2048) with Gaussian weights and inputs through
-# quantplug. Speeds vs the unquantized model: cuda from an H200 (8 x Llama-7B linear triples,
-# bitsandbytes called directly, bf16; M=1 decode in a CUDA graph where capture works, M=2048
-# prefill); cpu from SmolLM2-135M on a 2-core EPYC vs fp32 (bench/results/quality-bnb, noisy).
+# quantplug. Speeds vs the unquantized model: cuda from an H200 (bench/results/gpu.json: 4
+# Llama-7B-sized blocks quantized through quantplug, bf16; decode = 1 token in a CUDA graph where
+# capture works, prefill = 2048 tokens); cpu from SmolLM2-135M on a 2-core EPYC vs fp32 (noisy).
 PRESETS = (
     quantplug.Preset(
         "int8",
@@ -25,8 +25,8 @@ PRESETS = (
         bits=8,
         bits_per_weight=8.02,
         rel_error=0.008,
-        speed={"cuda": {"decode": 0.12, "prefill": 0.48}, "cpu": {"decode": 0.5, "prefill": 0.33}},
-        note="LLM.int8(): int8 activations too; slow at decode on GPUs (no CUDA graph capture)",
+        speed={"cuda": {"decode": 0.034, "prefill": 0.21}, "cpu": {"decode": 0.5, "prefill": 0.33}},
+        note="LLM.int8(): int8 activations too; 30x slower than bf16 at decode on an H200 (no CUDA graph capture)",
     ),
     quantplug.Preset(
         "nf4",
@@ -34,7 +34,7 @@ PRESETS = (
         bits=4,
         bits_per_weight=4.5,
         rel_error=0.092,
-        speed={"cuda": {"decode": 1.10, "prefill": 0.82}, "cpu": {"decode": 0.6, "prefill": 0.85}},
+        speed={"cuda": {"decode": 1.10, "prefill": 0.87}, "cpu": {"decode": 0.6, "prefill": 0.85}},
         note="QLoRA's format",
     ),
     quantplug.Preset(
@@ -48,7 +48,7 @@ PRESETS = (
         bits=4,
         bits_per_weight=4.13,
         rel_error=0.092,
-        speed={"cuda": {"decode": 1.05, "prefill": 0.8}, "cpu": {"decode": 0.55, "prefill": 0.8}},
+        speed={"cuda": {"decode": 1.05, "prefill": 0.85}, "cpu": {"decode": 0.55, "prefill": 0.8}},
         note="double quantization: scales quantized again, 0.37 bit per weight less than nf4",
     ),
     quantplug.Preset(
@@ -57,7 +57,7 @@ PRESETS = (
         bits=4,
         bits_per_weight=4.5,
         rel_error=0.121,
-        speed={"cuda": {"decode": 1.10, "prefill": 0.82}, "cpu": {"decode": 0.6, "prefill": 0.85}},
+        speed={"cuda": {"decode": 1.10, "prefill": 0.87}, "cpu": {"decode": 0.6, "prefill": 0.85}},
     ),
 )
 

@@ -14,8 +14,9 @@ __all__ = ["PRESETS", "HqqConfig", "register_backends"]
 
 # rel_error / bits_per_weight: one Linear(2048, 2048) with Gaussian weights and inputs through
 # quantplug (hqq keeps scale and zero in the compute dtype: 1 bit per weight at group 64).
-# Speeds vs the unquantized model: cuda from an H200 (8 x Llama-7B linear triples, hqq's torch
-# backend, bf16); cpu from SmolLM2-135M on a 2-core EPYC vs fp32 (bench/results/quality-hqq, noisy).
+# Speeds vs the unquantized model: cuda from an H200 (bench/results/gpu.json: 4 Llama-7B-sized
+# blocks through quantplug, hqq's torch backend, bf16); cpu from SmolLM2-135M on a 2-core EPYC vs
+# fp32 (noisy).
 PRESETS = (
     quantplug.Preset(
         "8bit-g64",
@@ -31,7 +32,7 @@ PRESETS = (
         bits=4,
         bits_per_weight=5.0,
         rel_error=0.086,
-        speed={"cuda": {"decode": 0.07, "prefill": 0.43}, "cpu": {"decode": 0.06}},
+        speed={"cuda": {"decode": 0.08, "prefill": 0.46}, "cpu": {"decode": 0.06}},
     ),
     quantplug.Preset(
         "3bit-g64",

@@ -14,7 +14,9 @@ __all__ = ["PRESETS", "QuantoConfig", "register_backends"]
 
 
 # rel_error / bits_per_weight: one Linear(2048, 2048) with Gaussian weights and inputs through
-# quantplug. Speeds: SmolLM2-135M on a 2-core EPYC vs fp32 (bench/results/quality-quanto, noisy).
+# quantplug. Speeds vs the unquantized model: cuda from an H200 (bench/results/gpu.json: 4
+# Llama-7B-sized blocks through quantplug, bf16, decode in a CUDA graph); cpu from SmolLM2-135M on a
+# 2-core EPYC vs fp32 (noisy).
 PRESETS = (
     quantplug.Preset(
         "int8",
@@ -22,7 +24,7 @@ PRESETS = (
         bits=8,
         bits_per_weight=8.02,
         rel_error=0.008,
-        speed={"cpu": {"decode": 0.42, "prefill": 1.0}},
+        speed={"cuda": {"decode": 0.16, "prefill": 0.66}, "cpu": {"decode": 0.42, "prefill": 1.0}},
     ),
     quantplug.Preset(
         "float8",
@@ -45,7 +47,7 @@ PRESETS = (
         bits=4,
         bits_per_weight=4.5,
         rel_error=0.098,
-        speed={"cpu": {"decode": 0.31, "prefill": 0.72}},
+        speed={"cuda": {"decode": 1.41, "prefill": 0.047}, "cpu": {"decode": 0.31, "prefill": 0.72}},
     ),
     quantplug.Preset(
         "int2",
@@ -67,7 +69,7 @@ def register_backends(register):
             quantizer="quantplug_quanto.quantizer:QuantoQuantizer",
             capabilities=quantplug.Capabilities(
                 bits=(2, 4, 8),
-                devices=("cpu",),
+                devices=("cpu", "cuda"),  # cuda: checked on an H200 by bench/gpu_run.sh (conformance kit)
                 # weight-only configs need none; activations="int8"/"float8" do (the quantizer's
                 # needs_calibration() says so per config and quantize() then requires calibration_data)
                 needs_calibration=False,

@@ -14,7 +14,9 @@ __all__ = ["PRESETS", "RtnConfig", "register_backends"]
 # rel_error and bits_per_weight: one Linear(2048, 2048), Gaussian weights and inputs, through
 # quantplug (fp32 scales). Speeds vs fp32: SmolLM2-135M on a 2-core EPYC (demo/results/latest.md):
 # the whole weight is dequantized on every forward, so rtn saves memory, not time.
+# cuda: an H200, 4 Llama-7B-sized blocks vs bf16 (bench/results/gpu.json): 15x slower at decode.
 _CPU = {"decode": 0.35, "prefill": 0.75}
+_CUDA = {"decode": 0.067, "prefill": 0.41}
 PRESETS = (
     quantplug.Preset(
         "int8",
@@ -22,7 +24,7 @@ PRESETS = (
         bits=8,
         bits_per_weight=8.02,
         rel_error=0.008,
-        speed={"cpu": _CPU},
+        speed={"cpu": _CPU, "cuda": _CUDA},
     ),
     quantplug.Preset(
         "int4-g32-asym",
@@ -30,7 +32,7 @@ PRESETS = (
         bits=4,
         bits_per_weight=5.25,
         rel_error=0.080,
-        speed={"cpu": {"decode": 0.28, "prefill": 0.75}},
+        speed={"cpu": {"decode": 0.28, "prefill": 0.75}, "cuda": _CUDA},
     ),
     quantplug.Preset(
         "int4-g128",
@@ -38,7 +40,7 @@ PRESETS = (
         bits=4,
         bits_per_weight=4.25,
         rel_error=0.116,
-        speed={"cpu": {"decode": 0.28, "prefill": 0.75}},
+        speed={"cpu": {"decode": 0.28, "prefill": 0.75}, "cuda": _CUDA},
     ),
     quantplug.Preset(
         "int2-g32-asym",
@@ -46,7 +48,7 @@ PRESETS = (
         bits=2,
         bits_per_weight=3.25,
         rel_error=0.40,
-        speed={"cpu": {"decode": 0.29, "prefill": 0.75}},
+        speed={"cpu": {"decode": 0.29, "prefill": 0.75}, "cuda": _CUDA},
     ),
 )
 

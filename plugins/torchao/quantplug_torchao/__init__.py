@@ -22,8 +22,8 @@ __all__ = [
 
 # rel_error / bits_per_weight: one Linear(2048, 2048) with Gaussian weights and inputs through
 # quantplug on CPU (CUDA-only modes: the H200 figures). Speeds vs the unquantized model: cuda from
-# an H200 (8 x Llama-7B linear triples, torchao called directly, bf16, eager unless noted); cpu from
-# 4 x Linear(2048, 2048) at batch 8 vs fp32 (shared/BACKENDS.md).
+# an H200 (bench/results/gpu.json: 4 Llama-7B-sized blocks through quantplug, bf16, decode in a
+# CUDA graph); cpu from 4 x Linear(2048, 2048) at batch 8 vs fp32 (shared/BACKENDS.md).
 PRESETS = (
     quantplug.Preset(
         "int8-weight-only",
@@ -31,8 +31,8 @@ PRESETS = (
         bits=8,
         bits_per_weight=8.02,
         rel_error=0.008,
-        speed={"cuda": {"decode": 0.18, "prefill": 0.67}, "cpu": {"decode": 0.74}},
-        note="needs torch.compile to be fast on GPUs",
+        speed={"cuda": {"decode": 0.21, "prefill": 0.68}, "cpu": {"decode": 0.74}},
+        note="5x slower than bf16 at decode on an H200 without torch.compile",
     ),
     quantplug.Preset(
         "int8-dynamic",
@@ -45,13 +45,14 @@ PRESETS = (
     ),
     quantplug.Preset(
         "float8-dynamic",
-        TorchaoConfig.from_mode("float8_dynamic_activation_float8_weight"),
+        TorchaoConfig.from_mode("float8_dynamic_activation_float8_weight", float8_granularity="row"),
         bits=8,
-        bits_per_weight=8.0,
-        rel_error=0.038,
+        bits_per_weight=8.06,
+        rel_error=0.037,
         devices=("cuda",),
         min_cuda_capability=(8, 9),
-        speed={"cuda": {"decode": 0.59, "prefill": 0.65}},
+        speed={"cuda": {"decode": 0.60, "prefill": 0.45}},
+        note="per-row scales (per-tensor failed on an H200: 'input_tensor must be 1x128 scaled')",
     ),
     quantplug.Preset(
         "float8-weight-only",
@@ -68,8 +69,8 @@ PRESETS = (
         bits_per_weight=4.25,
         rel_error=0.101,
         devices=("cuda",),
-        speed={"cuda": {"decode": 1.51, "prefill": 0.04}},
-        note="fastest at decode on GPUs, 25x slower than bf16 at prefill",
+        speed={"cuda": {"decode": 1.49, "prefill": 0.047}},
+        note="the fastest at decode on an H200 (1.5x bf16), 21x slower than bf16 at prefill",
     ),
     quantplug.Preset(
         "intx4-g32",
