@@ -187,3 +187,23 @@ def test_markdown_report_lists_backend_warnings(rtn_only):
     result = compare(tiny_llama(), ["rtn:int8"], **SMALL)
     result.rows[1].warnings = ["UserWarning: simulated"]
     assert "rtn:int8: UserWarning: simulated" in to_markdown(result)
+
+
+def test_every_installed_backend_gets_a_row_and_a_failure_does_not_stop_them(model_dir, tmp_path):
+    """With whatever plugins this environment has (rtn alone in `core`, all five in `integration`)."""
+    quantplug.register_backend(_backend("tp-broken", "BrokenQuantizer"))
+    result = compare(model_dir, per_backend=1, **SMALL)
+    cpu_backends = {
+        c.backend for c in quantplug.select(model_dir, device="cpu").candidates if c.backend != "tp-broken"
+    }
+    rows = result.rows[1:]
+    assert {r.backend for r in rows} == cpu_backends | {"tp-broken"}
+    assert len(rows) == len({r.backend for r in rows})  # one per backend
+    for r in rows:
+        if r.backend == "tp-broken":
+            assert "simulated kernel failure" in r.error
+        else:
+            assert r.error is None, r.error
+            assert r.weight_bytes < result.baseline.weight_bytes and math.isfinite(r.perplexity)
+    png = result.plot(tmp_path / "all.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

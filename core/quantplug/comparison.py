@@ -289,26 +289,31 @@ class Comparison:
         fig, ax = plt.subplots(figsize=(8, 5.5))
         markers = "os^Dv<>pPX*h"
         backends = sorted({r.backend for r in self.rows[1:] if r.backend})
+        colors = plt.get_cmap("tab10")
         for r in self.rows:
             if r.error or r.weight_bytes is None:
                 continue
             y = r.perplexity if use_ppl else r.output_rel_error
-            if y is None or not math.isfinite(y):
+            if y is None or not math.isfinite(y) or (not use_ppl and r.backend is None):
                 continue
-            m = "*" if r.backend is None else markers[backends.index(r.backend) % len(markers)]
-            ax.scatter(
-                r.weight_bytes / 1e6,
-                y,
-                marker=m,
-                s=90 if r.backend is None else 60,
-                label=r.backend or "unquantized",
-            )
-            lat = f"{r.decode_ms:.1f} ms/tok" if r.decode_ms is not None else ""
+            if r.backend is None:
+                style = {"marker": "*", "s": 140, "color": "black", "label": "unquantized"}
+            else:
+                i = backends.index(r.backend)
+                style = {
+                    "marker": markers[i % len(markers)],
+                    "s": 60,
+                    "color": colors(i % 10),
+                    "label": r.backend,
+                }
+            ax.scatter(r.weight_bytes / 1e6, y, alpha=0.85, **style)
+            name = r.label.split(":", 1)[-1] if r.backend else r.label
+            lat = f"\n{r.decode_ms:.1f} ms/tok" if r.decode_ms is not None else ""
             ax.annotate(
-                f"{r.label}\n{lat}",
+                f"{name}{lat}",
                 (r.weight_bytes / 1e6, y),
-                fontsize=7,
-                xytext=(4, 4),
+                fontsize=6.5,
+                xytext=(4, 3),
                 textcoords="offset points",
             )
         handles, labels = ax.get_legend_handles_labels()
