@@ -460,8 +460,9 @@ class Selection:
             "notes": list(self.notes),
         }
 
-    def table(self) -> str:
-        """The ranking as text for a terminal."""
+    def table(self, reasons_for: int = 3) -> str:
+        """The ranking as text for a terminal: every candidate, the reasons of the first
+        ``reasons_for`` (``to_dict()`` has them all), and the rejections grouped by backend."""
         lines = [f"device: {self.hardware.describe()}", f"model: {self.model.source}"]
         lines.append(
             f"unquantized: {fmt_bytes(self.model.unquantized_bytes)}"
@@ -479,7 +480,8 @@ class Selection:
                 f"{c.rank:>2}. {c.label:<28} {fmt_bytes(c.predicted_bytes):>10}  "
                 f"err~{c.rel_error:.3f}  speed {speed}"
             )
-            lines += [f"      - {r}" for r in c.reasons]
+            if c.rank <= reasons_for:
+                lines += [f"      - {r}" for r in c.reasons]
         if self.rejected:
             lines += ["", "rejected:"]
             grouped: dict[tuple[str, str, str], list[str]] = {}
@@ -720,6 +722,12 @@ def select(
         notes.append(
             f"the unquantized model ({fmt_bytes(size.unquantized_bytes)}) already fits the budget: "
             f"quantize only for speed or headroom"
+        )
+    declared = [c.speed for c in candidates if c.speed is not None]
+    if declared and max(declared) < 1:
+        notes.append(
+            f"no candidate is declared faster than the unquantized model on {dev} at {workload}: "
+            f"quantization buys memory here, not speed"
         )
     if finetune and not candidates:
         notes.append("no installed backend is declared trainable for this device")
