@@ -144,7 +144,9 @@ def test_priorities_and_workloads_rank_by_the_declarations(third_party):
     q8 = next(c for c in ranked if c.label == "tp-select:q8")
     assert q8.speed is None and any("no speed figure" in r for r in q8.reasons)
     slowest = min(c.speed for c in ranked if c.speed is not None)
-    assert all(c.speed is None or c.speed > slowest for c in ranked[: ranked.index(q8)])
+    i = ranked.index(q8)
+    assert all(c.speed >= slowest for c in ranked[:i] if c.speed is not None)
+    assert all(c.speed <= slowest for c in ranked[i + 1 :] if c.speed is not None)
 
 
 def test_a_backend_without_presets_gets_one_per_bit_width(make_backend, rtn_only):
