@@ -1,9 +1,9 @@
 """HQQ next to plain round-to-nearest (quantplug-rtn, asymmetric) at the same bits AND the same
-group size, on the real SmolLM2-135M-Instruct that demo/compare.py caches (run compare.py once
-first). Needs quantplug-rtn installed (a benchmark, not a test).
+group size, on the real SmolLM2-135M-Instruct that demo/prepare.py caches. Needs quantplug-rtn
+installed (a benchmark, not a test).
 
-demo/compare.py's rows use each backend's own group sizes (hqq: 64 from ``for_bits``; rtn: 128
-symmetric and 32 asymmetric), and SmolLM2's weights come from a Q4_1 GGUF (4-bit, groups of 32,
+bench/quality.py's rows use each backend's own presets (hqq: group 64; rtn: 128 symmetric and 32
+asymmetric), and SmolLM2's weights come from a Q4_1 GGUF (4-bit, groups of 32,
 asymmetric), which rtn's int4 g32 asym nearly reproduces. This script pairs the configs exactly.
 
     python plugins/hqq/bench_vs_rtn.py --out-dir bench/results/quality-hqq
@@ -24,7 +24,9 @@ import quantplug
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "demo"))
-import compare  # noqa: E402  (demo/compare.py: the same model, text and perplexity)
+import prepare  # noqa: E402  (demo/prepare.py: the same cached model)
+
+from quantplug.comparison import default_text, perplexity  # noqa: E402  (the same text and perplexity)
 
 # 3 bits: rtn has none. 128 does not divide SmolLM2's hidden size 576: hqq refuses it (rtn pads).
 PAIRS = [(4, 32), (4, 64), (2, 32), (2, 64)]
@@ -42,12 +44,12 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    folder, _ = compare.cache_smollm2(REPO / "demo/.cache", log)
+    folder = prepare.smollm2_folder(REPO / "demo/.cache", log)
     tok = AutoTokenizer.from_pretrained(folder)
     fp32 = quantplug.load(folder, progress=False).eval()
-    ids = torch.tensor(tok(compare.docs_text()[: args.tokens * 8], add_special_tokens=False).input_ids)
+    ids = torch.tensor(tok(default_text()[: args.tokens * 8], add_special_tokens=False).input_ids)
     ids = ids[: args.tokens]
-    base = compare.perplexity(fp32, ids, args.window)
+    base = perplexity(fp32, ids, args.window, torch.device("cpu"))
     log(f"fp32 perplexity {base:.3f} on {ids.numel()} tokens")
     rows = [{"backend": "fp32", "bits": None, "group_size": None, "perplexity": base}]
     for bits, group in PAIRS:
@@ -61,7 +63,7 @@ def main() -> None:
             t0 = time.perf_counter()
             report = quantplug.quantize(model, config, progress=False)
             seconds = time.perf_counter() - t0
-            ppl = compare.perplexity(model, ids, args.window)
+            ppl = perplexity(model, ids, args.window, torch.device("cpu"))
             row = {
                 "backend": backend,
                 "bits": bits,

@@ -1,6 +1,6 @@
 """Load time of quanto checkpoints written by quantplug, on SmolLM2-135M-Instruct (CPU).
 
-For each config: quantize the fp32 model (cached by demo/compare.py in demo/.cache), save it, then in
+For each config: quantize the fp32 model (cached by demo/prepare.py in demo/.cache), save it, then in
 a fresh process time (a) importing optimum-quanto through the plugin's quantizer module,
 (b) ``quantplug.load(ckpt)``, and check the reloaded logits equal the saved model's. For
 comparison, the same process times optimum-quanto's own reload path (``requantize`` into a
@@ -82,7 +82,7 @@ def main() -> int:
     import quantplug
 
     if not FP32.exists():
-        raise SystemExit(f"{FP32} missing: run demo/compare.py once to cache SmolLM2")
+        raise SystemExit(f"{FP32} missing: run python demo/prepare.py once to cache SmolLM2")
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     calib = [torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     rows = []

@@ -12,7 +12,7 @@ __all__ = ["PRESETS", "RtnConfig", "register_backends"]
 
 
 # rel_error and bits_per_weight: one Linear(2048, 2048), Gaussian weights and inputs, through
-# quantplug (fp32 scales). Speeds vs fp32: SmolLM2-135M on a 2-core EPYC (demo/results/latest.md):
+# quantplug (fp32 scales). Speeds vs fp32: SmolLM2-135M on a 2-core EPYC (bench/results/quality.md):
 # the whole weight is dequantized on every forward, so rtn saves memory, not time.
 # cuda: an H200, 4 Llama-7B-sized blocks vs bf16 (bench/results/gpu.json): 15x slower at decode.
 _CPU = {"decode": 0.35, "prefill": 0.75}
