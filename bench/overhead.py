@@ -336,32 +336,38 @@ def child(case_name: str, path: str, model_cfg: dict, warmup: int, calls: int, p
 #: what the figures mean, written into RESULTS.md under the table (from the diagnostic runs and
 #: cProfile of the quantize step: ``--profile DIR``)
 NOTES = [
-    "**Quantize time.** Where quantplug's time goes beyond the library's own work (cProfile, `--profile DIR`): "
-    "(1) `quantplug.convert.quantize` calls `release_freed_memory()` — glibc `malloc_trim(0)` — after every "
-    "layer (~3 ms a call), and the next layer's temporaries then fault fresh pages in from the kernel instead "
-    "of reusing the freed heap, so the library's own elementwise ops (`torch.round`, `clamp`, `abs`, "
-    "bitsandbytes' `bucketize`) run up to 2x slower. On this model that adds 0.2–0.4 s to quantize calls of "
-    "0.3–0.8 s (quanto, torchao, bnb int8): the ratios of 1.5–1.9. The diagnostic column (`--diagnostic`: the "
-    "same `quantplug.quantize` with the trim replaced by a no-op) isolates it: without the trim the time "
-    "ratios fall to about 1.05–1.1. What remains is core code too: `plan()` builds a meta-device `nn.Linear` "
-    "per layer (`as_linear_meta`, whose `reset_parameters` runs kaiming init even on meta: ~0.7 ms a layer) "
-    "and the report's byte counts. The trim is a trade, not waste: it is why quantplug's peak RSS is 0.75–0.85x "
-    "the direct path's for bnb and quanto (freed full-precision weights go back to the system). The fix that "
-    "keeps both belongs in core/quantplug/convert.py (not a plugin): trim once per ~256 MiB of freed weights "
-    "instead of once per layer.",
-    "(2) Plugin discovery (entry points: the five plugins' light modules, ~0.04 s) runs once per process on "
-    "the first call; it is measured as `discovery_s` in the JSON and, like imports, kept out of the quantize time.",
-    "(3) hqq's quantize time is dominated by hqq's own optimizer (30–60 s on 1 thread), and its run-to-run "
-    "spread (the machine is shared) is larger than any difference between the paths.",
+    "**Quantize time: what holds the ratio back.** cProfile of the quantize step (`--profile DIR`) and the "
+    "diagnostic column (`--diagnostic`: the same `quantplug.quantize` call with the trim below replaced by a "
+    "no-op) point at the core, not the plugins: `quantplug.convert.quantize` calls `release_freed_memory()` — "
+    "glibc `malloc_trim(0)` — after every layer (~3 ms a call), and the next layer's temporaries then fault "
+    "fresh pages in from the kernel instead of reusing the freed heap, so the library's own elementwise ops "
+    "(`torch.round`, `clamp`, `abs`, bitsandbytes' `bucketize`) run up to 2x slower. On this model that adds "
+    "0.2–0.4 s to quantize calls of 0.3–0.8 s (quanto, torchao, bnb int8): the ratios of 1.5–1.9. Without the "
+    "trim the ratios are 1.05–1.1 (bnb nf4, quanto, torchao) and ~1.5 for bnb int8, whose 0.6 s call makes "
+    "the core's per-layer bookkeeping visible: `plan()` builds a meta-device `nn.Linear` per layer "
+    "(`as_linear_meta`; `reset_parameters` runs kaiming init even on meta, ~0.7 ms a layer) plus the report's "
+    "byte counts, ~0.1 s in all. The trim is a trade, not waste: it is why quantplug's peak RSS is 0.78–0.85x "
+    "the direct path's for bnb and quanto. The fix that keeps both belongs in core/quantplug/convert.py: trim "
+    "once per ~256 MiB of freed weights instead of once per layer, and build the meta `nn.Linear` without "
+    "initialising it. The plugins add nothing measurable (torchao's `TorchaoLinear` no longer builds and "
+    "initialises a throw-away weight: fixed in its quantizer.py).",
+    "Plugin discovery (entry points: the five plugins' light modules, ~0.04 s) runs once per process on the "
+    "first call; it is measured as `discovery_s` in the JSON and, like imports, kept out of the quantize time. "
+    "hqq's quantize time is its own optimizer (30–60 s on 1 thread); its run-to-run spread is larger than any "
+    "difference between the paths.",
     "**Forward latency.** Both paths run the same modules (bitsandbytes `Linear4bit` / `Linear8bitLt`, hqq "
     "`HQQLinear`; quanto's `QuantoLinear` is its `QLinear` plus one Python check per call; torchao's "
     "`TorchaoLinear` is an `nn.Linear` holding the same torchao weight tensor) and give bit-identical logits "
-    "(the `same logits` column compares hashes of every run). The per-run spread of a median forward on this "
-    "shared 2-core machine is ±20–50 %, far above the 2 % goal; the fastest call of each process is the less "
-    "disturbed figure. No forward-time work is added by quantplug.",
-    "**Peak RSS.** hqq's ratio (~1.05) is within its run-to-run spread: the plugin checks each quantized layer's "
-    "tensors against the planned layout (`HQQLinear.state_dict()`, small) and the core trims freed memory, "
-    "neither of which holds memory after the layer.",
+    "(`same logits` compares hashes across every run and path). The per-run spread of a median forward on "
+    "this shared 2-core machine is ±20–50 %, far above the 2 % goal, so the forward ratios (0.96–1.29) say "
+    "'no measurable difference' and no more; quantplug adds no work to the forward. hqq's forward was "
+    "faster on the quantplug path in this run and in a second one (ratios 0.56 and 0.40); a single "
+    "`HQQLinear` built either way (`HQQLinear(linear, ...)` or `HQQLinear.from_weights`) runs at the same "
+    "speed, so the difference is in the process's state after quantizing (most likely the allocator: hqq "
+    "dequantizes every weight on every call), not in the module. The `fastest call` column (the least "
+    "disturbed call of each process) is recorded from the next run of this script on.",
+    "**Peak RSS.** hqq's ratio (1.045 here, 1.13 in a second run under heavier load) is the one at the goal's "
+    "edge: hqq's own quantization dominates the peak and the spread between runs is ~10 %.",
 ]
 
 
