@@ -379,7 +379,7 @@ def test_random_dicts_build_an_rtn_config_or_raise_config_error():
     assert outcomes["rejected"] > 20, outcomes
 
 
-def test_random_dicts_through_the_dispatcher_raise_only_quantplug_errors():
+def test_random_dicts_through_the_dispatcher_raise_only_quantplug_errors(rtn_only):
     @settings(max_examples=150, deadline=None, database=None)
     @given(_rtn_dicts)
     def check(data):

@@ -48,9 +48,15 @@ from .convert import (
     set_submodule,
     transformers_tied_keys,
 )
-from .errors import CheckpointError, ConfigError, PluginError
+from .errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    ConfigError,
+    PluginError,
+    UnknownMethodError,
+)
 from .registry import AutoQuantizer, config_from_dict
-from .safetensors_io import SafetensorsFile, write_file
+from .safetensors_io import CHECKSUMS_KEY, SafetensorsFile, write_file
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -121,6 +127,7 @@ def _versions(info: QuantizedModelInfo | None) -> dict[str, str]:
         backend = info.quantizer.backend
         meta.update(
             quant_method=info.config.quant_method,
+            quantization_config=info.config.to_json(indent=None),
             plugin=backend.plugin,
             plugin_version=backend.plugin_version,
             libraries=json.dumps(dict(backend.status.library_versions)),
@@ -238,7 +245,11 @@ def save(
     meta = _versions(info)
     if info is not None:
         extra = info.quantizer.checkpoint_metadata({n: model.get_submodule(n) for n in info.modules})
-        bad = [k for k, v in extra.items() if k in meta or not (isinstance(k, str) and isinstance(v, str))]
+        bad = [
+            k
+            for k, v in extra.items()
+            if k in meta or k == CHECKSUMS_KEY or not (isinstance(k, str) and isinstance(v, str))
+        ]
         if bad:
             raise PluginError(
                 f"backend {info.config.quant_method!r}: checkpoint_metadata() returned entries {bad[:5]} that "
@@ -516,9 +527,11 @@ def load(
     if config is None and saved_qc is not None:
         if not isinstance(saved_qc, dict):
             raise CheckpointError(f"{config_path}: quantization_config must be an object, got {saved_qc!r}")
-        config = config_from_dict(saved_qc)
+        with _naming(config_path):
+            config = config_from_dict(saved_qc)
     prequantized = saved_qc is not None
-    quantizer = AutoQuantizer.from_config(config) if config is not None else None
+    with _naming(config_path) if prequantized else contextlib.nullcontext():
+        quantizer = AutoQuantizer.from_config(config) if config is not None else None
     if quantizer is not None and not prequantized and quantizer.needs_calibration():
         raise ConfigError(
             f"{type(quantizer.config).__name__} ({quantizer.config.quant_method}) needs calibration data, "
@@ -540,7 +553,8 @@ def load(
 
     # What the checkpoint must hold: every key, with its shape (and dtype where the backend says).
     expected: dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]] = {}
-    for key, t in model.state_dict().items():
+    model_state = model.state_dict()
+    for key, t in model_state.items():
         if not _prefixes(key, qset):
             expected[key] = (tuple(t.shape), None)
     metas = {name: as_linear_meta(model.get_submodule(name)) for name in names}
@@ -573,6 +587,16 @@ def load(
             )
         if dt is not None and got_dtype != dt:
             raise CheckpointError(f"{folder}: tensor {key!r} has dtype {got_dtype}, expected {dt}")
+        mine = model_state.get(key)
+        if dt is None and mine is not None and not _compatible_dtype(got_dtype, mine.dtype):
+            # full-precision floats may be stored in any float dtype (they are cast); nothing else
+            raise CheckpointError(
+                f"{folder}: tensor {key!r} has dtype {got_dtype}, expected "
+                f"{'a floating-point dtype' if mine.dtype.is_floating_point else mine.dtype}"
+            )
+
+    if prequantized:  # the tensors fit the config; is it the config they were saved with?
+        _check_recorded_config(config_path, ckpt, quantizer.config)
 
     float_dtype = dtype or (model.dtype if hasattr(model, "dtype") else None)
 
@@ -614,6 +638,44 @@ def load(
         attach_info(model, QuantizedModelInfo(quantizer.config, quantizer, names))
     model.eval()
     return model
+
+
+def _check_recorded_config(config_path: Path, ckpt: Checkpoint, config: QuantConfig) -> None:
+    """The weights' header records the config they were saved with (quantplug >= 0.1 writes it);
+    config.json must say the same, or the tensors would be run as something they are not (two
+    configs can share a layout, e.g. torchao int8 weight-only and int8 dynamic-activation)."""
+    recorded = ckpt.metadata.get("quantization_config")
+    if recorded is None:  # written by another tool, or before quantplug recorded it
+        return
+    where = next(iter(ckpt.files.values())).path
+    try:
+        data = json.loads(recorded)
+        same = isinstance(data, dict) and data.get("quant_method") == config.quant_method
+        same = same and type(config).from_dict(data) == config
+    except (json.JSONDecodeError, ConfigError) as exc:
+        raise CheckpointError(f"{where}: header metadata quantization_config is corrupt ({exc})") from None
+    if not same:
+        raise CheckpointError(
+            f"{config_path}: quantization_config {config.to_json(indent=None)} is not the config {where.name} "
+            f"was saved with ({recorded}); restore config.json's quantization_config, or re-save the model"
+        )
+
+
+def _compatible_dtype(stored: torch.dtype, model: torch.dtype) -> bool:
+    if model.is_floating_point:
+        return stored.is_floating_point
+    return stored == model
+
+
+@contextlib.contextmanager
+def _naming(config_path: Path) -> Iterator[None]:
+    """Prefix the message of a config error raised inside with the config file it came from."""
+    try:
+        yield
+    except (ConfigError, UnknownMethodError, BackendUnavailableError) as exc:
+        if exc.args and isinstance(exc.args[0], str) and str(config_path) not in exc.args[0]:
+            exc.args = (f"{config_path}: quantization_config: {exc.args[0]}", *exc.args[1:])
+        raise
 
 
 def _aliases(folder: Path, ckpt: Checkpoint, model: nn.Module, expected: dict) -> dict[str, str]:

@@ -38,7 +38,7 @@ def _describe(tp: Any) -> str:
     if origin is tuple:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     if origin is dict:
-        return "a mapping"
+        return "a mapping with string keys (a JSON object)"
     if tp is type(None):
         return "null"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -46,6 +46,15 @@ def _describe(tp: Any) -> str:
 
 class _Mismatch(Exception):
     pass
+
+
+def _string_keys(value: Any) -> bool:
+    """Every dict inside ``value`` (itself included) has only string keys."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _string_keys(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_string_keys(v) for v in value)
+    return True
 
 
 def _coerce(value: Any, tp: Any) -> Any:
@@ -72,7 +81,9 @@ def _coerce(value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         return tuple(_coerce(v, args[0]) for v in value)
     if origin is dict:
-        if not isinstance(value, dict):
+        # config.json stores it as a JSON object, whose keys are strings: {False: ...} would come
+        # back as {"false": ...}, a different config
+        if not isinstance(value, dict) or not _string_keys(value):
             raise _Mismatch
         return dict(value)
     if tp is type(None):
@@ -116,7 +127,19 @@ class QuantConfig:
                 raise self.invalid(f.name, _describe(tp)) from None
             if coerced is not value:
                 object.__setattr__(self, f.name, coerced)
-        self.validate()
+        try:
+            self.validate()
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
+            # a value validate() did not foresee (a list where it looks up a name, a huge int) is
+            # still a bad config: say so, instead of letting the user see a backend's traceback
+            raise ConfigError(
+                f"{cls.__name__}: these values are invalid ({type(exc).__name__} while validating them: {exc}): "
+                f"{self!r}; see {cls.__name__}'s documentation for what is allowed.",
+                value=self,
+                allowed=f"see {cls.__name__}",
+            ) from exc
 
     def validate(self) -> None:
         """Check rules that involve more than one field. Raise ``self.invalid(...)`` on failure."""

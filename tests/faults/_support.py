@@ -1,0 +1,80 @@
+"""Shared helpers of the fault suite: run sizes (CI or long), the count log, and tiny quantized
+models of every installed backend.
+
+Sizes: the CI-sized suite runs by default; ``QUANTPLUG_FAULTS_LONG=1`` selects the long run (the
+variable is read once, at import: the core conftest clears QUANTPLUG_* variables around each test).
+``QUANTPLUG_FAULTS_COUNTS=<file>`` appends one JSON line per counted test to that file, which is
+where the figures in tests/faults/README.md come from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+LONG = os.environ.get("QUANTPLUG_FAULTS_LONG", "") not in ("", "0")
+COUNTS_FILE = os.environ.get("QUANTPLUG_FAULTS_COUNTS") or None
+
+# A cheap config of each backend this project ships, for tiny checkpoints; a backend installed from
+# elsewhere gets its config class's defaults.
+CHEAP_CONFIGS: dict[str, dict[str, Any]] = {
+    "rtn": {"bits": 4, "group_size": 32},
+    "bitsandbytes": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "hqq": {"nbits": 4, "group_size": 64},
+    "quanto": {"weights": "int8"},
+    "torchao": {},
+}
+
+
+def size(ci: int, long: int) -> int:
+    """``long`` in the long run, ``ci`` otherwise."""
+    return long if LONG else ci
+
+
+def record(test: str, **counts: Any) -> None:
+    """Print a test's counts (seen with ``-s``) and append them to QUANTPLUG_FAULTS_COUNTS."""
+    line = json.dumps({"test": test, "long": LONG, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ"), **counts})
+    print(f"\n[faults] {line}")
+    if COUNTS_FILE:
+        with open(COUNTS_FILE, "a") as f:
+            f.write(line + "\n")
+
+
+def installed_methods() -> list[str]:
+    """quant_method of every installed backend that is available here, sorted."""
+    import quantplug
+
+    return sorted(b.config.quant_method for b in quantplug.backends() if b.available)
+
+
+def cheap_config(method: str):
+    import quantplug
+
+    return quantplug.config_from_dict({"quant_method": method, **CHEAP_CONFIGS.get(method, {})})
+
+
+def quantized_llama(method: str, seed: int = 0):
+    """A tiny random-weight Llama quantized with ``method``'s cheap config."""
+    import quantplug
+    from quantplug.testing import tiny_llama
+
+    model = tiny_llama(seed)
+    quantplug.quantize(model, cheap_config(method), progress=False)
+    return model
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
