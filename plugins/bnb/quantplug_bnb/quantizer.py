@@ -214,6 +214,19 @@ class BnbQuantizer(quantplug.Quantizer):
             problems.append(
                 f"weight shape {list(qs.shape)}, the layer is {[module.out_features, module.in_features]}"
             )
+        blocks = -(-module.out_features * module.in_features // qs.blocksize)
+        # a short absmax would load, then fail (or read past its end) in forward
+        if qs.absmax.numel() != blocks:
+            problems.append(
+                f"{name}.weight.absmax has shape [{qs.absmax.numel()}]; {blocks} blocks of {qs.blocksize} need [{blocks}]"
+            )
+        if qs.nested and qs.state2 is not None:
+            nested = -(-blocks // qs.state2.blocksize)
+            if qs.state2.absmax.numel() != nested:
+                problems.append(
+                    f"{name}.weight.nested_absmax has shape [{qs.state2.absmax.numel()}]; {blocks} absmax values "
+                    f"in blocks of {qs.state2.blocksize} need [{nested}]"
+                )
         if bool(qs.nested) != c.bnb_4bit_use_double_quant:
             problems.append(
                 f"double quant {bool(qs.nested)}, config says bnb_4bit_use_double_quant={c.bnb_4bit_use_double_quant}"

@@ -34,7 +34,7 @@ class QuantoConfig(quantplug.QuantConfig):
     @classmethod
     def for_bits(cls, bits: int, **overrides: Any) -> QuantoConfig:
         """int8 / int4 / int2 weights, weight-only (activation quantization needs calibration data)."""
-        if bits not in _WEIGHTS_FOR_BITS:
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _WEIGHTS_FOR_BITS:
             raise quantplug.ConfigError(
                 f"QuantoConfig stores weights at 8, 4 or 2 bits, not {bits}",
                 field="bits",

@@ -339,7 +339,7 @@ def describe_quant_type(quant_type: Any) -> dict[str, Any]:
     if not isinstance(inner, dict) or not isinstance(inner.get("_data"), dict) or "_type" not in inner:
         raise ValueError(allowed, "quant_type['default'] must be an object with '_type' and '_data'")
     type_ = inner["_type"]
-    if type_ not in _MODE_OF_TYPE:
+    if not isinstance(type_, str) or type_ not in _MODE_OF_TYPE:
         raise ValueError(allowed, f"torchao config {type_!r} is not supported by quantplug-torchao")
     version = inner.get("_version", 1)
     if version != 2:
