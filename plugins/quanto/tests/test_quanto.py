@@ -63,6 +63,9 @@ def test_for_bits():
     with pytest.raises(quantplug.ConfigError, match="8, 4 or 2") as err:
         QuantoConfig.for_bits(3)
     assert err.value.field == "bits"
+    for bad in ([], 8.0, True, "8"):  # found by tests/faults' fuzz: [] raised TypeError, 8.0 passed
+        with pytest.raises(quantplug.ConfigError, match="8, 4 or 2"):
+            QuantoConfig.for_bits(bad)
 
 
 # -- calibration ----------------------------------------------------------------------------------
