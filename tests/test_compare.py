@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -36,6 +38,18 @@ class HalfQuantizer(quantplug.Quantizer):
 
     def empty_module(self, name, module):
         return HalfLinear(module)
+
+
+class LoudLinear(HalfLinear):
+    def forward(self, x):
+        logging.getLogger("tp_loud.kernels").warning("casting %s to float16", x.dtype)
+        warnings.warn("slow path", UserWarning, stacklevel=1)
+        return super().forward(x)
+
+
+class LoudQuantizer(HalfQuantizer):
+    def quantize_module(self, name, module):
+        return LoudLinear(module)
 
 
 class BrokenQuantizer(quantplug.Quantizer):
@@ -207,3 +221,14 @@ def test_every_installed_backend_gets_a_row_and_a_failure_does_not_stop_them(mod
             assert r.weight_bytes < result.baseline.weight_bytes and math.isfinite(r.perplexity)
     png = result.plot(tmp_path / "all.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_backend_warnings_and_log_records_are_collected_once_per_row(rtn_only, capfd):
+    quantplug.register_backend(_backend("tp-loud", "LoudQuantizer"))
+    result = compare(tiny_llama(), ["tp-loud"], **SMALL)
+    row = result.rows[1]
+    assert row.error is None
+    assert row.warnings.count("tp_loud.kernels: casting torch.float32 to float16") == 1
+    assert row.warnings.count("UserWarning: slow path") == 1
+    err = capfd.readouterr().err
+    assert err.count("casting torch.float32 to float16") == 1  # once in the progress, not per forward

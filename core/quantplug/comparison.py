@@ -8,11 +8,13 @@ measurements.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
 import gc
 import inspect
+import logging
 import math
 import os
 import platform
@@ -21,7 +23,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -621,15 +623,14 @@ def compare(
         try:
             from .convert import quantize
 
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with _captured_warnings() as caught:
                 work = copy.deepcopy(model)
                 report = quantize(work, spec.config, device=dev, progress=False)
                 row.quantize_seconds = report.seconds
                 row.weight_bytes = report.bytes_after
                 row.model_bytes = model_bytes(work)
                 measure(row, work, reference)
-            row.warnings = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+            row.warnings = list(dict.fromkeys(caught))
             say(f"    {_summary(row)}")
             for w in row.warnings:
                 say(f"    warning: {w.splitlines()[0][:200]}")
@@ -646,6 +647,33 @@ def compare(
     _judge(rows, max_quality_loss)
     recommended, text_out = _recommend(rows, selection, priority, workload, max_quality_loss)
     return Comparison(rows, selection, text_out, recommended, settings, _environment(dev))
+
+
+class _WarningRecords(logging.Handler):
+    def __init__(self, out: list[str]):
+        super().__init__(logging.WARNING)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(f"{record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _captured_warnings() -> Iterator[list[str]]:
+    """Collect what backends warn while a candidate runs (``warnings.warn`` and logging records of
+    WARNING and above), so a warning repeated on every forward is reported once, not printed
+    hundreds of times over the progress lines."""
+    out: list[str] = []
+    handler = _WarningRecords(out)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield out
+    finally:
+        root.removeHandler(handler)
+    out.extend(f"{w.category.__name__}: {w.message}" for w in caught)
 
 
 def _summary(row: Row) -> str:
