@@ -57,6 +57,7 @@ from .errors import (
 )
 from .registry import AutoQuantizer, config_from_dict
 from .safetensors_io import CHECKSUMS_KEY, SafetensorsFile, write_file
+from .sizes import parse_size
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -66,17 +67,6 @@ _OWN_FILES = re.compile(
     r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json)$"
 )
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "qmodel.pt", "tf_model.h5")
-
-
-def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MiB"``, ``1000`` -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size {size!r} is not a size like '5GB', '500MiB' or a number of bytes")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -235,7 +225,7 @@ def save(
         final = final.resolve()
     if final.exists() and not final.is_dir():
         raise CheckpointError(f"{final} exists and is not a folder; choose another path")
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "max_shard_size")
     info: QuantizedModelInfo | None = getattr(model, INFO_ATTR, None)
     if info is not None and not info.quantizer.backend.capabilities.serializable:
         raise CheckpointError(
