@@ -128,3 +128,30 @@ def subprocess_env() -> Callable[..., dict[str, str]]:
         return env
 
     return make
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """``copy_of(folder, name="ckpt")``: a fresh copy of a checkpoint folder (to damage or rewrite)."""
+    import shutil
+    from pathlib import Path
+
+    def copy(folder, name: str = "ckpt") -> Path:
+        return Path(shutil.copytree(folder, tmp_path / name))
+
+    return copy
+
+
+@pytest.fixture(scope="module")
+def rtn_checkpoint(tmp_path_factory):
+    """A saved rtn int4 tiny Llama: (folder, token ids, the quantized model's logits). Read-only:
+    tests that damage a checkpoint work on a copy (``copy_of``)."""
+    from quantplug.testing import logits, tiny_llama, token_ids
+    from quantplug_rtn import RtnConfig
+
+    model = tiny_llama()
+    quantplug.quantize(model, RtnConfig(bits=4), progress=False)
+    ids = token_ids()
+    out = logits(model, ids)
+    folder = quantplug.save(model, tmp_path_factory.mktemp("rtn") / "ckpt")
+    return folder, ids, out

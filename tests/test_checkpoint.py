@@ -9,15 +9,14 @@ What the conformance kit (``quantplug.testing``) already checks per backend is n
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import struct
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
+from faults._support import read_all, rewrite, siblings, tree
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -48,52 +47,6 @@ def quantized_llama(seed: int = 0, config: RtnConfig | None = None, **overrides)
     model = tiny_llama(seed, **overrides)
     quantplug.quantize(model, config or RtnConfig(bits=4), progress=False)
     return model
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``folder``."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def siblings(path: Path) -> list[str]:
-    return sorted(p.name for p in path.parent.iterdir())
-
-
-def read_all(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, copied out of its memory map (so the file may be rewritten)."""
-    return {k: v.clone() for k, v in load_file(file).items()}
-
-
-def rewrite(file: Path, change) -> None:
-    """Rewrite a safetensors file with ``change(tensors)`` applied, keeping its metadata."""
-    with safe_open(file, "pt") as f:
-        meta = f.metadata()
-    tensors = read_all(file)
-    change(tensors)
-    save_file(tensors, file, metadata=meta)
-
-
-@pytest.fixture(scope="module")
-def rtn_checkpoint(tmp_path_factory):
-    """A saved rtn int4 tiny Llama: (folder, token ids, the quantized model's logits). Read-only:
-    tests that damage a checkpoint work on a copy (``copy_of``)."""
-    model = quantized_llama()
-    ids = token_ids()
-    out = logits(model, ids)
-    folder = quantplug.save(model, tmp_path_factory.mktemp("rtn") / "ckpt")
-    return folder, ids, out
-
-
-@pytest.fixture
-def copy_of(tmp_path):
-    def copy(folder: Path, name: str = "ckpt") -> Path:
-        return Path(shutil.copytree(folder, tmp_path / name))
-
-    return copy
 
 
 # -- round trips ------------------------------------------------------------------------------------

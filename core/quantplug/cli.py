@@ -186,6 +186,21 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
     )
 
 
+_workload_option = click.option(
+    "--workload",
+    type=click.Choice(["decode", "prefill", "mixed"]),
+    default="decode",
+    show_default=True,
+    help="decode: token by token; prefill: long prompts; mixed: both.",
+)
+_priority_option = click.option(
+    "--priority",
+    type=click.Choice(["balanced", "quality", "size", "speed"]),
+    default="balanced",
+    show_default=True,
+)
+
+
 @main.command("select")
 @click.argument("model", required=False)
 @click.option("--params", type=float, help="Parameter count instead of MODEL, e.g. 7e9.")
@@ -193,15 +208,8 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
 @click.option("--memory", "memory", help="Memory budget for the weights, e.g. 5GB or 12GiB.")
 @click.option("--finetune", is_flag=True, help="Only backends whose layers can train adapters (LoRA).")
 @click.option("--calibration-data", is_flag=True, help="You can provide calibration data.")
-@click.option(
-    "--workload", type=click.Choice(["decode", "prefill", "mixed"]), default="decode", show_default=True
-)
-@click.option(
-    "--priority",
-    type=click.Choice(["balanced", "quality", "size", "speed"]),
-    default="balanced",
-    show_default=True,
-)
+@_workload_option
+@_priority_option
 @click.option("--top", type=click.IntRange(min=1), help="Show only the first N candidates.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def select_cmd(model, params, device, memory, finetune, calibration_data, workload, priority, top, as_json):
@@ -262,15 +270,8 @@ def select_cmd(model, params, device, memory, finetune, calibration_data, worklo
 )
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option(
-    "--workload", type=click.Choice(["decode", "prefill", "mixed"]), default="decode", show_default=True
-)
-@click.option(
-    "--priority",
-    type=click.Choice(["balanced", "quality", "size", "speed"]),
-    default="balanced",
-    show_default=True,
-)
+@_workload_option
+@_priority_option
 @click.option(
     "--max-quality-loss",
     type=click.FloatRange(min=0),

@@ -78,3 +78,22 @@ def tree(folder: Path) -> dict[str, str]:
 
 def siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
+
+
+def read_all(file: Path) -> dict:
+    """Every tensor of a safetensors file, copied out of its memory map (so the file may be rewritten)."""
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(file).items()}
+
+
+def rewrite(file: Path, change) -> None:
+    """Rewrite a safetensors file with ``change(tensors)`` applied, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(file, "pt") as f:
+        meta = f.metadata()
+    tensors = read_all(file)
+    change(tensors)
+    save_file(tensors, file, metadata=meta)

@@ -32,44 +32,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import quantplug
 from quantplug.convert import INFO_ATTR
 from quantplug.safetensors_io import CHECKSUMS_KEY, SafetensorsFile, write_file
-from quantplug.testing import logits, tiny_llama, token_ids
+from quantplug.testing import logits, token_ids
 from quantplug_rtn import RtnConfig
 
-from ._support import installed_methods, quantized_llama, record, size
+from ._support import installed_methods, quantized_llama, read_all, record, rewrite, size
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-
-
-def read_all(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, copied out of its memory map (so the file may be rewritten)."""
-    return {k: v.clone() for k, v in load_file(file).items()}
-
-
-def rewrite(file: Path, change) -> None:
-    """Rewrite a safetensors file with ``change(tensors)`` applied, keeping its metadata."""
-    with safe_open(file, "pt") as f:
-        meta = f.metadata()
-    tensors = read_all(file)
-    change(tensors)
-    save_file(tensors, file, metadata=meta)
-
-
-@pytest.fixture(scope="module")
-def rtn_checkpoint(tmp_path_factory):
-    """A saved rtn int4 tiny Llama: (folder, token ids, the quantized model's logits). Read-only:
-    tests that damage a checkpoint work on a copy (``copy_of``)."""
-    model = tiny_llama()
-    quantplug.quantize(model, RtnConfig(bits=4), progress=False)
-    ids = token_ids()
-    out = logits(model, ids)
-    folder = quantplug.save(model, tmp_path_factory.mktemp("rtn") / "ckpt")
-    return folder, ids, out
 
 
 # -- what a load refuses ----------------------------------------------------------------------------

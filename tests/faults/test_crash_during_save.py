@@ -28,7 +28,7 @@ from torch import nn
 import quantplug
 import quantplug.checkpoint as checkpoint_module
 from quantplug.convert import INFO_ATTR
-from quantplug.testing import logits, token_ids
+from quantplug.testing import logits
 from quantplug_rtn.quantizer import RtnQuantizer
 
 from ._support import record, siblings, size, tree
@@ -41,13 +41,6 @@ def quantized_llama(seed: int = 0):
     model = tiny_llama(seed)
     quantplug.quantize(model, RtnConfig(bits=4), progress=False)
     return model
-
-
-@pytest.fixture(scope="module")
-def rtn_checkpoint(tmp_path_factory):
-    model = quantized_llama()
-    ids = token_ids()
-    return quantplug.save(model, tmp_path_factory.mktemp("rtn") / "ckpt"), ids, logits(model, ids)
 
 
 # -- atomic save ------------------------------------------------------------------------------------
