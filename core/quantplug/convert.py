@@ -197,6 +197,13 @@ def release_freed_memory() -> None:
         _malloc_trim(0)
 
 
+#: ``quantize`` hands freed memory back to the OS once this much full-precision weight has been
+#: replaced (and at the end), not after every layer: trimming after every layer made the next
+#: layer's temporaries fault in fresh pages, up to 1.9x the libraries' own quantize time
+#: (bench/overhead.py), for at most this much more peak memory.
+TRIM_EVERY_BYTES = 256 * 2**20
+
+
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         if p.device.type != "meta":
@@ -317,17 +324,21 @@ def quantize(
     quantizer.validate_environment(target)
     batches = calibration_batches(quantizer, calibration_data, target)
     names, skipped = plan(model, config, quantizer)
-    before = 0
+    before = untrimmed = 0
     with torch.no_grad(), progress_bar(len(names), f"quantizing ({config.quant_method})", progress) as bar:
         for name in names:
             module = model.get_submodule(name)
-            before += tensor_bytes([module.weight] + ([module.bias] if module.bias is not None else []))
+            size = tensor_bytes([module.weight] + ([module.bias] if module.bias is not None else []))
+            before, untrimmed = before + size, untrimmed + size
             linear = as_linear(module.to(target))
             qmodule = quantizer.quantize_module(name, linear)
             set_submodule(model, name, qmodule)
             del module, linear
-            release_freed_memory()
+            if untrimmed >= TRIM_EVERY_BYTES:
+                release_freed_memory()
+                untrimmed = 0
             bar.update(1)
+    release_freed_memory()
     if any(t.device.type != target.type for t in [*model.parameters(), *model.buffers()]):
         model.to(target)  # the layers left in full precision follow the quantized ones
     if batches is not None:
