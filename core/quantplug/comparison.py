@@ -764,10 +764,21 @@ def _recommend(
             if pick.weight_bytes and base.weight_bytes
             else f"Recommended: **{pick.label}** ({basis})."
         )
-        if all((_latency(r, workload) or math.inf) > (base_lat or 0) for r in ok) and base_lat:
+        if base_lat and all((_latency(r, workload) or math.inf) > base_lat for r in ok):
             lines.append(
-                f"Every quantized candidate is slower than the unquantized model at {workload} here: "
-                f"quantization buys memory, not speed, on this machine."
+                f"Every candidate within the quality limit is slower than the unquantized model at {workload} "
+                f"here: on this machine they buy memory, not speed."
+            )
+        faster = [
+            r
+            for r in cands
+            if not r.acceptable and base_lat and (_latency(r, workload) or math.inf) < base_lat
+        ]
+        if faster:
+            quick = min(faster, key=lambda r: _latency(r, workload))
+            lines.append(
+                f"{quick.label} is faster than unquantized at {workload} ({_latency(quick, workload):.3g} vs "
+                f"{base_lat:.3g} ms) but loses {(_loss(quick, base) or 0):.1%} {measure}: over the limit."
             )
     if selection is not None and selection.candidates:
         measured = {r.label for r in cands}
@@ -777,14 +788,12 @@ def _recommend(
                 lines.append(f"`select` ranked it first too (priority={priority}, workload={workload}).")
             else:
                 row = next(r for r in cands if r.label == predicted.label)
-                why = (
-                    "its quality loss is over the limit"
-                    if not row.acceptable
-                    else "the measurements rank another first"
-                )
+                if not row.acceptable:
+                    why = f"its quality loss is over the {limit:.0%} limit on this model"
+                else:
+                    why = f"{pick.label} measured better for priority={priority} here"
                 lines.append(
-                    f"`select` predicted {predicted.label} (rank {predicted.rank}); measured, {why}: "
-                    f"the plugins' declared figures do not hold for this model and machine."
+                    f"`select` ranked {predicted.label} highest of these (from the plugins' declared figures); measured, {why}."
                 )
     if failed:
         lines.append(
