@@ -323,7 +323,8 @@ class Comparison:
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
         ax.set_xlabel("weights of the quantized layers (MB)")
         ax.set_ylabel("perplexity (lower is better)" if use_ppl else "output relative error")
-        if use_ppl:
+        ys = [r.perplexity for r in self.rows if not r.error and r.perplexity and math.isfinite(r.perplexity)]
+        if use_ppl and ys and max(ys) / min(ys) > 10:  # a broken 2-bit preset next to the rest
             ax.set_yscale("log")
         ax.set_title(
             f"{self.settings.get('model', 'model')} on {self.environment.get('device', '')}", fontsize=9
