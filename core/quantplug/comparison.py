@@ -451,15 +451,17 @@ def compare(
 ) -> Comparison:
     """Quantize ``model`` with each candidate and measure each on this machine.
 
-    ``model``: an ``nn.Module`` (left untouched: each candidate quantizes a deep copy) or a
-    full-precision checkpoint folder (its tokenizer is used when present). ``candidates``:
-    ``"backend:preset"`` strings, configs or config dicts; None = every candidate ``select`` ranks
-    for this device (``per_backend`` keeps each backend's best N, ``top`` the first N). ``text``: for the perplexity of a causal LM
-    (default: the stdlib's ``pydoc_data`` topics); other models are scored by the relative error of
-    their output against the unquantized model's, on ``inputs`` (a tensor or a dict of keyword
-    arguments; default: token ids from the text, for models with a vocabulary). Latency: ``prefill_tokens`` in one forward
+    ``model``: an ``nn.Module`` (moved to ``device`` and put in eval mode, otherwise untouched: each
+    candidate quantizes a deep copy) or a full-precision checkpoint folder (its tokenizer is used
+    when present). ``candidates``: ``"backend:preset"`` strings, configs or config dicts; None =
+    every candidate ``select`` ranks for this device (``per_backend`` keeps each backend's best N,
+    ``top`` the first N). ``text``: for the perplexity of a causal LM (default: the stdlib's
+    ``pydoc_data`` topics); other models are scored by the relative error of their output against
+    the unquantized model's, on ``inputs`` (a tensor or a dict of keyword arguments; default: token
+    ids from the text, for models with a vocabulary). Latency: ``prefill_tokens`` in one forward
     (default 256 on CPU, 2048 on GPU) and ``decode_tokens`` new tokens one at a time with a KV
-    cache; medians of ``repeats``. A candidate that fails is reported with its error.
+    cache; medians of ``repeats``. A candidate that fails is reported with its error, and the run
+    goes on. Returns a ``Comparison`` (``table()``, ``to_dict()``, ``plot(path)``).
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     for name, value in (("top", top), ("per_backend", per_backend)):
