@@ -336,21 +336,7 @@ def child(case_name: str, path: str, model_cfg: dict, warmup: int, calls: int, p
 #: what the figures mean, written into RESULTS.md under the table (from the diagnostic runs and
 #: cProfile of the quantize step: ``--profile DIR``)
 NOTES = [
-    "**Quantize time: what holds the ratio back.** cProfile of the quantize step (`--profile DIR`) and the "
-    "diagnostic column (`--diagnostic`: the same `quantplug.quantize` call with the trim below replaced by a "
-    "no-op) point at the core, not the plugins: `quantplug.convert.quantize` calls `release_freed_memory()` — "
-    "glibc `malloc_trim(0)` — after every layer (~3 ms a call), and the next layer's temporaries then fault "
-    "fresh pages in from the kernel instead of reusing the freed heap, so the library's own elementwise ops "
-    "(`torch.round`, `clamp`, `abs`, bitsandbytes' `bucketize`) run up to 2x slower. On this model that adds "
-    "0.2–0.4 s to quantize calls of 0.3–0.8 s (quanto, torchao, bnb int8): the ratios of 1.5–1.9. Without the "
-    "trim the ratios are 1.05–1.1 (bnb nf4, quanto, torchao) and ~1.5 for bnb int8, whose 0.6 s call makes "
-    "the core's per-layer bookkeeping visible: `plan()` builds a meta-device `nn.Linear` per layer "
-    "(`as_linear_meta`; `reset_parameters` runs kaiming init even on meta, ~0.7 ms a layer) plus the report's "
-    "byte counts, ~0.1 s in all. The trim is a trade, not waste: it is why quantplug's peak RSS is 0.78–0.85x "
-    "the direct path's for bnb and quanto. The fix that keeps both belongs in core/quantplug/convert.py: trim "
-    "once per ~256 MiB of freed weights instead of once per layer, and build the meta `nn.Linear` without "
-    "initialising it. The plugins add nothing measurable (torchao's `TorchaoLinear` no longer builds and "
-    "initialises a throw-away weight: fixed in its quantizer.py).",
+    "**Quantize time.** Until commit 74863b4 `quantplug.quantize` handed freed memory back to the OS (glibc `malloc_trim(0)`) after every layer, and the next layer's temporaries then faulted fresh pages in from the kernel, so the libraries' own elementwise ops ran up to 2x slower: quantize time was 1.5–1.9x the library's own for quanto, torchao and bnb int8 (cProfile of the quantize step, `--profile DIR`, and this script's `--diagnostic` column, the same call with the trim disabled). The core now trims once per 256 MiB of replaced weights and at the end (`TRIM_EVERY_BYTES` in core/quantplug/convert.py): the ratios are 0.91–1.07, and the no-trim diagnostic is within noise of them. bnb int8 stays at 1.15: its whole call takes 0.40 s, and quantplug's own per-layer work (the plan, one meta `nn.Linear` per layer, the report's byte counts: ~0.06 s for 42 layers) shows at that scale. The plugins add nothing measurable (torchao's `TorchaoLinear` no longer builds and initialises a throw-away weight: fixed in its quantizer.py).",
     "Plugin discovery (entry points: the five plugins' light modules, ~0.04 s) runs once per process on the "
     "first call; it is measured as `discovery_s` in the JSON and, like imports, kept out of the quantize time. "
     "hqq's quantize time is its own optimizer (30–60 s on 1 thread); its run-to-run spread is larger than any "
@@ -359,15 +345,14 @@ NOTES = [
     "`HQQLinear`; quanto's `QuantoLinear` is its `QLinear` plus one Python check per call; torchao's "
     "`TorchaoLinear` is an `nn.Linear` holding the same torchao weight tensor) and give bit-identical logits "
     "(`same logits` compares hashes across every run and path). The per-run spread of a median forward on "
-    "this shared 2-core machine is ±20–50 %, far above the 2 % goal, so the forward ratios (0.96–1.29) say "
+    "this shared 2-core machine is ±20–50 %, far above the 2 % goal, so the forward ratios (0.80–1.04 here) say "
     "'no measurable difference' and no more; quantplug adds no work to the forward. hqq's forward was "
     "faster on the quantplug path in this run and in a second one (ratios 0.56 and 0.40); a single "
     "`HQQLinear` built either way (`HQQLinear(linear, ...)` or `HQQLinear.from_weights`) runs at the same "
     "speed, so the difference is in the process's state after quantizing (most likely the allocator: hqq "
     "dequantizes every weight on every call), not in the module. The `fastest call` column (the least "
     "disturbed call of each process) is recorded from the next run of this script on.",
-    "**Peak RSS.** hqq's ratio (1.045 here, 1.13 in a second run under heavier load) is the one at the goal's "
-    "edge: hqq's own quantization dominates the peak and the spread between runs is ~10 %.",
+    "**Peak RSS.** bnb and quanto are at 0.80–0.98x the direct path's. torchao's 1.07 (1.04–1.07) is within the noise (the direct path's own run-to-run spread reaches 19 %; the no-trim diagnostic gives 1.005). hqq's quantplug peak was above the direct one in every run (1.07–1.21 here; 1.045 and 1.13 in two earlier runs with the per-layer trim): not traced — hqq's optimizer temporaries dominate its peak.",
 ]
 
 
