@@ -347,7 +347,7 @@ NOTES = [
     "(`same logits` compares hashes across every run and path). The per-run spread of a median forward on "
     "this shared 2-core machine is ±20–50 %, far above the 2 % goal, so the forward ratios (0.80–1.04 here) say "
     "'no measurable difference' and no more; quantplug adds no work to the forward. hqq's forward was "
-    "faster on the quantplug path in this run and in a second one (ratios 0.56 and 0.40); a single "
+    "faster on the quantplug path in every run so far (ratios 0.80 here, 0.56 and 0.40 before); a single "
     "`HQQLinear` built either way (`HQQLinear(linear, ...)` or `HQQLinear.from_weights`) runs at the same "
     "speed, so the difference is in the process's state after quantizing (most likely the allocator: hqq "
     "dequantizes every weight on every call), not in the module. The `fastest call` column (the least "
