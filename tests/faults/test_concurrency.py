@@ -64,8 +64,9 @@ def _jobs(tmp_path) -> list[tuple[str, object]]:
                 lambda c=config: logits(quantplug.load(fp, config=c, progress=False), ids),
             ),
         ]
-    while len(jobs) % THREADS:  # every thread gets the same number of jobs
-        jobs.append(jobs[len(jobs) % THREADS])
+    distinct = len(jobs)
+    while len(jobs) % THREADS:  # every thread gets the same number of jobs (repeats of the first ones)
+        jobs.append(jobs[len(jobs) - distinct])
     return jobs
 
 
