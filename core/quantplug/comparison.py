@@ -409,7 +409,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
     libs = {"torch": torch.__version__, "transformers": v("transformers"), "quantplug": __version__}
     for b in backends():
         libs[b.plugin or b.name] = b.plugin_version or None
-        libs.update({k: val for k, val in b.status.library_versions.items()})
+        libs.update(b.status.library_versions)
     name = platform.processor() or platform.machine()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -603,14 +603,9 @@ def compare(
         return out
 
     baseline = Row("unquantized", None, None)
-    from .convert import default_skips, is_eligible
+    from .convert import default_targets
 
-    skips = default_skips(model)
-    baseline.weight_bytes = sum(
-        mod.weight.numel() * mod.weight.element_size()
-        for name, mod in model.named_modules()
-        if name and is_eligible(mod) and name not in skips
-    )
+    baseline.weight_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in default_targets(model))
     baseline.model_bytes = model_bytes(model)
     say(
         f"[0/{len(specs)}] unquantized ({str(next(model.parameters()).dtype).replace('torch.', '')}): measuring"

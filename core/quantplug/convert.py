@@ -130,6 +130,13 @@ def default_skips(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def default_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers ``quantize`` converts with a default config (eligible, not the output head, not
+    tied), in model order, before any backend's ``skip_reason``."""
+    skips = default_skips(model)
+    return [(name, m) for name, m in model.named_modules() if name and is_eligible(m) and name not in skips]
+
+
 def plan(model: nn.Module, config: QuantConfig, quantizer: Any) -> tuple[list[str], dict[str, str]]:
     """The modules to quantize (in model order) and the eligible ones skipped, with reasons.
     Works on meta-device skeletons too: it looks at structure and shapes only."""

@@ -217,17 +217,12 @@ def _from_folder(path: Path) -> ModelSize:
 
 
 def _from_module(model: Any) -> ModelSize:
-    from .convert import default_skips, is_eligible  # torch is already imported: we hold a model
+    from .convert import default_targets  # torch is already imported: we hold a model
 
-    skips = default_skips(model)
-    quantizable, seen = 0, set()
-    bytes_per, counts = 2.0, 0
-    for name, module in model.named_modules():
-        if name and is_eligible(module) and name not in skips:
-            quantizable += module.weight.numel()
-            seen.add(id(module.weight))
-            bytes_per, counts = float(module.weight.element_size()), counts + 1
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    targets = default_targets(model)
+    quantizable = sum(m.weight.numel() for _, m in targets)
+    bytes_per = float(targets[-1][1].weight.element_size()) if targets else 2.0
+    total = sum(p.numel() for p in model.parameters())  # shared (tied) parameters counted once
     info = getattr(model, "quantplug_info", None)
     hf = getattr(model, "config", None)
     pre = getattr(hf, "quantization_config", None) if info is None else info.config.to_dict()
@@ -237,7 +232,7 @@ def _from_module(model: Any) -> ModelSize:
         quantizable_params=quantizable,
         other_params=total - quantizable,
         dtype_bytes=bytes_per,
-        source=f"{type(model).__name__} ({counts} layers quantize would convert)",
+        source=f"{type(model).__name__} ({len(targets)} layers quantize would convert)",
         exact=True,
         pre_quantized=pre,
     )
