@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import QuantConfig
 from .errors import BackendUnavailableError, ConfigError, PluginError
+from .versions import installed_version
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -305,15 +306,6 @@ class BackendStatus:
     library_versions: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
 
 
-def _installed_version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 def check_requirements(backend: Backend) -> BackendStatus:
     """Check ``backend.requires`` against installed distributions, without importing them."""
     from packaging.requirements import Requirement
@@ -325,7 +317,7 @@ def check_requirements(backend: Backend) -> BackendStatus:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate():
             continue
-        installed = _installed_version(req.name)
+        installed = installed_version(req.name)
         versions[req.name] = installed
         quoted = f"'{req.name}{req.specifier}'" if req.specifier else req.name
         if installed is None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .devices import model_device, to_device
 from .errors import ConfigError
 from .registry import AutoQuantizer
 
@@ -211,13 +212,6 @@ def release_freed_memory() -> None:
 TRIM_EVERY_BYTES = 256 * 2**20
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
 def attach_info(model: nn.Module, info: QuantizedModelInfo) -> None:
     setattr(model, INFO_ATTR, info)
     hf_config = getattr(model, "config", None)
@@ -233,12 +227,6 @@ def attach_info(model: nn.Module, info: QuantizedModelInfo) -> None:
         from .integrations.transformers import register_with_transformers
 
         register_with_transformers()
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def calibration_batches(
@@ -286,7 +274,7 @@ def calibration_batches(
                 value=type(batch).__name__,
                 allowed="tensors or dicts of tensors",
             )
-        batches.append(_to_device(batch, device))
+        batches.append(to_device(batch, device))
     if not batches:
         raise ConfigError(
             "calibration_data is empty; pass at least one batch of model inputs",

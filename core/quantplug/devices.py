@@ -1,0 +1,34 @@
+"""Devices: where a model lives, and moving model inputs there."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first non-meta parameter (CPU when it has none)."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def to_device(inputs: Any, device: torch.device | str) -> Any:
+    """Model inputs on ``device``: a tensor, or a mapping of keyword arguments whose tensor values
+    are moved (other values are kept). Anything else is a ``ConfigError``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    raise ConfigError(
+        f"model inputs must be a tensor or a dict of keyword arguments, got {type(inputs).__name__}",
+        field="inputs",
+        value=type(inputs).__name__,
+        allowed="a tensor or a dict of tensors",
+    )
