@@ -189,6 +189,21 @@ class Preset:
         }
 
 
+def _skip_declaration_problems(config: type[QuantConfig]) -> list[str]:
+    """What is wrong with a config class's ``skip_aliases`` / ``skip_rules`` declaration."""
+    from .matching import RULES
+
+    out = []
+    fields = {f.name for f in dataclasses.fields(config)}
+    for alias in _str_tuple(config.skip_aliases):
+        if alias not in fields:
+            out.append(f"{config.__name__}.skip_aliases names {alias!r}, which is not one of its fields")
+    rules = _str_tuple(config.skip_rules)
+    if not rules or any(r not in RULES for r in rules):
+        out.append(f"{config.__name__}.skip_rules must be a non-empty subset of {RULES}, got {rules!r}")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """A backend, as a plugin registers it. ``plugin`` and ``plugin_version`` are filled in by
@@ -231,6 +246,8 @@ class Backend:
                 f"config {self.config.__name__}.quant_method is {self.config.quant_method!r}, "
                 f"but the backend is named {self.name!r}; they must be equal"
             )
+        else:
+            out.extend(_skip_declaration_problems(self.config))
         if not isinstance(self.quantizer, str) or not _TARGET_RE.match(self.quantizer):
             out.append(f"quantizer must be a 'module:Class' string, got {self.quantizer!r}")
         if not isinstance(self.capabilities, Capabilities):
@@ -361,6 +378,12 @@ class Quantizer:
                 f"{', '.join(self.backend.capabilities.devices)}. Pass device= one of those, or pick "
                 f"another backend (`quantplug select`)."
             )
+
+    def check_config(self) -> None:
+        """Raise ``ConfigError`` for settings the backend library refuses. Called once, when the
+        quantizer is made (the library is imported by then), before any layer is touched: the
+        place for validation that needs the library (e.g. its own config parser), while cheap type
+        and range checks stay in the config class, which must not import it. Default: nothing."""
 
     def skip_reason(self, name: str, module: nn.Module) -> str | None:
         """Return why ``module`` cannot be quantized by this config (it is then left in full

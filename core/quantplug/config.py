@@ -110,6 +110,16 @@ class QuantConfig:
 
     quant_method: ClassVar[str] = ""
 
+    skip_aliases: ClassVar[tuple[str, ...]] = ()
+    """Other fields of this config that list modules to keep in full precision, as
+    ``modules_to_not_convert`` does, under a library's own name (e.g. Transformers'
+    ``llm_int8_skip_modules``, HQQ's ``skip_modules``). The core matches every list; the plugin
+    writes no matcher of its own. Each must be a ``tuple[str, ...]`` (or ``| None``) field."""
+    skip_rules: ClassVar[tuple[str, ...]] = ("components",)
+    """How skip-list patterns match module names, any of ``quantplug.matching.RULES``:
+    ``"components"`` (quantplug's: whole dotted components), ``"transformers"`` (Transformers'
+    regex-prefix-or-suffix rule), ``"linear_tag"`` (Transformers' HQQ tags). See ``quantplug.matching``."""
+
     modules_to_not_convert: tuple[str, ...] | None = None
     """Module names (or name suffixes, matched per dotted component) left in full precision.
     ``None`` means the default: keep the output head (``lm_head``) unquantized."""

@@ -22,6 +22,7 @@ from torch import nn
 from .config import QuantConfig
 from .devices import model_device, to_device
 from .errors import ConfigError
+from .matching import listed_reason
 from .registry import AutoQuantizer
 
 #: attribute on a quantized model holding its ``QuantizedModelInfo``
@@ -80,12 +81,6 @@ def as_linear(module: nn.Module) -> nn.Linear:
     return lin
 
 
-def matches(name: str, patterns: tuple[str, ...]) -> bool:
-    """True when ``name`` equals a pattern or the pattern is a run of whole dotted components of it."""
-    padded = f".{name}."
-    return any(name == p or f".{p}." in padded for p in patterns)
-
-
 def transformers_tied_keys(model: nn.Module) -> dict[str, str]:
     """Transformers' tied parameters that this model really ties (target key -> source key)."""
     keys = getattr(model, "all_tied_weights_keys", None)  # Transformers 5: already honours the config
@@ -142,15 +137,15 @@ def plan(model: nn.Module, config: QuantConfig, quantizer: Any) -> tuple[list[st
     """The modules to quantize (in model order) and the eligible ones skipped, with reasons.
     Works on meta-device skeletons too: it looks at structure and shapes only."""
     skips = default_skips(model) if config.modules_to_not_convert is None else {}
-    patterns = tuple(config.modules_to_not_convert or ())
     convert, skipped = [], {}
     for name, module in model.named_modules():
         if not name or not is_eligible(module):
             continue
+        listed = listed_reason(name, config)
         if name in skips:
             skipped[name] = skips[name]
-        elif matches(name, patterns):
-            skipped[name] = "listed in modules_to_not_convert"
+        elif listed:
+            skipped[name] = listed
         else:
             why = quantizer.skip_reason(name, as_linear_meta(module))
             if why:

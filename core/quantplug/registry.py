@@ -188,4 +188,6 @@ class AutoQuantizer:
                 value=config.quant_method,
                 allowed=backend.config.__name__,
             )
-        return backend.quantizer_class()(backend, config)
+        quantizer = backend.quantizer_class()(backend, config)
+        quantizer.check_config()
+        return quantizer
