@@ -271,7 +271,7 @@ def child(case_name: str, path: str, model_cfg: dict, warmup: int, calls: int, p
     if path.startswith("quantplug"):
         import quantplug
         import quantplug.convert
-        from quantplug.registry import get_backend
+        from quantplug.dispatch import get_backend
 
         importlib.import_module(PLUGIN_MODULE[case["backend"]])
         config = _quantplug_config(case)

@@ -24,9 +24,9 @@ from torch import nn
 import quantplug
 import quantplug.checkpoint as checkpoint_module
 from quantplug.checkpoint import Checkpoint
-from quantplug.convert import INFO_ATTR
 from quantplug.safetensors_io import CHECKSUMS_KEY, SafetensorsFile, write_file
 from quantplug.testing import logits, tiny_llama, token_ids
+from quantplug.walk import INFO_ATTR
 from quantplug_rtn import RtnConfig
 from quantplug_rtn.quantizer import RtnLinear
 

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 import quantplug
-from quantplug.convert import INFO_ATTR, plan
+from quantplug.layers import plan
 from quantplug.testing import logits, tiny_llama, token_ids
+from quantplug.walk import INFO_ATTR
 from quantplug_rtn import RtnConfig
 from quantplug_rtn.quantizer import RtnLinear
 

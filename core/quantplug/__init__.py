@@ -11,16 +11,7 @@ from typing import Any
 
 from .backend import Backend, BackendStatus, Capabilities, Preset, Quantizer
 from .config import QuantConfig
-from .errors import (
-    BackendUnavailableError,
-    CheckpointError,
-    ConfigError,
-    PluginError,
-    QuantplugError,
-    UnknownMethodError,
-)
-from .hookspecs import hookimpl
-from .registry import (
+from .dispatch import (
     AutoQuantizer,
     backends,
     config_from_dict,
@@ -32,6 +23,15 @@ from .registry import (
     reload_plugins,
     unregister_plugin,
 )
+from .errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    ConfigError,
+    PluginError,
+    QuantplugError,
+    UnknownMethodError,
+)
+from .hookspecs import hookimpl
 from .selection import Selection, select
 
 __version__ = "0.1.0"

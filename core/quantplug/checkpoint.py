@@ -36,18 +36,7 @@ from torch import nn
 
 from . import __version__
 from .config import QuantConfig
-from .convert import (
-    INFO_ATTR,
-    QuantizedModelInfo,
-    as_linear,
-    as_linear_meta,
-    attach_info,
-    plan,
-    progress_bar,
-    release_freed_memory,
-    set_submodule,
-    transformers_tied_keys,
-)
+from .dispatch import AutoQuantizer, config_from_dict
 from .errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -55,9 +44,11 @@ from .errors import (
     PluginError,
     UnknownMethodError,
 )
-from .registry import AutoQuantizer, config_from_dict
+from .integrations import register_if_transformers_loaded
+from .layers import as_linear, as_linear_meta, plan, set_submodule, transformers_tied_keys
 from .safetensors_io import CHECKSUMS_KEY, SafetensorsFile, write_file
 from .sizes import parse_size
+from .walk import INFO_ATTR, QuantizedModelInfo, attach_info, progress_bar, release_freed_memory
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -626,6 +617,7 @@ def load(
     model.to(target)
     if quantizer is not None:
         attach_info(model, QuantizedModelInfo(quantizer.config, quantizer, names))
+        register_if_transformers_loaded()
     model.eval()
     return model
 

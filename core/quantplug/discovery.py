@@ -1,4 +1,4 @@
-"""Plugin loading: entry points in the ``quantplug`` group, allow/deny lists from the environment,
+"""Discovery: plugin loading from entry points in the ``quantplug`` group, allow/deny lists from the environment,
 per-plugin error isolation, and the backends the plugins register.
 
 Each plugin is loaded and asked for its backends on its own. A plugin that fails to import,
@@ -188,34 +188,46 @@ class Registry:
             self._add_backend(info, backend)
         return info
 
-    def _add_backend(self, info: PluginInfo, backend: Any) -> None:
-        label = info.dist or info.name
-        fix = f"report this to the maintainers of {label}; disable it with QUANTPLUG_DISABLE_PLUGINS={info.name}"
+    def refusal(self, backend: Any, label: str) -> tuple[str, str | None] | None:
+        """Why ``backend``, registered by ``label``, cannot be registered (not a ``Backend``, an
+        invalid descriptor, a name another plugin owns) and, for a taken name, the fix; ``None``
+        when it can be."""
         if not isinstance(backend, Backend):
-            self._problem(info, f"registered {type(backend).__name__!r}, not a quantplug.Backend", fix)
-            return
+            return f"registered {type(backend).__name__!r}, not a quantplug.Backend", None
         bad = backend.problems()
         if bad:
-            self._problem(
-                info, "invalid backend descriptor: " + "; ".join(bad), fix, backend=str(backend.name)
-            )
-            return
+            return "invalid backend descriptor: " + "; ".join(bad), None
         owner = self.backends.get(backend.name)
         if owner is not None:
-            self._problem(
-                info,
+            return (
                 f"backend name {backend.name!r} is already registered by {owner.plugin or 'another plugin'}; "
                 f"this one is ignored",
                 f"uninstall one of {owner.plugin} and {label}, or disable one with QUANTPLUG_DISABLE_PLUGINS",
-                backend=backend.name,
             )
-            return
+        return None
+
+    def accept(self, info: PluginInfo, backend: Backend) -> None:
+        """Register ``backend`` (already checked by ``refusal``) as ``info``'s."""
+        label = info.dist or info.name
         backend = dataclasses.replace(
             backend, plugin=label, plugin_version=info.version or backend.plugin_version
         )
         self.backends[backend.name] = backend
         info.backends.append(backend.name)
         self._log(f"backend {backend.name!r} registered by {label}")
+
+    def _add_backend(self, info: PluginInfo, backend: Any) -> None:
+        refused = self.refusal(backend, info.dist or info.name)
+        if refused is None:
+            self.accept(info, backend)
+            return
+        problem, fix = refused
+        fix = fix or (
+            f"report this to the maintainers of {info.dist or info.name}; disable it with "
+            f"QUANTPLUG_DISABLE_PLUGINS={info.name}"
+        )
+        name = getattr(backend, "name", None) if isinstance(backend, Backend) else None
+        self._problem(info, problem, fix, backend=None if name is None else str(name))
 
     def remove_plugin(self, name: str) -> None:
         info = self.plugins.pop(name, None)

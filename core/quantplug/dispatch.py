@@ -1,4 +1,4 @@
-"""The dispatcher: the process-wide plugin registry, ``backends()``, ``get_backend(name)`` and
+"""Dispatch: the process-wide plugin registry (loaded by ``quantplug.discovery``), ``backends()``, ``get_backend(name)`` and
 ``AutoQuantizer.from_config(config_or_dict)`` (``quant_method`` -> the plugin that owns it)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from typing import Any
 
 from .backend import Backend, Quantizer
 from .config import QuantConfig
+from .discovery import PluginInfo, Problem, Registry, _norm
 from .errors import ConfigError, UnknownMethodError
-from .known_methods import PLUGIN_FOR_METHOD, install_hint
-from .plugins import PluginInfo, Problem, Registry, _norm
+from .hints import PLUGIN_FOR_METHOD, install_hint
 
 _lock = threading.RLock()
 _registry: Registry | None = None
@@ -49,31 +49,20 @@ def unregister_plugin(name: str) -> None:
 
 
 def register_backend(backend: Backend) -> None:
-    """Register one backend directly (a shortcut for a one-backend plugin). Raises ``PluginError``
-    when the descriptor is invalid or the name is taken."""
-    import types
-
+    """Register one backend directly (a shortcut for a one-backend plugin, e.g. in a test or a
+    notebook; it shows in ``plugins()`` as ``inline:<name>``). Raises ``PluginError`` when the
+    descriptor is invalid or the name is taken; nothing is recorded then."""
     from .errors import PluginError
-    from .hookspecs import hookimpl
 
-    @hookimpl
-    def register_backends(register):
-        register(backend)
-
-    plugin = types.SimpleNamespace(register_backends=register_backends)
+    name = f"inline:{getattr(backend, 'name', backend)}"
     with _lock:
         reg = registry()
-        before = len(reg.problems)
-        info = reg.add_plugin(plugin, name=f"inline:{getattr(backend, 'name', backend)}")
-        if len(reg.problems) > before or info.status == "failed":
-            new = reg.problems[before:]
-            if info.status != "failed":
-                reg.remove_plugin(info.name)
-            else:  # the caller gets the error; `doctor` must not keep reporting it
-                del reg.problems[before:]
-                if reg.plugins.get(info.name) is info:
-                    del reg.plugins[info.name]
-            raise PluginError("; ".join(p.problem for p in new) or info.error or "registration failed")
+        refused = reg.refusal(backend, name)
+        if refused is not None:
+            raise PluginError(refused[0])
+        info = PluginInfo(name)
+        reg.plugins[name] = info
+        reg.accept(info, backend)
 
 
 def backends() -> list[Backend]:

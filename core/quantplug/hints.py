@@ -1,11 +1,14 @@
 """Install hints for ``quant_method`` names, used only to write helpful error messages.
 
-Nothing here decides behaviour: dispatch goes through the registered plugins alone.
+Nothing here decides behaviour: dispatch, ``select`` and every other code path see only the
+registered plugins, first- and third-party alike. This is data a hint may quote.
 """
 
 from __future__ import annotations
 
-#: quant_method -> the distribution that provides it
+import functools
+
+#: quant_method -> the distribution that provides it (first-party plugins; hints only)
 PLUGIN_FOR_METHOD: dict[str, str] = {
     "bitsandbytes": "quantplug-bnb",
     "bitsandbytes_4bit": "quantplug-bnb",
@@ -16,33 +19,48 @@ PLUGIN_FOR_METHOD: dict[str, str] = {
     "rtn": "quantplug-rtn",
 }
 
-#: methods Transformers implements for which no quantplug plugin exists yet
-TRANSFORMERS_ONLY: frozenset[str] = frozenset(
-    {
-        "awq",
-        "gptq",
+#: Transformers 5.24's ``QuantizationMethod`` values, for when Transformers is not installed
+_TRANSFORMERS_5_24 = frozenset(
+    [
         "aqlm",
-        "quark",
-        "fouroversix",
-        "fp_quant",
-        "eetq",
-        "higgs",
-        "compressed-tensors",
-        "fbgemm_fp8",
-        "bitnet",
-        "vptq",
-        "spqr",
-        "fp8",
-        "gguf",
-        "nvfp4",
-        "mxfp8",
         "auto-round",
-        "mxfp4",
-        "metal",
-        "sinq",
+        "awq",
+        "bitnet",
+        "bitsandbytes",
+        "compressed-tensors",
+        "eetq",
+        "fbgemm_fp8",
+        "fouroversix",
+        "fp8",
+        "fp_quant",
         "gemma",
-    }
+        "gguf",
+        "gptq",
+        "higgs",
+        "hqq",
+        "metal",
+        "mxfp4",
+        "mxfp8",
+        "nvfp4",
+        "quanto",
+        "quark",
+        "sinq",
+        "spqr",
+        "torchao",
+        "vptq",
+    ]
 )
+
+
+@functools.cache
+def transformers_methods() -> frozenset[str]:
+    """The ``quant_method`` names Transformers implements: read from the installed Transformers
+    (its ``QuantizationMethod``; ~3 s to import, so only error paths call this), else 5.24's list."""
+    try:
+        from transformers.utils.quantization_config import QuantizationMethod
+    except ImportError:
+        return _TRANSFORMERS_5_24
+    return frozenset(m.value for m in QuantizationMethod)
 
 
 def install_hint(method: str) -> str:
@@ -51,7 +69,7 @@ def install_hint(method: str) -> str:
     if key in PLUGIN_FOR_METHOD:
         dist = PLUGIN_FOR_METHOD[key]
         return f"quant_method {method!r} is provided by the plugin {dist}: pip install {dist}"
-    if key in TRANSFORMERS_ONLY:
+    if key in transformers_methods():
         return (
             f"quant_method {method!r} is a method Transformers implements, but no quantplug plugin exists "
             f"for it yet: load it with transformers directly, or write a plugin (see CONTRIBUTING.md)"

@@ -35,9 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import quantplug
-from quantplug.convert import INFO_ATTR
 from quantplug.safetensors_io import CHECKSUMS_KEY, SafetensorsFile, write_file
 from quantplug.testing import logits, token_ids
+from quantplug.walk import INFO_ATTR
 from quantplug_rtn import RtnConfig
 
 from ._support import installed_methods, quantized_llama, read_all, record, rewrite, size

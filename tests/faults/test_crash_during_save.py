@@ -27,8 +27,8 @@ from torch import nn
 
 import quantplug
 import quantplug.checkpoint as checkpoint_module
-from quantplug.convert import INFO_ATTR
 from quantplug.testing import logits
+from quantplug.walk import INFO_ATTR
 from quantplug_rtn.quantizer import RtnQuantizer
 
 from ._support import record, siblings, size, tree

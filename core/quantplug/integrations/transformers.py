@@ -42,17 +42,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 from ..backend import Quantizer
 from ..config import QuantConfig
-from ..convert import (
-    INFO_ATTR,
-    QuantizedModelInfo,
-    as_linear,
-    as_linear_meta,
-    attach_info,
-    plan,
-    set_submodule,
-)
+from ..dispatch import AutoQuantizer, as_config, backends, get_backend
 from ..errors import CheckpointError, ConfigError, PluginError
-from ..registry import AutoQuantizer, as_config, backends, get_backend
+from ..layers import as_linear, as_linear_meta, plan, set_submodule
+from ..walk import INFO_ATTR, QuantizedModelInfo, attach_info
 
 __all__ = [
     "QuantplugHfConfig",

@@ -1,0 +1,137 @@
+"""The one layer walk: plan which layers a quantizer replaces, then replace them one at a time.
+
+Every path that puts a backend's modules into a model goes through ``LayerWalk``: ``quantize``
+(``quantize_module`` on each layer), quantize-on-load and pre-quantized ``load`` (the layer's
+tensors are read, then ``quantize_module`` / ``load_module``), and the Transformers bridge
+(``empty_module`` before Transformers loads the weights, ``load_module`` or ``quantize_module``
+after). The walk owns the order, the progress bar, handing freed memory back to the OS, and the
+``QuantizedModelInfo`` a quantized model carries; the caller says only how one layer is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .config import QuantConfig
+from .layers import as_linear_meta, plan, set_submodule, tensor_bytes
+
+#: attribute on a quantized model holding its ``QuantizedModelInfo``
+INFO_ATTR = "quantplug_info"
+
+#: ``quantize`` hands freed memory back to the OS once this much full-precision weight has been
+#: replaced (and at the end), not after every layer: trimming after every layer made the next
+#: layer's temporaries fault in fresh pages, up to 1.9x the libraries' own quantize time
+#: (bench/overhead.py), for at most this much more peak memory.
+TRIM_EVERY_BYTES = 256 * 2**20
+
+
+@dataclasses.dataclass
+class QuantizedModelInfo:
+    """What quantplug knows about a model it quantized or loaded."""
+
+    config: QuantConfig
+    quantizer: Any
+    modules: list[str]
+
+
+def quantized_info(model: nn.Module) -> QuantizedModelInfo | None:
+    """The ``QuantizedModelInfo`` of a model quantplug quantized or loaded, else ``None``."""
+    return getattr(model, INFO_ATTR, None)
+
+
+def attach_info(model: nn.Module, info: QuantizedModelInfo) -> None:
+    """Record ``info`` on ``model`` and, for a Transformers model, its ``quantization_config`` (as
+    Transformers does when it quantizes, so ``save_pretrained`` writes it). Only sets data."""
+    setattr(model, INFO_ATTR, info)
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_json_string"):
+        # (quantplug.save derives quantization_config from INFO_ATTR instead, so a config object
+        # shared with an unquantized model cannot mislabel that model's checkpoint there.)
+        current = getattr(hf_config, "quantization_config", None)
+        if not (hasattr(current, "to_dict") and current.to_dict() == info.config.to_dict()):
+            hf_config.quantization_config = info.config.to_dict()
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="module", disable=not (enabled and sys.stderr.isatty()), leave=False
+    )
+
+
+_malloc_trim: Any = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the OS (glibc's ``malloc_trim``; a no-op
+    elsewhere). Layer-by-layer quantization frees many medium-sized temporaries; without this,
+    glibc keeps them and peak RSS on a 1B-parameter quantize-on-load rises by ~0.4 GB
+    (bench/quantize_on_load.py)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+#: how one layer is built: (module name, the module now in the model) -> its replacement
+BuildLayer = Callable[[str, nn.Module], nn.Module]
+
+
+class LayerWalk:
+    """The layers ``quantizer`` replaces in ``model`` (``names``, in model order) and those it
+    leaves in full precision (``skipped``, with reasons), planned on construction; ``replace``
+    swaps them, ``finish`` records the result on the model."""
+
+    def __init__(self, model: nn.Module, quantizer: Any):
+        self.model = model
+        self.quantizer = quantizer
+        self.names, self.skipped = plan(model, quantizer.config, quantizer)
+
+    def meta_linears(self) -> dict[str, nn.Linear]:
+        """Each planned layer as the meta ``nn.Linear`` a backend's ``empty_module`` /
+        ``expected_tensors`` / ``load_module`` receive (shape, dtype and bias of the layer)."""
+        return {name: as_linear_meta(self.model.get_submodule(name)) for name in self.names}
+
+    def replace(
+        self,
+        build: BuildLayer,
+        *,
+        desc: str = "",
+        progress: bool = False,
+        trim_every: int = TRIM_EVERY_BYTES,
+    ) -> int:
+        """Replace every planned layer, in order, by ``build(name, module)``. Freed memory goes
+        back to the OS whenever ``trim_every`` bytes of replaced layer tensors have accumulated
+        (0: after every layer) and at the end. Returns the bytes of the replaced layers' tensors."""
+        total = pending = 0
+        with progress_bar(len(self.names), desc, progress) as bar:
+            for name in self.names:
+                module = self.model.get_submodule(name)
+                size = tensor_bytes(t for t in (module.weight, module.bias) if t is not None)
+                total, pending = total + size, pending + size
+                set_submodule(self.model, name, build(name, module))
+                del module
+                if pending >= trim_every:
+                    release_freed_memory()
+                    pending = 0
+                bar.update(1)
+        release_freed_memory()
+        return total
+
+    def finish(self) -> QuantizedModelInfo:
+        """Attach the ``QuantizedModelInfo`` of what was replaced to the model, and return it."""
+        info = QuantizedModelInfo(self.quantizer.config, self.quantizer, list(self.names))
+        attach_info(self.model, info)
+        return info
