@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import quantplug
-import quantplug.checkpoint as checkpoint_module
+import quantplug.saving as saving_module
 from quantplug.checkpoint import Checkpoint
 from quantplug.safetensors_io import CHECKSUMS_KEY, SafetensorsFile, write_file
 from quantplug.testing import logits, tiny_llama, token_ids
@@ -419,7 +419,7 @@ def test_resave_keeps_foreign_files(tmp_path, rtn_checkpoint):
 def test_resave_without_atomic_exchange_keeps_foreign_files(tmp_path, rtn_checkpoint, monkeypatch):
     """Where renameat2(RENAME_EXCHANGE) is unavailable, the two-rename fallback gives the same result."""
     _, ids, out = rtn_checkpoint
-    monkeypatch.setattr(checkpoint_module, "_rename_exchange", lambda a, b: False)
+    monkeypatch.setattr(saving_module, "_rename_exchange", lambda a, b: False)
     path = quantplug.save(tiny_llama(seed=7), tmp_path / "ckpt")
     (path / "tokenizer.json").write_text("{}")
     quantplug.save(quantized_llama(), path)

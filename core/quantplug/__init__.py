@@ -42,10 +42,10 @@ _LAZY = {
     "to_transformers": ".integrations.transformers",
     "quantize": ".convert",
     "QuantizeReport": ".convert",
-    "save": ".checkpoint",
+    "save": ".saving",
     "compare": ".comparison",
     "Comparison": ".comparison",
-    "load": ".checkpoint",
+    "load": ".loading",
 }
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import quantplug
-import quantplug.checkpoint as checkpoint_module
+import quantplug.saving as saving_module
 from quantplug.testing import logits
 from quantplug.walk import INFO_ATTR
 from quantplug_rtn.quantizer import RtnQuantizer
@@ -48,7 +48,7 @@ def quantized_llama(seed: int = 0):
 
 def _fail_on_second_write(exc: BaseException):
     def arrange(monkeypatch, model):
-        real = checkpoint_module.write_file
+        real = saving_module.write_file
         calls = []
 
         def flaky(path, tensors, metadata=None):
@@ -57,7 +57,7 @@ def _fail_on_second_write(exc: BaseException):
                 raise exc
             return real(path, tensors, metadata)
 
-        monkeypatch.setattr(checkpoint_module, "write_file", flaky)
+        monkeypatch.setattr(saving_module, "write_file", flaky)
         # the first shard was written before the failure
         return lambda: len(calls) == 2 and calls[0].startswith("model-00001-of-")
 
@@ -126,7 +126,7 @@ CRASH_SERVER = textwrap.dedent(
     import torch
     from safetensors.torch import load_file
     from torch import nn
-    import quantplug, quantplug.checkpoint
+    import quantplug, quantplug.saving
 
     torch.set_num_threads(1)  # no OpenMP threads: forking below is safe
 

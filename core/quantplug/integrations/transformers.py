@@ -329,10 +329,10 @@ class QuantplugHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        from ..checkpoint import _versions
+        from ..checkpoint import header_metadata
 
         info: QuantizedModelInfo | None = getattr(model, INFO_ATTR, None)
-        metadata = {k: v for k, v in _versions(info).items() if k != "format"}
+        metadata = {k: v for k, v in header_metadata(info).items() if k != "format"}
         if info is None or _uses_state_dict_layout(info.quantizer):
             return None, metadata
         # The backend stores other tensors than its modules' state_dict: write quantplug.save's layout.

@@ -1,0 +1,344 @@
+"""``load``: a checkpoint folder into a model, one tensor at a time.
+
+The steps: open the folder and choose the quantizer (``config.json``'s ``quantization_config`` for a
+pre-quantized checkpoint, ``config=`` for quantize-on-load, none for a plain load) -> build the model
+skeleton (parameters on the meta device) -> plan what the checkpoint must hold, and verify every
+key, shape and dtype against it before anything is read -> read each layer's tensors and rebuild it
+through the one layer walk (``load_module``, or ``quantize_module`` on the full-precision layer),
+then the remaining tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CONFIG_NAME, PICKLE_FILES, Checkpoint, read_json
+from .config import QuantConfig
+from .dispatch import AutoQuantizer, config_from_dict
+from .errors import BackendUnavailableError, CheckpointError, ConfigError, UnknownMethodError
+from .integrations import register_if_transformers_loaded
+from .layers import as_linear, owner_of, transformers_tied_keys
+from .skeleton import skeleton
+from .walk import LayerWalk
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    config: QuantConfig | dict[str, Any] | None = None,
+    model: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Load a checkpoint folder, reading one tensor at a time.
+
+    - Pre-quantized (``config.json`` has ``quantization_config``): dispatched to the plugin that owns
+      its ``quant_method``; an unknown method or a missing plugin is an error saying what to install.
+    - ``config=`` given: the checkpoint must be full precision; each layer is quantized as it is
+      read (quantize-on-load), so peak memory stays near the quantized size.
+    - Neither: a plain full-precision load.
+
+    ``model`` is an instance of the model class to fill (needed for non-Transformers models);
+    by default the class comes from ``config.json``'s ``architectures``. Every tensor's key, shape
+    and (for quantized modules) dtype is checked against what the config implies.
+    """
+    folder, config_json = _open(path)
+    quantizer, prequantized = _quantizer(folder, config_json, config)
+    target = torch.device(device)
+    if quantizer is not None:
+        quantizer.validate_environment(target)
+    ckpt = Checkpoint(folder)
+    if model is None:
+        model = skeleton(folder, config_json, dtype, ckpt.most_common_float_dtype())
+    walk = LayerWalk(model, quantizer) if quantizer is not None else None
+    layout = _Layout.plan(model, walk, prequantized)
+    layout.verify(folder, ckpt)
+    if prequantized:  # the tensors fit the config; is it the config they were saved with?
+        _check_recorded_config(folder / CONFIG_NAME, ckpt, quantizer.config)
+    float_dtype = dtype or (model.dtype if hasattr(model, "dtype") else None)
+    reader = _Reader(ckpt, layout.aliases, target, float_dtype)
+    with torch.no_grad():
+        if walk is not None:
+            walk.replace(
+                _layer_builder(walk, layout, reader, prequantized),
+                desc="loading",
+                progress=progress,
+                trim_every=0,
+            )
+        _fill_the_rest(model, layout, reader)
+    left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"{folder}: tensors {_fmt(left)} were not in the checkpoint")
+    model.to(target)
+    if walk is not None:
+        walk.finish()
+        register_if_transformers_loaded()
+    model.eval()
+    return model
+
+
+def _open(path: str | os.PathLike) -> tuple[Path, dict]:
+    """The checkpoint folder and its config.json, with clear errors for what is not a checkpoint."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder} is not a folder; a checkpoint is a folder with {CONFIG_NAME} and safetensors files"
+        )
+    config_path = folder / CONFIG_NAME
+    if not config_path.exists():
+        if any((folder / n).exists() for n in PICKLE_FILES):
+            Checkpoint(folder)  # raises the clearer reason: pickle-only weights
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
+    config_json = read_json(config_path)
+    if not isinstance(config_json, dict):
+        raise CheckpointError(f"{config_path}: not a JSON object")
+    return folder, config_json
+
+
+def _quantizer(folder: Path, config_json: dict, config: Any) -> tuple[Any, bool]:
+    """The quantizer for this load (``None`` for a plain one) and whether the checkpoint is
+    pre-quantized. Config errors from config.json name the file."""
+    config_path = folder / CONFIG_NAME
+    saved_qc = config_json.get("quantization_config")
+    if config is not None and saved_qc is not None:
+        method = saved_qc.get("quant_method") if isinstance(saved_qc, dict) else saved_qc
+        raise ConfigError(
+            f"{folder} is already quantized (quant_method {method!r}); load it without config=, or "
+            f"quantize its full-precision original",
+            field="quant_method",
+            value=method,
+            allowed="a full-precision checkpoint",
+        )
+    if saved_qc is None:
+        quantizer = AutoQuantizer.from_config(config) if config is not None else None
+        if quantizer is not None and quantizer.needs_calibration():
+            raise ConfigError(
+                f"{type(quantizer.config).__name__} ({quantizer.config.quant_method}) needs calibration data, "
+                f"which quantize-on-load cannot give it: load the full-precision model, then "
+                f"quantplug.quantize(model, config, calibration_data=...)",
+                field="calibration_data",
+                value=None,
+                allowed="a config that needs no calibration",
+            )
+        return quantizer, False
+    if not isinstance(saved_qc, dict):
+        raise CheckpointError(f"{config_path}: quantization_config must be an object, got {saved_qc!r}")
+    with _naming(config_path):
+        return AutoQuantizer.from_config(config_from_dict(saved_qc)), True
+
+
+@dataclasses.dataclass
+class _Layout:
+    """What the checkpoint must hold: every key with its shape (and, for a pre-quantized module's
+    tensors, dtype), the keys of each quantized module, and the tensors stored once under another
+    name (tied weights: alias -> stored key, filled in by ``verify``)."""
+
+    model: nn.Module
+    expected: dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]]
+    owned: dict[str, list[str]]
+    metas: dict[str, nn.Linear]
+    prequantized: bool
+    method: str | None
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def plan(cls, model: nn.Module, walk: LayerWalk | None, prequantized: bool) -> _Layout:
+        names = set(walk.names) if walk is not None else set()
+        expected = {
+            k: (tuple(t.shape), None) for k, t in model.state_dict().items() if not owner_of(k, names)
+        }
+        owned: dict[str, list[str]] = {}
+        metas = walk.meta_linears() if walk is not None else {}
+        for name in walk.names if walk is not None else ():
+            if prequantized:
+                spec = walk.quantizer.expected_tensors(name, metas[name])
+            else:
+                spec = {k: (tuple(v.shape), None) for k, v in model.get_submodule(name).state_dict().items()}
+            owned[name] = [f"{name}.{k}" for k in spec]
+            expected.update({f"{name}.{k}": v for k, v in spec.items()})
+        method = walk.quantizer.config.quant_method if walk is not None else None
+        return cls(model, expected, owned, metas, prequantized, method)
+
+    def verify(self, folder: Path, ckpt: Checkpoint) -> None:
+        """Every stored key, shape and dtype is what the plan expects, nothing is missing."""
+        have = ckpt.keys()
+        self.aliases = _aliases(folder, ckpt, self.model, self.expected)
+        unexpected = have - set(self.expected)
+        missing = set(self.expected) - have - set(self.aliases)
+        if unexpected or missing:
+            what = f"quant_method {self.method!r}" if self.prequantized else "the model"
+            parts = []
+            if missing:
+                parts.append(f"missing tensors {_fmt(missing)}")
+            if unexpected:
+                parts.append(f"unexpected tensors {_fmt(unexpected)}")
+            raise CheckpointError(f"{folder}: does not match what {what} implies: {'; '.join(parts)}")
+        model_state = self.model.state_dict()
+        for key in sorted(have):
+            shape, dt = self.expected[key]
+            got_shape, got_dtype = ckpt.spec(key)
+            if shape is not None and tuple(got_shape) != tuple(shape):
+                raise CheckpointError(
+                    f"{folder}: tensor {key!r} has shape {list(got_shape)}, expected {list(shape)}"
+                )
+            if dt is not None and got_dtype != dt:
+                raise CheckpointError(f"{folder}: tensor {key!r} has dtype {got_dtype}, expected {dt}")
+            mine = model_state.get(key)
+            if dt is None and mine is not None and not _compatible_dtype(got_dtype, mine.dtype):
+                # full-precision floats may be stored in any float dtype (they are cast); nothing else
+                raise CheckpointError(
+                    f"{folder}: tensor {key!r} has dtype {got_dtype}, expected "
+                    f"{'a floating-point dtype' if mine.dtype.is_floating_point else mine.dtype}"
+                )
+
+
+@dataclasses.dataclass
+class _Reader:
+    """Reads a tensor (or the stored source of an alias) onto the target device; full-precision
+    floats are cast to the model's dtype, a quantized module's tensors stay as stored."""
+
+    ckpt: Checkpoint
+    aliases: dict[str, str]
+    target: torch.device
+    float_dtype: torch.dtype | None
+
+    def __call__(self, key: str, cast: bool) -> torch.Tensor:
+        t = self.ckpt.read(self.aliases.get(key, key)).to(self.target)
+        return (
+            t.to(self.float_dtype) if cast and self.float_dtype is not None and t.is_floating_point() else t
+        )
+
+
+def _layer_builder(walk: LayerWalk, layout: _Layout, read: _Reader, prequantized: bool):
+    """How the walk rebuilds one layer: from its stored quantized tensors (``load_module``), or by
+    filling the full-precision layer and quantizing it (``quantize_module``, quantize-on-load)."""
+    quantizer = walk.quantizer
+
+    def build(name: str, module: nn.Module) -> nn.Module:
+        prefix = name + "."
+        tensors = {k[len(prefix) :]: read(k, cast=not prequantized) for k in layout.owned[name]}
+        if prequantized:
+            return quantizer.load_module(name, layout.metas[name], tensors)
+        for k, t in tensors.items():
+            _assign(module, k, t)
+        return quantizer.quantize_module(name, as_linear(module))
+
+    return build
+
+
+def _fill_the_rest(model: nn.Module, layout: _Layout, read: _Reader) -> None:
+    """Assign every tensor not owned by a quantized module; tied tensors whose source stays in full
+    precision share its storage, so they go last."""
+    done = {k for keys in layout.owned.values() for k in keys}
+    names = set(layout.owned)
+    tied = {k for k, src in layout.aliases.items() if k not in done and not owner_of(src, names)}
+    for key in sorted(k for k in layout.expected if k not in done and k not in tied):
+        _assign(model, key, read(key, cast=True))
+    for key in sorted(tied):
+        _assign_alias(model, key, layout.aliases[key])
+
+
+def _fmt(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    mod_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(mod_name) if mod_name else model
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(
+            tensor, requires_grad=old.requires_grad if old is not None else False
+        )
+    else:
+        module._buffers[attr] = tensor
+
+
+def _check_recorded_config(config_path: Path, ckpt: Checkpoint, config: QuantConfig) -> None:
+    """The weights' header records the config they were saved with (quantplug >= 0.1 writes it);
+    config.json must say the same, or the tensors would be run as something they are not (two
+    configs can share a layout, e.g. torchao int8 weight-only and int8 dynamic-activation)."""
+    recorded = ckpt.metadata.get("quantization_config")
+    if recorded is None:  # written by another tool, or before quantplug recorded it
+        return
+    where = next(iter(ckpt.files.values())).path
+    try:
+        data = json.loads(recorded)
+        same = isinstance(data, dict) and data.get("quant_method") == config.quant_method
+        same = same and type(config).from_dict(data) == config
+    except (json.JSONDecodeError, ConfigError) as exc:
+        raise CheckpointError(f"{where}: header metadata quantization_config is corrupt ({exc})") from None
+    if not same:
+        raise CheckpointError(
+            f"{config_path}: quantization_config {config.to_json(indent=None)} is not the config {where.name} "
+            f"was saved with ({recorded}); restore config.json's quantization_config, or re-save the model"
+        )
+
+
+def _compatible_dtype(stored: torch.dtype, model: torch.dtype) -> bool:
+    if model.is_floating_point:
+        return stored.is_floating_point
+    return stored == model
+
+
+@contextlib.contextmanager
+def _naming(config_path: Path) -> Iterator[None]:
+    """Prefix the message of a config error raised inside with the config file it came from."""
+    try:
+        yield
+    except (ConfigError, UnknownMethodError, BackendUnavailableError) as exc:
+        if exc.args and isinstance(exc.args[0], str) and str(config_path) not in exc.args[0]:
+            exc.args = (f"{config_path}: quantization_config: {exc.args[0]}", *exc.args[1:])
+        raise
+
+
+def _aliases(folder: Path, ckpt: Checkpoint, model: nn.Module, expected: dict) -> dict[str, str]:
+    """Tensors stored once under another name (tied weights): alias -> stored key, checked."""
+    have = ckpt.keys()
+    out = {}
+    candidates = [(a, s, "quantplug_aliases") for a, s in ckpt.aliases.items()]
+    candidates += [(a, s, "tied weights") for a, s in transformers_tied_keys(model).items()]
+    for alias, source, where in candidates:
+        if alias in have or alias in out:
+            continue
+        if where == "tied weights" and (alias not in expected or source not in have):
+            continue  # e.g. the tied head was quantized: nothing to tie
+        if alias not in expected:
+            raise CheckpointError(f"{folder}: {where} names {alias!r}, which the model does not have")
+        if source not in have:
+            raise CheckpointError(
+                f"{folder}: {where} ties {alias!r} to {source!r}, which is not in the checkpoint"
+            )
+        shape = expected[alias][0]
+        if shape is not None and tuple(ckpt.spec(source)[0]) != tuple(shape):
+            raise CheckpointError(
+                f"{folder}: {where} ties {alias!r} (shape {list(shape)}) to {source!r} "
+                f"(shape {list(ckpt.spec(source)[0])})"
+            )
+        out[alias] = source
+    return out
+
+
+def _assign_alias(model: nn.Module, alias: str, source: str) -> None:
+    mod_name, _, attr = source.rpartition(".")
+    src_mod = model.get_submodule(mod_name) if mod_name else model
+    tensor = src_mod._parameters.get(attr)
+    if tensor is None:
+        tensor = src_mod._buffers[attr]
+    amod_name, _, aattr = alias.rpartition(".")
+    amod = model.get_submodule(amod_name) if amod_name else model
+    if aattr in amod._parameters:
+        amod._parameters[aattr] = tensor
+    else:
+        amod._buffers[aattr] = tensor
