@@ -12,6 +12,7 @@ import json
 from typing import Any, Literal
 
 import quantplug
+from quantplug.matching import matching_pattern
 
 NBITS = (1, 2, 3, 4, 8)
 LAYER_KEYS = ("nbits", "group_size", "axis", "view_as_float")
@@ -20,19 +21,9 @@ LAYER_KEYS = ("nbits", "group_size", "axis", "view_as_float")
 DEPRECATED_KEYS = ("quant_zero", "quant_scale", "offload_meta")
 #: what a dynamic_config entry's missing keys default to (hqq's BaseQuantizeConfig defaults)
 DYNAMIC_DEFAULTS = {"nbits": 4, "group_size": 64, "axis": 1, "view_as_float": False}
-
-
-def linear_tag(name: str) -> str:
-    """Transformers' HQQ "linear tag" of a module name: without ``model``, ``layers`` and layer
-    numbers (``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``)."""
-    return ".".join(p for p in name.split(".") if p not in ("model", "layers") and not p.isnumeric())
-
-
-def name_matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    """True when ``name``'s linear tag is a pattern, or a pattern is a run of whole dotted
-    components of ``name`` (quantplug's ``modules_to_not_convert`` rule)."""
-    tag, padded = linear_tag(name), f".{name}."
-    return any(p in (tag, name) or f".{p}." in padded for p in patterns)
+#: how skip_modules and dynamic_config keys match module names: whole dotted components
+#: (quantplug's rule) or Transformers' HQQ linear tag (``self_attn.q_proj``)
+MATCH_RULES = ("components", "linear_tag")
 
 
 def _group_size_problem(value: Any) -> str | None:
@@ -59,6 +50,8 @@ class HqqConfig(quantplug.QuantConfig):
     """
 
     quant_method = "hqq"
+    skip_aliases = ("skip_modules",)  # matched by quantplug's core, like modules_to_not_convert
+    skip_rules = MATCH_RULES
 
     nbits: Literal[1, 2, 3, 4, 8] = 4
     group_size: int | None = 64
@@ -95,11 +88,11 @@ class HqqConfig(quantplug.QuantConfig):
                 "axis": self.axis,
                 "view_as_float": self.view_as_float,
             }
-        for key, entry in self.dynamic_config.items():
-            if name_matches(name, (key,)):
-                # Missing keys take hqq's BaseQuantizeConfig defaults, as in Transformers.
-                return {**DYNAMIC_DEFAULTS, **entry}
-        return None
+        key = matching_pattern(name, self.dynamic_config, MATCH_RULES)
+        if key is None:
+            return None
+        # Missing keys take hqq's BaseQuantizeConfig defaults, as in Transformers.
+        return {**DYNAMIC_DEFAULTS, **self.dynamic_config[key]}
 
     @classmethod
     def for_bits(cls, bits: int, **overrides: Any) -> HqqConfig:
