@@ -119,7 +119,7 @@ class LayerWalk:
         with progress_bar(len(self.names), desc, progress) as bar:
             for name in self.names:
                 module = self.model.get_submodule(name)
-                size = tensor_bytes(t for t in (module.weight, module.bias) if t is not None)
+                size = tensor_bytes([*module.parameters(), *module.buffers()])
                 total, pending = total + size, pending + size
                 set_submodule(self.model, name, build(name, module))
                 del module
