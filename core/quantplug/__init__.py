@@ -9,7 +9,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .backend import Backend, BackendStatus, Capabilities, Preset, Quantizer
+from .backend import Backend, BackendStatus, Quantizer
+from .capabilities import Capabilities, Preset
 from .config import QuantConfig
 from .dispatch import (
     AutoQuantizer,
