@@ -5,7 +5,7 @@ each bit width through ``quantplug.AutoQuantizer`` (what ``quantplug.quantize`` 
 after one warm-up layer, and records the median seconds per layer and the layer's relative output
 error. Writes ``quantize_time.json`` and ``quantize_time.md`` to ``--out-dir``.
 
-    python plugins/hqq/bench_quantize_time.py --out-dir bench/results/quality-hqq
+    python plugins/hqq/bench/quantize_time.py --out-dir bench/results/quality-hqq
 """
 
 from __future__ import annotations

@@ -5,28 +5,24 @@ installed (a benchmark, not a test).
 bench/quality.py's rows use each backend's own presets (hqq: group 64; rtn: 128 symmetric and 32
 asymmetric), and SmolLM2's weights come from a Q4_1 GGUF (4-bit, groups of 32,
 asymmetric), which rtn's int4 g32 asym nearly reproduces. This script pairs the configs exactly.
+Perplexity and quantize time come from ``quantplug.compare`` (its default text: the Python docs
+topics of the standard library); its latency figures are not used here (one short run each).
 
-    python plugins/hqq/bench_vs_rtn.py --out-dir bench/results/quality-hqq
+    python plugins/hqq/bench/vs_rtn.py --out-dir bench/results/quality-hqq
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 import quantplug
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "demo"))
 import prepare  # noqa: E402  (demo/prepare.py: the same cached model)
-
-from quantplug.comparison import default_text, perplexity  # noqa: E402  (the same text and perplexity)
 
 # 3 bits: rtn has none. 128 does not divide SmolLM2's hidden size 576: hqq refuses it (rtn pads).
 PAIRS = [(4, 32), (4, 64), (2, 32), (2, 64)]
@@ -42,51 +38,49 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    from transformers import AutoTokenizer
-
     folder = prepare.smollm2_folder(REPO / "demo/.cache", log)
-    tok = AutoTokenizer.from_pretrained(folder)
-    fp32 = quantplug.load(folder, progress=False).eval()
-    ids = torch.tensor(tok(default_text()[: args.tokens * 8], add_special_tokens=False).input_ids)
-    ids = ids[: args.tokens]
-    base = perplexity(fp32, ids, args.window, torch.device("cpu"))
-    log(f"fp32 perplexity {base:.3f} on {ids.numel()} tokens")
-    rows = [{"backend": "fp32", "bits": None, "group_size": None, "perplexity": base}]
+    candidates = []
     for bits, group in PAIRS:
-        configs = [("hqq", {"quant_method": "hqq", "nbits": bits, "group_size": group})]
+        candidates.append({"quant_method": "hqq", "nbits": bits, "group_size": group})
         if bits in (2, 4, 8):
-            configs.append(
-                ("rtn", {"quant_method": "rtn", "bits": bits, "group_size": group, "symmetric": False})
-            )
-        for backend, config in configs:
-            model = copy.deepcopy(fp32)
-            t0 = time.perf_counter()
-            report = quantplug.quantize(model, config, progress=False)
-            seconds = time.perf_counter() - t0
-            ppl = perplexity(model, ids, args.window, torch.device("cpu"))
-            row = {
-                "backend": backend,
-                "bits": bits,
-                "group_size": group,
-                "perplexity": ppl,
-                "ppl_change_pct": (ppl / base - 1) * 100,
-                "quantize_seconds": seconds,
-                "converted": len(report.converted),
-                "weight_MiB": report.bytes_after / 2**20,
+            candidates.append({"quant_method": "rtn", "bits": bits, "group_size": group, "symmetric": False})
+    result = quantplug.compare(
+        folder,
+        candidates,
+        device="cpu",
+        tokens=args.tokens,
+        window=args.window,
+        prefill_tokens=2,
+        decode_tokens=1,
+        repeats=1,
+        log=log,
+    )
+    base = result.baseline.perplexity
+    n_tokens = result.settings["tokens"]
+    rows = [{"backend": "fp32", "bits": None, "group_size": None, "perplexity": base}]
+    for row in result.rows[1:]:
+        if row.error:
+            raise SystemExit(f"{row.label} failed: {row.error}")
+        cfg = row.config
+        rows.append(
+            {
+                "backend": row.backend,
+                "bits": cfg.get("nbits", cfg.get("bits")),
+                "group_size": cfg["group_size"],
+                "perplexity": row.perplexity,
+                "ppl_change_pct": (row.perplexity / base - 1) * 100,
+                "quantize_seconds": row.quantize_seconds,
+                "weight_MiB": row.weight_bytes / 2**20,
             }
-            rows.append(row)
-            log(
-                f"{backend} {bits}-bit g{group}: ppl {ppl:.3f} ({row['ppl_change_pct']:+.1f}%), {seconds:.1f} s"
-            )
-            del model
+        )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "hqq_vs_rtn.json").write_text(
-        json.dumps({"tokens": int(ids.numel()), "window": args.window, "rows": rows}, indent=2) + "\n"
+        json.dumps({"tokens": n_tokens, "window": args.window, "rows": rows}, indent=2) + "\n"
     )
     lines = [
         "# HQQ vs round-to-nearest (rtn, asymmetric) at the same bits and group size",
         "",
-        f"SmolLM2-135M-Instruct (fp32, from its Q4_1 GGUF), perplexity on {ids.numel()} tokens of the "
+        f"SmolLM2-135M-Instruct (fp32, from its Q4_1 GGUF), perplexity on {n_tokens} tokens of the "
         f"Python docs text (window {args.window}); fp32 {base:.3f}. Quantize time includes the whole "
         "model (210 layers) on a shared 2-core CPU.",
         "",
