@@ -26,13 +26,7 @@ PRESETS = (
         rel_error=0.008,
         speed={"cuda": {"decode": 0.16, "prefill": 0.66}, "cpu": {"decode": 0.42, "prefill": 1.0}},
     ),
-    quantplug.Preset(
-        "float8",
-        {"weights": "float8"},
-        bits=8,
-        bits_per_weight=8.02,
-        rel_error=0.026,
-    ),
+    quantplug.Preset("float8", {"weights": "float8"}, bits=8, bits_per_weight=8.02, rel_error=0.026),
     quantplug.Preset(
         "int8-a8",
         {"weights": "int8", "activations": "int8"},

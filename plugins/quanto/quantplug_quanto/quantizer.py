@@ -5,8 +5,10 @@ Each ``nn.Linear`` becomes a ``QuantoLinear`` (optimum-quanto's ``QLinear`` thro
 optimum-quanto's ``Calibration`` mode in ``calibrate`` (called by ``quantplug.quantize(...,
 calibration_data=...)``).
 
-Checkpoint tensors of one layer: optimum-quanto's own flattened state dict, so the layout is the
-one its ``requantize`` reads:
+A layer's checkpoint tensors are its ``state_dict()``: optimum-quanto's own flattened state dict,
+the layout its ``requantize`` reads, plus one flag for activation configs. The core reads keys,
+shapes and dtypes off the layer built on the meta device (``empty_module``) and loads by
+``load_state_dict(..., assign=True)`` into it:
     weight._data          int8 / float8_e4m3fn [out, in]        (int8, float8 weights)
     weight._data._data    uint8, packed 2 (int4) or 4 (int2) codes per byte, grouped rows
     weight._scale         float dtype [out, 1] or [groups, 1]
@@ -39,13 +41,15 @@ OUTPUT_FLAG = "quantize_output"
 
 
 class QuantoLinear(QLinear):
-    """optimum-quanto's ``QLinear``, plus two things quantplug needs:
+    """optimum-quanto's ``QLinear``, plus what quantplug needs:
 
     - under ``torch.inference_mode()`` the call runs with inference mode off (and gradients off):
       quanto's packed int4/int2 weights otherwise fail there with "Cannot set version_counter for
       inference tensor" (the ``t()`` view of a tensor subclass); outputs are ordinary tensors.
     - a layer with quantized activations refuses to run until its activation scales were
       calibrated (or loaded), instead of computing with the placeholder scale 1.
+    - its state dict carries ``quantize_output`` (activation configs), and loading keeps int4/int2
+      weights packed as stored where optimum-quanto would unpack and repack them.
     """
 
     calibrated: bool = True
@@ -72,39 +76,58 @@ class QuantoLinear(QLinear):
         handle = self._quantize_hooks.get("output")
         return handle is not None and handle.id in self._forward_hooks
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.activation_qtype is not None:
+            flag = torch.tensor(self.output_quantized, device=self.input_scale.device)
+            destination[prefix + OUTPUT_FLAG] = flag
 
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    else:
-        model(batch)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        flag = state_dict.pop(prefix + OUTPUT_FLAG, None)
+        if self.weight_qtype.bits < 8 and prefix + "weight" not in state_dict:
+            # optimum-quanto's own load would call optimize(), which unpacks and repacks every weight
+            # even when the layout stays the same (that doubled load time, about 0.1 s per SmolLM2
+            # layer); create() unpacks only to switch layout (e.g. tinygemm for bf16).
+            flat = WeightQBitsTensor.load_from_state_dict(
+                state_dict,
+                prefix + "weight.",
+                qtype=self.weight_qtype,
+                axis=0,
+                group_size=self.weight_group_size,
+                size=self.weight.size(),
+                stride=self.weight.stride(),
+                missing_keys=missing,
+            )
+            if flat is not None:
+                layout = (flat.qtype, flat.axis, flat._group_size, flat.size(), flat.stride())
+                state_dict[prefix + "weight"] = WeightQBitsTensor.create(
+                    *layout, flat._data, flat._scale, flat._shift
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if flag is not None and not bool(flag):
+            self.disable_output_quantization()
+        self.calibrated = True  # the stored activation scales are calibrated ones
 
 
 class QuantoQuantizer(quantplug.Quantizer):
     config: QuantoConfig
 
-    @property
-    def weights(self):
-        return QTYPES[self.config.weights]
-
-    @property
-    def activations(self):
-        return None if self.config.activations is None else QTYPES[self.config.activations]
-
     def needs_calibration(self) -> bool:
         return self.config.activations is not None
 
-    def _qmodule(self, module: nn.Linear) -> QuantoLinear:
-        qmodule = QuantoLinear.from_module(module, weights=self.weights, activations=self.activations)
+    def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
+        activations = self.config.activations
+        qmodule = QuantoLinear.from_module(
+            module,
+            weights=QTYPES[self.config.weights],
+            activations=None if activations is None else QTYPES[activations],
+        )
         qmodule.freeze()  # weights -> optimum-quanto's quantized tensors (and its CPU/CUDA kernels)
-        qmodule.calibrated = self.activations is None
+        qmodule.calibrated = activations is None
         return qmodule
 
-    def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
-        return self._qmodule(module)
-
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
-        return self._qmodule(module)  # module is on the meta device: so is the result
+        return self.quantize_module(name, module)  # module is on the meta device: so is the result
 
     def calibrate(self, model: nn.Module, batches: list[Any]) -> None:
         layers = [
@@ -117,7 +140,10 @@ class QuantoQuantizer(quantplug.Quantizer):
         try:
             with Calibration(streamline=True):
                 for batch in batches:
-                    _run(model, batch)
+                    if isinstance(batch, Mapping):
+                        model(**batch)
+                    else:
+                        model(batch)
         except BaseException:
             for m in layers:
                 m.calibrated = False
@@ -134,56 +160,4 @@ class QuantoQuantizer(quantplug.Quantizer):
                 value=None,
                 allowed="an iterable of model inputs",
             )
-        tensors = dict(qmodule.state_dict())  # optimum-quanto flattens its tensor subclasses here
-        if qmodule.activation_qtype is not None:
-            tensors[OUTPUT_FLAG] = torch.tensor(qmodule.output_quantized, device=qmodule.input_scale.device)
-        return tensors
-
-    def expected_tensors(self, name: str, module: nn.Linear) -> dict[str, tuple]:
-        spec = {k: (tuple(t.shape), t.dtype) for k, t in self.empty_module(name, module).state_dict().items()}
-        if self.activations is not None:
-            spec[OUTPUT_FLAG] = ((), torch.bool)
-        return spec
-
-    def _packed_weight(self, qmodule: QuantoLinear, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The int4/int2 weight from its flattened tensors (popped from ``tensors``), in the layout
-        optimum-quanto picks for the device. Its ``_load_from_state_dict`` would do the same through
-        ``optimize()``, which unpacks and repacks every weight even when the layout stays the same:
-        that doubled load time (about 0.1 s per SmolLM2 layer here); ``create`` unpacks only when it
-        switches layout (e.g. tinygemm for bf16)."""
-        flat = WeightQBitsTensor.load_from_state_dict(
-            tensors,
-            "weight.",
-            qtype=self.weights,
-            axis=0,
-            group_size=qmodule.weight_group_size,
-            size=qmodule.weight.size(),
-            stride=qmodule.weight.stride(),
-            missing_keys=[],
-        )
-        return WeightQBitsTensor.create(
-            flat.qtype,
-            flat.axis,
-            flat._group_size,
-            flat.size(),
-            flat.stride(),
-            flat._data,
-            flat._scale,
-            flat._shift,
-        )
-
-    def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
-        tensors = dict(tensors)
-        flag = tensors.pop(OUTPUT_FLAG, None)
-        # An unfrozen QLinear on the meta device: optimum-quanto's _load_from_state_dict rebuilds the
-        # quantized weight from the flattened tensors (and picks the kernel layout for the device).
-        qmodule = QuantoLinear.qcreate(module, self.weights, self.activations, device="meta")
-        if self.weights.bits < 8:
-            tensors["weight"] = self._packed_weight(qmodule, tensors)
-        qmodule.load_state_dict(tensors, strict=True, assign=True)
-        if not qmodule.frozen:
-            raise quantplug.CheckpointError(f"{name}: the checkpoint did not hold a quantized weight")
-        if flag is not None and not bool(flag):
-            qmodule.disable_output_quantization()
-        qmodule.calibrated = True
-        return qmodule
+        return dict(qmodule.state_dict())  # optimum-quanto flattens its tensor subclasses here
