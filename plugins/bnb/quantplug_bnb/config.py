@@ -9,28 +9,17 @@ it does not know, ``modules_to_not_convert``).
 ``llm_int8_skip_modules`` (Transformers' name) and ``modules_to_not_convert`` (quantplug's name)
 are one setting: give either, and both hold it; giving both with different values is an error.
 ``None`` means the default of both libraries: keep the output head (and tied layers) in full
-precision.
+precision. quantplug's core matches the patterns both its own way and Transformers' way
+(``skip_rules``), so everything Transformers leaves unconverted stays unconverted here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import quantplug
-
-#: Transformers' module-boundary rule for skip patterns (transformers.quantizers.quantizers_utils)
-_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
-
-
-def transformers_skips(name: str, patterns: tuple[str, ...] | None) -> str | None:
-    """The pattern by which Transformers' bitsandbytes integration leaves module ``name`` unconverted
-    (a prefix up to a module boundary, a regex with that boundary, or a plain suffix), or None."""
-    for p in patterns or ():
-        if re.match(rf"(?:{p}){_BOUNDARY}", name) or name.endswith(p):
-            return p
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +41,8 @@ class BnbConfig(quantplug.QuantConfig):
     """
 
     quant_method = "bitsandbytes"
+    skip_aliases: ClassVar[tuple[str, ...]] = ("llm_int8_skip_modules",)
+    skip_rules: ClassVar[tuple[str, ...]] = ("components", "transformers")
 
     load_in_8bit: bool = False
     load_in_4bit: bool = False
@@ -77,17 +68,13 @@ class BnbConfig(quantplug.QuantConfig):
             object.__setattr__(self, "bnb_4bit_compute_dtype", "float32")
         if self.bnb_4bit_quant_storage is None:
             object.__setattr__(self, "bnb_4bit_quant_storage", "uint8")
-        if self.load_in_4bit and self.load_in_8bit:
+        if self.load_in_4bit == self.load_in_8bit:
             raise self.invalid(
                 "load_in_4bit",
                 "exactly one of load_in_4bit / load_in_8bit set to true",
-                "load_in_8bit is also true; pick one",
-            )
-        if not (self.load_in_4bit or self.load_in_8bit):
-            raise self.invalid(
-                "load_in_4bit",
-                "exactly one of load_in_4bit / load_in_8bit set to true",
-                "neither load_in_4bit nor load_in_8bit is true, so nothing would be quantized; "
+                "load_in_8bit is also true; pick one"
+                if self.load_in_8bit
+                else "neither load_in_4bit nor load_in_8bit is true, so nothing would be quantized; "
                 "or use BnbConfig.for_bits(4 or 8)",
             )
         if self.llm_int8_threshold < 0:
@@ -105,11 +92,11 @@ class BnbConfig(quantplug.QuantConfig):
                 f"the same list as llm_int8_skip_modules ({list(skip)!r}), or null",
                 "it is another name for llm_int8_skip_modules",
             )
-        for pattern in skip if skip is not None else mtnc or ():
+        field = "llm_int8_skip_modules" if skip is not None else "modules_to_not_convert"
+        for pattern in getattr(self, field) or ():
             try:
-                re.compile(pattern)
+                re.compile(pattern)  # Transformers' rule (one of skip_rules) matches them as regexes
             except re.error as exc:
-                field = "llm_int8_skip_modules" if skip is not None else "modules_to_not_convert"
                 raise self.invalid(
                     field,
                     "module names or regular expressions (Transformers matches them as regexes)",
@@ -136,21 +123,17 @@ class BnbConfig(quantplug.QuantConfig):
     def from_dict(cls, data: dict[str, Any]) -> BnbConfig:
         """Also reads Transformers' ``BitsAndBytesConfig.to_dict()``, which repeats ``load_in_4bit`` /
         ``load_in_8bit`` as ``_load_in_4bit`` / ``_load_in_8bit``: those must agree with the public keys."""
-        if isinstance(data, dict) and any(k in data for k in ("_load_in_4bit", "_load_in_8bit")):
+        if isinstance(data, dict):  # anything else: the base class says what is wrong
             data = dict(data)
             for public in ("load_in_4bit", "load_in_8bit"):
                 private = "_" + public
-                if private not in data:
-                    continue
-                value = data.pop(private)
-                if public not in data:
-                    data[public] = value
-                elif data[public] != value:
+                if private in data and data.setdefault(public, data[private]) != data[private]:
                     raise quantplug.ConfigError(
-                        f"{cls.__name__}: {public}={data[public]!r} contradicts {private}={value!r}; "
+                        f"{cls.__name__}: {public}={data[public]!r} contradicts {private}={data[private]!r}; "
                         f"make them equal (or drop {private})",
                         field=public,
                         value=data[public],
-                        allowed=[value],
+                        allowed=[data[private]],
                     )
+                data.pop(private, None)
         return super().from_dict(data)

@@ -1,16 +1,12 @@
-"""``BnbQuantizer``: wraps bitsandbytes' own ``Linear8bitLt`` / ``Linear4bit`` (``Int8Params`` /
-``Params4bit``) and kernels; nothing is reimplemented here.
+"""``BnbQuantizer``: bitsandbytes' own ``Linear8bitLt`` / ``Linear4bit`` (``Int8Params`` /
+``Params4bit``), quantized by bitsandbytes' own functions; nothing is reimplemented here.
 
-The checkpoint tensors of a layer are exactly what Transformers' bitsandbytes integration writes
-(the modules' own ``state_dict()``), so checkpoints move both ways between quantplug and
-``from_pretrained`` / ``save_pretrained``:
-
-    8-bit   weight int8 [out, in], SCB float32 [out] (row scales), weight_format uint8 [] (0 = row), bias
-    4-bit   weight <quant_storage> [ceil(out*in/2) / itemsize, 1] (packed codes), weight.absmax
-            (float32, or uint8 with double quant, one per block of 64), weight.quant_map float32 [16],
-            weight.nested_absmax / weight.nested_quant_map (double quant only),
-            weight.quant_state.bitsandbytes__<nf4|fp4> (uint8: bitsandbytes' JSON-packed quant state:
-            block size, dtype, shape), bias
+A layer's checkpoint tensors are what these modules write in ``state_dict()``, which is exactly what
+Transformers' bitsandbytes integration saves and loads (the README lists them), so checkpoints move
+both ways between quantplug and ``from_pretrained`` / ``save_pretrained``. Quantizing a layer is
+bitsandbytes' quantization followed by the rebuild that loading does (``Params4bit.from_prequantized``,
+as Transformers loads). ``empty_module`` quantizes the meta-device layer that way, so the keys,
+shapes and dtypes a checkpoint must hold are read off bitsandbytes' own module.
 """
 
 from __future__ import annotations
@@ -24,22 +20,28 @@ from torch import nn
 
 import quantplug
 
-from .config import BnbConfig, transformers_skips
+from .config import BnbConfig
 
-_QUANT_MAP_SIZE = 16  # 4-bit code book
-_NESTED_QUANT_MAP_SIZE = 256  # 8-bit dynamic code book of double quant
-#: attribute of a quantized Linear4bit: its serialized quant state, recorded before any CPU repacking
+#: attribute of a quantized Linear4bit: its quant state's checkpoint tensors, recorded before any
+#: CPU repacking (see module_tensors)
 _SAVED_STATE = "quantplug_quant_state"
+#: 4-bit entries whose sizes the stored quant state sets (its block size, its JSON), checked by load_module
+_STATE_SIZED = ("weight.absmax", "weight.nested_absmax", "weight.quant_state.")
 
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _state_tensors(state: bnb_functional.QuantState) -> dict[str, torch.Tensor]:
+    """A 4-bit layer's quant state as its checkpoint entries (``QuantState.as_dict(packed=True)``)."""
+    if state.nested and state.offset.is_meta:
+        state.offset = torch.zeros(())  # its value goes into the JSON; a meta layer has none
+    return {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+
+
 class BnbQuantizer(quantplug.Quantizer):
     config: BnbConfig
-
-    # -- environment ---------------------------------------------------------------------------
 
     def validate_environment(self, device: torch.device | str) -> None:
         super().validate_environment(device)
@@ -50,88 +52,50 @@ class BnbQuantizer(quantplug.Quantizer):
                 f"sees no CUDA device; use device='cpu' (int8, nf4 and fp4 all run on CPU) or a CUDA build of torch"
             )
 
-    def skip_reason(self, name: str, module: nn.Linear) -> str | None:
-        # quantplug's plan() already skips what its own matching finds; also skip what Transformers'
-        # matching of the same list finds, so both load the same checkpoint layout.
-        pattern = transformers_skips(name, self.config.llm_int8_skip_modules)
-        if pattern is not None:
-            return f"matches llm_int8_skip_modules pattern {pattern!r} (as Transformers matches it)"
-        return None
-
-    # -- building modules ----------------------------------------------------------------------
-
-    def _linear4bit(self, module: nn.Linear) -> bnb.nn.Linear4bit:
-        c = self.config
-        return bnb.nn.Linear4bit(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            compute_dtype=_dtype(c.bnb_4bit_compute_dtype),
-            compress_statistics=c.bnb_4bit_use_double_quant,
-            quant_type=c.bnb_4bit_quant_type,
-            quant_storage=_dtype(c.bnb_4bit_quant_storage),
-            device="meta",
-        )
-
-    def _linear8bit(self, module: nn.Linear) -> bnb.nn.Linear8bitLt:
-        return bnb.nn.Linear8bitLt(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            has_fp16_weights=False,
-            threshold=self.config.llm_int8_threshold,
-            device="meta",
-        )
-
-    @staticmethod
-    def _set_bias(qmodule: nn.Module, bias: torch.Tensor | None) -> None:
-        if bias is not None:
-            qmodule.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    # -- quantizing: bitsandbytes' quantization, then the rebuild that loading does ---------------
 
     def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
-        device = module.weight.device
-        weight = module.weight.detach()
-        if self.config.load_in_4bit:
-            q = self._linear4bit(module)
-            c = self.config
-            # Params4bit quantizes with bitsandbytes' quantize_4bit when moved to a device.
-            q.weight = bnb.nn.Params4bit(
-                weight,
-                requires_grad=False,
+        q = self.load_module(name, module, self._quantized_tensors(module))
+        # A new module starts in training mode; bitsandbytes' int8 matmul treats outliers differently
+        # when training, so follow the layer it replaces (an eval() model stays in eval).
+        return q.train(module.training)
+
+    def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
+        return self.quantize_module(name, module)  # bitsandbytes' functions run on meta tensors too
+
+    def _quantized_tensors(self, module: nn.Linear) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of ``module``, quantized as ``Int8Params`` / ``Params4bit`` do it
+        when moved to a device."""
+        c, weight = self.config, module.weight.detach()
+        if c.load_in_8bit:
+            cb, scb, _ = bnb_functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+            tensors = {"weight": cb, "SCB": scb, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+        else:
+            data, state = bnb_functional.quantize_4bit(
+                weight.contiguous(),
                 compress_statistics=c.bnb_4bit_use_double_quant,
                 quant_type=c.bnb_4bit_quant_type,
                 quant_storage=_dtype(c.bnb_4bit_quant_storage),
-                module=q,
-            ).to(device)
-            self._record_quant_state(q)
-        else:
-            q = self._linear8bit(module)
-            # Int8Params quantizes (int8_vectorwise_quant) when moved from the CPU to a device.
-            q.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(
-                device
             )
-        self._set_bias(q, module.bias)
-        q.requires_grad_(False)
-        # A new module starts in training mode; bitsandbytes' int8 matmul treats outliers differently
-        # when training, so follow the layer it replaces (an eval() model stays in eval).
-        q.train(module.training)
-        return q
-
-    def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
-        q = self._linear4bit(module) if self.config.load_in_4bit else self._linear8bit(module)
-        q.requires_grad_(False)
-        return q
+            tensors = {"weight": data, **_state_tensors(state)}
+        if module.bias is not None:
+            tensors["bias"] = module.bias.detach()
+        return tensors
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _record_quant_state(q: bnb.nn.Linear4bit) -> None:
-        """Keep the serialized quant state (small: ~0.5 bit per weight) as it is before the first
-        forward. On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer on its first
-        eval forward and stores the block scales as transposed bfloat16; its state_dict() then
-        writes those (and corrupts the layer for later forwards), so module_tensors must not call
-        it on a repacked layer."""
-        setattr(q, _SAVED_STATE, dict(q.weight.quant_state.as_dict(packed=True)))
+    def expected_tensors(
+        self, name: str, module: nn.Linear
+    ) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]]:
+        # read off empty_module (the default), except: the bias may be stored in any float dtype
+        # (it is cast), and the stored quant state sets the sizes of its own entries
+        spec = super().expected_tensors(name, module)
+        for key, (shape, dtype) in spec.items():
+            if key == "bias":
+                spec[key] = (shape, None)
+            elif key.startswith(_STATE_SIZED):
+                spec[key] = (None, dtype)
+        return spec
 
     def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
         qs = getattr(qmodule.weight, "quant_state", None)
@@ -141,6 +105,10 @@ class BnbQuantizer(quantplug.Quantizer):
         return {k: v.detach().as_subclass(torch.Tensor) for k, v in qmodule.state_dict().items()}
 
     def _unrepacked_4bit_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
+        # On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer on its first eval
+        # forward and keeps the block scales as transposed bfloat16; its state_dict() then writes
+        # those (and corrupts the layer for later forwards). So write the quant state recorded when
+        # the layer was built, and the codes un-permuted by bitsandbytes' own inverse (exact).
         saved = getattr(qmodule, _SAVED_STATE, None)
         if saved is None:
             raise quantplug.PluginError(
@@ -148,53 +116,34 @@ class BnbQuantizer(quantplug.Quantizer):
                 f"its original quant state was not recorded (it was not built by quantplug-bnb), so it "
                 f"cannot be saved faithfully; quantize or load the model with quantplug and save before or after forwards"
             )
-        # bitsandbytes' own inverse of the weight repacking (exact: a bit permutation), run on a copy
-        # of the quant state so the live layer keeps working; the scales come from the recorded state.
+        # run on a copy of the quant state, so the live layer keeps working
         state = copy.copy(qmodule.weight.quant_state)
         state.original_nested = False  # skip re-quantizing the (bf16) scales: we have the originals
         weight, _ = bnb_functional._convert_weight_packed_for_cpu_inverse(qmodule.weight.data, state)
-        out = {"weight": weight}
-        if qmodule.bias is not None:
-            out["bias"] = qmodule.bias.detach()
-        out.update({f"weight.{k}": v for k, v in saved.items()})
-        return out
-
-    def expected_tensors(
-        self, name: str, module: nn.Linear
-    ) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]]:
-        c = self.config
-        out_f, in_f = module.out_features, module.in_features
-        spec: dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]] = {}
-        if c.load_in_4bit:
-            storage = _dtype(c.bnb_4bit_quant_storage)
-            itemsize = torch.empty((), dtype=storage).element_size()
-            spec["weight"] = (((out_f * in_f + 1) // (2 * itemsize), 1), storage)
-            spec["weight.absmax"] = (None, torch.uint8 if c.bnb_4bit_use_double_quant else torch.float32)
-            spec["weight.quant_map"] = ((_QUANT_MAP_SIZE,), torch.float32)
-            if c.bnb_4bit_use_double_quant:
-                spec["weight.nested_absmax"] = (None, torch.float32)
-                spec["weight.nested_quant_map"] = ((_NESTED_QUANT_MAP_SIZE,), torch.float32)
-            spec[f"weight.quant_state.bitsandbytes__{c.bnb_4bit_quant_type}"] = (None, torch.uint8)
-        else:
-            spec["weight"] = ((out_f, in_f), torch.int8)
-            spec["SCB"] = ((out_f,), torch.float32)
-            spec["weight_format"] = ((), torch.uint8)
-        if module.bias is not None:
-            spec["bias"] = ((out_f,), None)
-        return spec
+        bias = {} if qmodule.bias is None else {"bias": qmodule.bias.detach()}
+        return {"weight": weight, **bias, **saved}
 
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         if self.config.load_in_4bit:
             q = self._load_4bit(name, module, tensors)
         else:
             q = self._load_8bit(name, module, tensors)
-        self._set_bias(q, tensors.get("bias"))
-        q.requires_grad_(False)
-        return q
+        if tensors.get("bias") is not None:
+            q.bias = nn.Parameter(tensors["bias"].detach().clone(), requires_grad=False)
+        return q.requires_grad_(False)
 
     def _load_4bit(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         c = self.config
-        q = self._linear4bit(module)
+        q = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=_dtype(c.bnb_4bit_compute_dtype),
+            compress_statistics=c.bnb_4bit_use_double_quant,
+            quant_type=c.bnb_4bit_quant_type,
+            quant_storage=_dtype(c.bnb_4bit_quant_storage),
+            device="meta",
+        )
         data = tensors["weight"]
         stats = {k: v for k, v in tensors.items() if k.startswith("weight.")}
         try:
@@ -236,7 +185,7 @@ class BnbQuantizer(quantplug.Quantizer):
                 f"{name}: the stored bitsandbytes quant state does not match: {'; '.join(problems)}"
             )
         q.weight = weight
-        self._record_quant_state(q)
+        setattr(q, _SAVED_STATE, _state_tensors(qs))  # (small: ~0.5 bit per weight)
         return q
 
     def _load_8bit(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -245,7 +194,14 @@ class BnbQuantizer(quantplug.Quantizer):
             raise quantplug.CheckpointError(
                 f"{name}.weight_format is {fmt}; bitsandbytes {bnb.__version__} reads only 0 (row-major int8)"
             )
-        q = self._linear8bit(module)
+        q = bnb.nn.Linear8bitLt(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            has_fp16_weights=False,
+            threshold=self.config.llm_int8_threshold,
+            device="meta",
+        )
         data = tensors["weight"]
         q.weight = bnb.nn.Int8Params(
             data, requires_grad=False, has_fp16_weights=False, CB=data, SCB=tensors["SCB"]
