@@ -12,11 +12,7 @@ from typing import Any
 from .backend import Backend, BackendStatus, Quantizer
 from .capabilities import Capabilities, Preset
 from .config import QuantConfig
-from .dispatch import (
-    AutoQuantizer,
-    backends,
-    config_from_dict,
-    get_backend,
+from .discovery import (
     plugins,
     problems,
     register_backend,
@@ -24,6 +20,7 @@ from .dispatch import (
     reload_plugins,
     unregister_plugin,
 )
+from .dispatch import AutoQuantizer, backends, config_from_dict, get_backend
 from .errors import (
     BackendUnavailableError,
     CheckpointError,

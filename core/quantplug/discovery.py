@@ -1,5 +1,8 @@
-"""Discovery: plugin loading from entry points in the ``quantplug`` group, allow/deny lists from the environment,
-per-plugin error isolation, and the backends the plugins register.
+"""Discovery: which plugins are installed and which backends they register. Plugin loading from
+entry points in the ``quantplug`` group, allow/deny lists from the environment, per-plugin error
+isolation, tracing, and the process-wide registry (``registry()``, ``register_plugin``,
+``register_backend``, ``plugins()``, ``problems()``). Dispatch by ``quant_method`` is
+``quantplug.dispatch``'s.
 
 Each plugin is loaded and asked for its backends on its own. A plugin that fails to import,
 raises in a hook, registers an invalid descriptor or a backend name another plugin already owns
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +29,7 @@ import pluggy
 
 from . import hookspecs
 from .backend import Backend
+from .errors import PluginError
 
 ENTRY_POINT_GROUP = "quantplug"
 
@@ -263,3 +268,65 @@ class Registry:
 
     def sorted_backends(self) -> Iterable[Backend]:
         return [self.backends[k] for k in sorted(self.backends)]
+
+
+# -- the process-wide registry -------------------------------------------------------------------
+
+_lock = threading.RLock()
+_registry: Registry | None = None
+
+
+def registry() -> Registry:
+    """The process-wide registry, loading entry points on first use."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            reg = Registry()
+            reg.load_entry_points()
+            _registry = reg
+        return _registry
+
+
+def reload_plugins() -> None:
+    """Forget everything loaded and read the entry points (and environment variables) again.
+    Plugins registered programmatically are dropped too."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> PluginInfo:
+    """Register a plugin object (a module or object with ``@quantplug.hookimpl`` functions) at runtime,
+    e.g. in a test or a notebook. Problems are recorded like an entry point's, not raised."""
+    with _lock:
+        return registry().add_plugin(plugin, name=name)
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin and the backends it registered."""
+    with _lock:
+        registry().remove_plugin(name)
+
+
+def register_backend(backend: Backend) -> None:
+    """Register one backend directly (a shortcut for a one-backend plugin, e.g. in a test or a
+    notebook; it shows in ``plugins()`` as ``inline:<name>``). Raises ``PluginError`` when the
+    descriptor is invalid or the name is taken; nothing is recorded then."""
+    name = f"inline:{getattr(backend, 'name', backend)}"
+    with _lock:
+        reg = registry()
+        refused = reg.refusal(backend, name)
+        if refused is not None:
+            raise PluginError(refused[0])
+        info = PluginInfo(name)
+        reg.plugins[name] = info
+        reg.accept(info, backend)
+
+
+def plugins() -> list[PluginInfo]:
+    return [registry().plugins[k] for k in sorted(registry().plugins)]
+
+
+def problems() -> list[Problem]:
+    """What is wrong with installed plugins and backends, each with its fix."""
+    return registry().all_problems()

@@ -1,82 +1,22 @@
-"""Dispatch: the process-wide plugin registry (loaded by ``quantplug.discovery``), ``backends()``, ``get_backend(name)`` and
-``AutoQuantizer.from_config(config_or_dict)`` (``quant_method`` -> the plugin that owns it)."""
+"""Dispatch: ``quant_method`` -> the backend that owns it. ``backends()``, ``get_backend(name)``
+(with an error that says what to install), ``config_from_dict`` / ``as_config`` (a config dict
+validated by its backend's config class) and ``AutoQuantizer.from_config`` (the backend's
+``Quantizer`` for a config). The registered backends come from ``quantplug.discovery``."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from .backend import Backend, Quantizer
 from .config import QuantConfig
-from .discovery import PluginInfo, Problem, Registry, _norm
+from .discovery import _norm, registry
 from .errors import ConfigError, UnknownMethodError
 from .hints import PLUGIN_FOR_METHOD, install_hint
-
-_lock = threading.RLock()
-_registry: Registry | None = None
-
-
-def registry() -> Registry:
-    """The process-wide registry, loading entry points on first use."""
-    global _registry
-    with _lock:
-        if _registry is None:
-            reg = Registry()
-            reg.load_entry_points()
-            _registry = reg
-        return _registry
-
-
-def reload_plugins() -> None:
-    """Forget everything loaded and read the entry points (and environment variables) again.
-    Plugins registered programmatically are dropped too."""
-    global _registry
-    with _lock:
-        _registry = None
-
-
-def register_plugin(plugin: Any, name: str | None = None) -> PluginInfo:
-    """Register a plugin object (a module or object with ``@quantplug.hookimpl`` functions) at runtime,
-    e.g. in a test or a notebook. Problems are recorded like an entry point's, not raised."""
-    with _lock:
-        return registry().add_plugin(plugin, name=name)
-
-
-def unregister_plugin(name: str) -> None:
-    """Remove a plugin and the backends it registered."""
-    with _lock:
-        registry().remove_plugin(name)
-
-
-def register_backend(backend: Backend) -> None:
-    """Register one backend directly (a shortcut for a one-backend plugin, e.g. in a test or a
-    notebook; it shows in ``plugins()`` as ``inline:<name>``). Raises ``PluginError`` when the
-    descriptor is invalid or the name is taken; nothing is recorded then."""
-    from .errors import PluginError
-
-    name = f"inline:{getattr(backend, 'name', backend)}"
-    with _lock:
-        reg = registry()
-        refused = reg.refusal(backend, name)
-        if refused is not None:
-            raise PluginError(refused[0])
-        info = PluginInfo(name)
-        reg.plugins[name] = info
-        reg.accept(info, backend)
 
 
 def backends() -> list[Backend]:
     """Every registered backend, sorted by name, available or not (see ``Backend.available``)."""
     return list(registry().sorted_backends())
-
-
-def plugins() -> list[PluginInfo]:
-    return [registry().plugins[k] for k in sorted(registry().plugins)]
-
-
-def problems() -> list[Problem]:
-    """What is wrong with installed plugins and backends, each with its fix."""
-    return registry().all_problems()
 
 
 def get_backend(name: str) -> Backend:

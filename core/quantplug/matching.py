@@ -82,8 +82,11 @@ def listed_reason(name: str, config) -> str | None:
     for field, patterns in lists.items():
         if matches(name, patterns):
             return f"listed in {field}"
+    # a library's own rule is reported under the library's own field name first
+    fields = sorted(lists, key=lambda f: f == "modules_to_not_convert")
     for rule in (r for r in type(config).skip_rules if r != "components"):
-        for field, patterns in lists.items():
+        for field in fields:
+            patterns = lists[field]
             pattern = matching_pattern(name, patterns, (rule,))
             if pattern is not None:
                 return f"matches {field} pattern {pattern!r} ({_RULE_WORDS[rule]})"
