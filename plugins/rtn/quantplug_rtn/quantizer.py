@@ -63,48 +63,44 @@ class RtnLinear(nn.Module):
         packed = math.ceil(groups * self.group_size * bits / 8)
         self.register_buffer("qweight", torch.empty(out_features, packed, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype, device=device))
-        if symmetric:
-            self.zero = None
-        else:
-            self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
-        )
+        zero = None if symmetric else torch.empty(out_features, groups, dtype=torch.uint8, device=device)
+        self.register_buffer("zero", zero)  # None (symmetric) is not part of the state dict
+        bias_data = torch.empty(out_features, dtype=dtype, device=device) if bias else None
+        self.bias = None if bias_data is None else nn.Parameter(bias_data, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: RtnConfig) -> RtnLinear:
-        w = linear.weight.detach()
-        out_f, in_f = w.shape
-        q = cls(
-            in_f,
-            out_f,
+    def like(cls, linear: nn.Linear, config: RtnConfig) -> RtnLinear:
+        """An uninitialized ``RtnLinear`` with ``linear``'s shape, bias, dtype and device (meta: meta)."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
             bits=config.bits,
             group_size=config.group_size,
             symmetric=config.symmetric,
             bias=linear.bias is not None,
-            dtype=w.dtype,
-            device=w.device,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
         )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: RtnConfig) -> RtnLinear:
+        """Quantize ``linear``'s weight by round-to-nearest, per group of ``group_size`` inputs."""
+        q = cls.like(linear, config)
+        w = linear.weight.detach()
+        out_f, in_f = w.shape
         g, levels = q.group_size, (1 << config.bits) - 1
         wg = F.pad(w.float(), (0, q.scale.shape[1] * g - in_f)).reshape(out_f, -1, g)
-        if config.symmetric:
+        if config.symmetric:  # codes 1..levels, centred on zero = 2**(bits-1)
             qmax = (1 << (config.bits - 1)) - 1
             scale = (wg.abs().amax(dim=-1) / qmax).clamp_min(1e-12).to(w.dtype)
-            zero = torch.full_like(scale, 1 << (config.bits - 1), dtype=torch.float32)
-            lo, hi = -qmax, qmax
-        else:
+            zero = torch.full_like(scale, qmax + 1, dtype=torch.float32)
+            lowest = 1
+        else:  # codes 0..levels; the range always includes 0, which ``zero`` encodes exactly
             wmin, wmax = wg.amin(dim=-1).clamp_max(0), wg.amax(dim=-1).clamp_min(0)
             scale = ((wmax - wmin) / levels).clamp_min(1e-12).to(w.dtype)
             zero = torch.round(-wmin / scale.float()).clamp(0, levels)
-            lo, hi = None, None
-        s = scale.float().unsqueeze(-1)
-        z = zero.unsqueeze(-1)
-        if config.symmetric:
-            codes = torch.round(wg / s).clamp(lo, hi) + z
-        else:
-            codes = (torch.round(wg / s) + z).clamp(0, levels)
+            lowest = 0
+        codes = (torch.round(wg / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(lowest, levels)
         q.qweight.copy_(pack(codes.reshape(out_f, -1).to(torch.uint8), config.bits))
         q.scale.copy_(scale)
         if q.zero is not None:
@@ -137,20 +133,14 @@ class RtnLinear(nn.Module):
 
 
 class RtnQuantizer(quantplug.Quantizer):
+    """The two methods every quantizer writes. The rest are ``quantplug.Quantizer``'s defaults:
+    ``module_tensors`` stores ``state_dict()``, ``expected_tensors`` reads keys, shapes and dtypes
+    off ``empty_module``, and ``load_module`` assigns the checkpoint tensors to ``empty_module``."""
+
     config: RtnConfig
 
     def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
         return RtnLinear.from_linear(module, self.config)
 
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
-        c = self.config
-        return RtnLinear(
-            module.in_features,
-            module.out_features,
-            bits=c.bits,
-            group_size=c.group_size,
-            symmetric=c.symmetric,
-            bias=module.bias is not None,
-            dtype=module.weight.dtype,
-            device="meta",
-        )
+        return RtnLinear.like(module, self.config)  # module is on the meta device: so is the result
