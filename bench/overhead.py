@@ -270,17 +270,16 @@ def child(case_name: str, path: str, model_cfg: dict, warmup: int, calls: int, p
     out: dict[str, Any] = {"case": case_name, "path": path}
     if path.startswith("quantplug"):
         import quantplug
-        import quantplug.convert
-        from quantplug.dispatch import get_backend
+        import quantplug.walk
 
         importlib.import_module(PLUGIN_MODULE[case["backend"]])
         config = _quantplug_config(case)
         t1 = time.perf_counter()
-        get_backend(case["backend"])  # plugin discovery (entry points): once per process, like an import
+        quantplug.get_backend(case["backend"])  # plugin discovery (entry points): once per process, like an import
         out["discovery_s"] = time.perf_counter() - t1
         if path == "quantplug-notrim":
-            # Diagnostic: the same call without the core's per-layer malloc_trim (convert.release_freed_memory).
-            quantplug.convert.release_freed_memory = lambda: None
+            # Diagnostic: the same call without the core's malloc_trim (walk.release_freed_memory).
+            quantplug.walk.release_freed_memory = lambda: None
     out["import_s"] = time.perf_counter() - t0
     out["rss_after_import"] = common.memory_snapshot()["rss"]
 
@@ -336,7 +335,7 @@ def child(case_name: str, path: str, model_cfg: dict, warmup: int, calls: int, p
 #: what the figures mean, written into RESULTS.md under the table (from the diagnostic runs and
 #: cProfile of the quantize step: ``--profile DIR``)
 NOTES = [
-    "**Quantize time.** Until commit 74863b4 `quantplug.quantize` handed freed memory back to the OS (glibc `malloc_trim(0)`) after every layer, and the next layer's temporaries then faulted fresh pages in from the kernel, so the libraries' own elementwise ops ran up to 2x slower: quantize time was 1.5–1.9x the library's own for quanto, torchao and bnb int8 (cProfile of the quantize step, `--profile DIR`, and this script's `--diagnostic` column, the same call with the trim disabled). The core now trims once per 256 MiB of replaced weights and at the end (`TRIM_EVERY_BYTES` in core/quantplug/convert.py): the ratios are 0.91–1.07, and the no-trim diagnostic is within noise of them. bnb int8 stays at 1.15: its whole call takes 0.40 s, and quantplug's own per-layer work (the plan, one meta `nn.Linear` per layer, the report's byte counts: ~0.06 s for 42 layers) shows at that scale. The plugins add nothing measurable (torchao's `TorchaoLinear` no longer builds and initialises a throw-away weight: fixed in its quantizer.py).",
+    "**Quantize time.** Until commit 74863b4 `quantplug.quantize` handed freed memory back to the OS (glibc `malloc_trim(0)`) after every layer, and the next layer's temporaries then faulted fresh pages in from the kernel, so the libraries' own elementwise ops ran up to 2x slower: quantize time was 1.5–1.9x the library's own for quanto, torchao and bnb int8 (cProfile of the quantize step, `--profile DIR`, and this script's `--diagnostic` column, the same call with the trim disabled). The core now trims once per 256 MiB of replaced weights and at the end (`TRIM_EVERY_BYTES` in core/quantplug/walk.py): the ratios are 0.91–1.07, and the no-trim diagnostic is within noise of them. bnb int8 stays at 1.15: its whole call takes 0.40 s, and quantplug's own per-layer work (the plan, one meta `nn.Linear` per layer, the report's byte counts: ~0.06 s for 42 layers) shows at that scale. The plugins add nothing measurable (torchao's `TorchaoLinear` no longer builds and initialises a throw-away weight: fixed in its quantizer.py).",
     "Plugin discovery (entry points: the five plugins' light modules, ~0.04 s) runs once per process on the "
     "first call; it is measured as `discovery_s` in the JSON and, like imports, kept out of the quantize time. "
     "hqq's quantize time is its own optimizer (30–60 s on 1 thread); its run-to-run spread is larger than any "
