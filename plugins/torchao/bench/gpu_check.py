@@ -1,6 +1,6 @@
 """GPU check for quantplug-torchao: every mode, including the CUDA-only ones, on a tiny model.
 
-    python plugins/torchao/gpu_check.py [--out results.json]
+    python plugins/torchao/bench/gpu_check.py [--out results.json]
 
 For each mode (int8 weight-only / dynamic, intx 4-bit, float8 weight-only, int4 weight-only
 (tile_packed_to_4d), float8 dynamic per-tensor and per-row) on a random-weight tiny Llama in bf16 on

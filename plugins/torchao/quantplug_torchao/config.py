@@ -9,14 +9,13 @@ Light: imports neither torch nor torchao. ``config.json`` holds
      "untie_embedding_weights": false}
 
 where ``quant_type["default"]`` is torchao's own serialized config (``torchao.core.config.
-config_to_dict``), so checkpoints written by Transformers load here and the other way round. The
-quantizer rebuilds the torchao config object with ``torchao.core.config.config_from_dict``.
+config_to_dict``), so checkpoints written by Transformers load here and the other way round.
 
 Build one with ``TorchaoConfig.from_mode("int8_weight_only")``, ``TorchaoConfig.from_mode(
 "intx_weight_only", bits=4, group_size=32)`` or ``TorchaoConfig.for_bits(4)``; or pass the stored
-form. Validation here checks what decides where a config can run and how it is stored (the torchao
-config class and version, bit width, granularity, packing format); torchao checks the rest when
-the quantizer builds its config object.
+form. The config checks the form (one ``default`` torchao config of a supported class, version 2);
+the quantizer (``AutoQuantizer.from_config``, before any layer changes) parses ``_data`` with
+torchao's ``config_from_dict`` and refuses what torchao refuses or this plugin does not run.
 """
 
 from __future__ import annotations
@@ -56,58 +55,6 @@ MODE_REQUIREMENTS: dict[str, str] = {
     ),
     "float8_dynamic_activation_float8_weight": "a CUDA GPU with compute capability >= 8.9 (Ada, Hopper or newer)",
 }
-
-#: weight bits per mode (intx: from weight_dtype)
-_MODE_BITS = {
-    "int8_weight_only": 8,
-    "int8_dynamic_activation_int8_weight": 8,
-    "int4_weight_only": 4,
-    "float8_weight_only": 8,
-    "float8_dynamic_activation_float8_weight": 8,
-}
-
-#: the ``_data`` keys torchao 0.18 writes for each config class (anything else is a typo or a
-#: torchao version this plugin does not support)
-_FIELDS: dict[str, frozenset[str]] = {
-    "Int8WeightOnlyConfig": frozenset({"group_size", "granularity", "set_inductor_config"}),
-    "Int8DynamicActivationInt8WeightConfig": frozenset(
-        {"act_mapping_type", "weight_only_decode", "granularity", "set_inductor_config", "reduce_range"}
-    ),
-    "Int4WeightOnlyConfig": frozenset(
-        {
-            "group_size",
-            "set_inductor_config",
-            "int4_packing_format",
-            "int4_choose_qparams_algorithm",
-            "int4_tile_packed_ntile",
-        }
-    ),
-    "IntxWeightOnlyConfig": frozenset(
-        {
-            "weight_dtype",
-            "granularity",
-            "mapping_type",
-            "scale_dtype",
-            "intx_packing_format",
-            "intx_choose_qparams_algorithm",
-        }
-    ),
-    "Float8WeightOnlyConfig": frozenset({"weight_dtype", "set_inductor_config", "granularity"}),
-    "Float8DynamicActivationFloat8WeightConfig": frozenset(
-        {
-            "activation_dtype",
-            "weight_dtype",
-            "granularity",
-            "packing_format",
-            "mm_config",
-            "activation_value_lb",
-            "activation_value_ub",
-            "kernel_preference",
-            "set_inductor_config",
-            "alg_id",
-        }
-    ),
-}
 INT4_PACKING_FORMATS = ("tile_packed_to_4d", "plain", "preshuffled", "plain_int32")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INTX_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -116,24 +63,50 @@ INTX_BITS = (2, 3, 4, 5, 6, 7, 8)
 # (tests/test_torchao.py checks each against torchao.core.config.config_to_dict)
 
 
-def _obj(type_: str, data: Any, version: int | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"_type": type_}
-    if version is not None:
-        out["_version"] = version
-    out["_data"] = data
-    return out
+def _enum(type_: str, name: str) -> dict[str, Any]:
+    return {"_type": type_, "_data": name}
 
 
-def _dtype(name: str) -> dict[str, Any]:
-    return _obj("torch.dtype", name)
+def _obj(type_: str, data: dict[str, Any], version: int = 1) -> dict[str, Any]:
+    return {"_type": type_, "_version": version, "_data": data}
 
 
-def _per_row() -> dict[str, Any]:
-    return _obj("PerRow", {"dim": -1}, 1)
+_ROW, _F8 = _obj("PerRow", {"dim": -1}), _enum("torch.dtype", "float8_e4m3fn")
+_FIXED_MODES: dict[str, dict[str, Any]] = {  # the _data of the modes without settings of their own
+    "int8_weight_only": {"group_size": None, "granularity": _ROW, "set_inductor_config": True},
+    "int8_dynamic_activation_int8_weight": {
+        "act_mapping_type": _enum("MappingType", "SYMMETRIC"),
+        "weight_only_decode": False,
+        "granularity": _ROW,
+        "set_inductor_config": True,
+        "reduce_range": False,
+    },
+    "float8_weight_only": {"weight_dtype": _F8, "set_inductor_config": True, "granularity": _ROW},
+    "float8_dynamic_activation_float8_weight": {
+        "activation_dtype": _F8,
+        "weight_dtype": _F8,
+        "granularity": None,  # [per-tensor or per-row] * 2: from float8_granularity
+        "packing_format": _enum("Float8PackingFormat", "PLAIN"),
+        "mm_config": _obj(
+            "Float8MMConfig", {"emulate": False, "use_fast_accum": True, "pad_inner_dim": False}
+        ),
+        "activation_value_lb": None,
+        "activation_value_ub": None,
+        "kernel_preference": _enum("KernelPreference", "AUTO"),
+        "set_inductor_config": True,
+        "alg_id": 0,
+    },
+}
 
 
-def _per_tensor() -> dict[str, Any]:
-    return _obj("PerTensor", {}, 1)
+def _require(field: str, value: Any, ok: bool, allowed: Any, where: str = "") -> None:
+    if not ok:
+        raise quantplug.ConfigError(
+            f"TorchaoConfig: {field}={value!r} is invalid{where}; allowed: {allowed}.",
+            field=field,
+            value=value,
+            allowed=allowed,
+        )
 
 
 def torchao_config_dict(
@@ -155,282 +128,85 @@ def torchao_config_dict(
                          'plain' / 'preshuffled' (need mslk), 'plain_int32'
     float8_granularity   float8_dynamic_activation_float8_weight: 'tensor' (default) or 'row'
     """
-    if mode not in MODES:
-        raise quantplug.ConfigError(
-            f"TorchaoConfig: mode={mode!r} is unknown; allowed: {', '.join(MODES)}.",
-            field="mode",
-            value=mode,
-            allowed=list(MODES),
+    _require("mode", mode, mode in MODES, ", ".join(MODES), " (unknown)")
+    if mode == "intx_weight_only":
+        bits, g = 4 if bits is None else bits, 32 if group_size is None else group_size
+        _require("bits", bits, type(bits) is int and bits in INTX_BITS, INTX_BITS, f" for {mode}")
+        _require(
+            "group_size",
+            g,
+            type(g) is int and (g == -1 or g >= 1),
+            "-1 (per output channel) or a positive integer",
         )
-    fixed = _MODE_BITS.get(mode)
-    if fixed is not None and bits not in (None, fixed):
-        raise quantplug.ConfigError(
-            f"TorchaoConfig: bits={bits!r} is invalid for mode {mode!r}; it stores {fixed}-bit weights "
-            f"(for other widths use mode 'intx_weight_only').",
-            field="bits",
-            value=bits,
-            allowed=[fixed],
-        )
-    if mode not in ("intx_weight_only", "int4_weight_only") and group_size not in (None, -1):
-        raise quantplug.ConfigError(
-            f"TorchaoConfig: group_size={group_size!r} is invalid for mode {mode!r} (one scale per output "
-            f"channel); group-wise modes: intx_weight_only, int4_weight_only.",
-            field="group_size",
-            value=group_size,
-            allowed=[None, -1],
-        )
-    if mode == "int8_weight_only":
-        return _obj(
-            "Int8WeightOnlyConfig",
-            {"group_size": None, "granularity": _per_row(), "set_inductor_config": True},
-            2,
-        )
-    if mode == "int8_dynamic_activation_int8_weight":
-        return _obj(
-            "Int8DynamicActivationInt8WeightConfig",
-            {
-                "act_mapping_type": _obj("MappingType", "SYMMETRIC"),
-                "weight_only_decode": False,
-                "granularity": _per_row(),
-                "set_inductor_config": True,
-                "reduce_range": False,
-            },
-            2,
-        )
+        data = {
+            "weight_dtype": _enum("torch.dtype", f"int{bits}"),
+            "granularity": _obj("PerAxis", {"axis": 0}) if g == -1 else _obj("PerGroup", {"group_size": g}),
+            "mapping_type": _enum("MappingType", "SYMMETRIC" if symmetric else "ASYMMETRIC"),
+            "scale_dtype": None,
+            "intx_packing_format": _enum("IntxPackingFormat", "UNPACKED_TO_INT8"),
+            "intx_choose_qparams_algorithm": _enum("IntxChooseQParamsAlgorithm", "AFFINE"),
+        }
+        return _obj(MODES[mode], data, 2)
+    fixed = 4 if mode == "int4_weight_only" else 8
+    why = f" for mode {mode!r}; it stores {fixed}-bit weights (for other widths use mode 'intx_weight_only')"
+    _require("bits", bits, bits in (None, fixed), fixed, why)
     if mode == "int4_weight_only":
         g = 128 if group_size is None else group_size
-        if g not in INT4_GROUP_SIZES:
-            raise quantplug.ConfigError(
-                f"TorchaoConfig: group_size={g!r} is invalid for int4_weight_only; allowed: {INT4_GROUP_SIZES}.",
-                field="group_size",
-                value=g,
-                allowed=list(INT4_GROUP_SIZES),
-            )
-        if int4_packing_format not in INT4_PACKING_FORMATS:
-            raise quantplug.ConfigError(
-                f"TorchaoConfig: int4_packing_format={int4_packing_format!r} is invalid; allowed: "
-                f"{', '.join(INT4_PACKING_FORMATS)}.",
-                field="int4_packing_format",
-                value=int4_packing_format,
-                allowed=list(INT4_PACKING_FORMATS),
-            )
-        return _obj(
-            "Int4WeightOnlyConfig",
-            {
-                "group_size": g,
-                "set_inductor_config": True,
-                "int4_packing_format": int4_packing_format,
-                "int4_choose_qparams_algorithm": _obj("Int4ChooseQParamsAlgorithm", "TINYGEMM"),
-                "int4_tile_packed_ntile": 8,
-            },
-            2,
-        )
-    if mode == "intx_weight_only":
-        b = 4 if bits is None else bits
-        if b not in INTX_BITS or isinstance(b, bool):
-            raise quantplug.ConfigError(
-                f"TorchaoConfig: bits={b!r} is invalid for intx_weight_only; allowed: {INTX_BITS}.",
-                field="bits",
-                value=b,
-                allowed=list(INTX_BITS),
-            )
-        g = 32 if group_size is None else group_size
-        if not isinstance(g, int) or isinstance(g, bool) or (g != -1 and g < 1):
-            raise quantplug.ConfigError(
-                f"TorchaoConfig: group_size={g!r} is invalid; allowed: -1 (per output channel) or a positive integer.",
-                field="group_size",
-                value=g,
-                allowed="-1 or a positive integer",
-            )
-        gran = _obj("PerAxis", {"axis": 0}, 1) if g == -1 else _obj("PerGroup", {"group_size": g}, 1)
-        return _obj(
-            "IntxWeightOnlyConfig",
-            {
-                "weight_dtype": _dtype(f"int{b}"),
-                "granularity": gran,
-                "mapping_type": _obj("MappingType", "SYMMETRIC" if symmetric else "ASYMMETRIC"),
-                "scale_dtype": None,
-                "intx_packing_format": _obj("IntxPackingFormat", "UNPACKED_TO_INT8"),
-                "intx_choose_qparams_algorithm": _obj("IntxChooseQParamsAlgorithm", "AFFINE"),
-            },
-            2,
-        )
-    if mode == "float8_weight_only":
-        return _obj(
-            "Float8WeightOnlyConfig",
-            {"weight_dtype": _dtype("float8_e4m3fn"), "set_inductor_config": True, "granularity": _per_row()},
-            2,
-        )
-    # float8_dynamic_activation_float8_weight
-    if float8_granularity not in ("tensor", "row"):
-        raise quantplug.ConfigError(
-            f"TorchaoConfig: float8_granularity={float8_granularity!r} is invalid; allowed: 'tensor', 'row'.",
-            field="float8_granularity",
-            value=float8_granularity,
-            allowed=["tensor", "row"],
-        )
-    gran = _per_tensor() if float8_granularity == "tensor" else _per_row()
-    return _obj(
-        "Float8DynamicActivationFloat8WeightConfig",
-        {
-            "activation_dtype": _dtype("float8_e4m3fn"),
-            "weight_dtype": _dtype("float8_e4m3fn"),
-            "granularity": [gran, dict(gran)],
-            "packing_format": _obj("Float8PackingFormat", "PLAIN"),
-            "mm_config": _obj(
-                "Float8MMConfig", {"emulate": False, "use_fast_accum": True, "pad_inner_dim": False}, 1
-            ),
-            "activation_value_lb": None,
-            "activation_value_ub": None,
-            "kernel_preference": _obj("KernelPreference", "AUTO"),
+        _require("group_size", g, g in INT4_GROUP_SIZES, INT4_GROUP_SIZES, f" for {mode}")
+        fmt = int4_packing_format
+        _require("int4_packing_format", fmt, fmt in INT4_PACKING_FORMATS, ", ".join(INT4_PACKING_FORMATS))
+        data = {
+            "group_size": g,
             "set_inductor_config": True,
-            "alg_id": 0,
-        },
-        2,
-    )
+            "int4_packing_format": fmt,
+            "int4_choose_qparams_algorithm": _enum("Int4ChooseQParamsAlgorithm", "TINYGEMM"),
+            "int4_tile_packed_ntile": 8,
+        }
+        return _obj(MODES[mode], data, 2)
+    why = f" for mode {mode!r} (one scale per output channel); group-wise modes: intx_weight_only, int4_weight_only"
+    _require("group_size", group_size, group_size in (None, -1), [None, -1], why)
+    data = dict(_FIXED_MODES[mode])
+    if mode == "float8_dynamic_activation_float8_weight":
+        fg = float8_granularity
+        _require("float8_granularity", fg, fg in ("tensor", "row"), "'tensor', 'row'")
+        data["granularity"] = [_obj("PerTensor", {}) if fg == "tensor" else _ROW] * 2
+    return _obj(MODES[mode], json.loads(json.dumps(data)), 2)  # a fresh copy
 
 
-# -- reading the serialized form ---------------------------------------------------------------
+def _name(value: Any, default: str) -> str:
+    """An enum or dtype in torchao's serialized form (``{"_type", "_data": NAME}``, a bare string, or
+    absent = ``default``) as its name."""
+    value = default if value is None else value
+    return str(value.get("_data") if isinstance(value, dict) else value)
 
 
-class _Bad(Exception):
-    """A problem with quant_type: (what is allowed, why)."""
-
-
-def _name(value: Any, default: str | None) -> str | None:
-    """An enum / dtype value as its name: ``{"_type": ..., "_data": "NAME"}``, a bare string, or absent."""
-    if value is None:
-        return default
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("_data"), str):
-        return value["_data"]
-    raise _Bad
-
-
-def _granularity(value: Any) -> tuple[str, dict]:
-    if (
-        isinstance(value, dict)
-        and isinstance(value.get("_type"), str)
-        and isinstance(value.get("_data"), dict)
-    ):
-        return value["_type"], value["_data"]
-    raise _Bad
-
-
-def describe_quant_type(quant_type: Any) -> dict[str, Any]:
-    """Read Transformers' ``quant_type`` field: ``{"mode", "torchao_type", "bits", "group_size",
-    "int4_packing_format"}``. Raises ``ValueError(allowed, why)`` when it is not a supported config."""
-    allowed = 'an object {"default": <torchao config_to_dict output, _version 2>} of one of ' + ", ".join(
-        MODES.values()
-    )
+def _form_problem(quant_type: Any) -> str | None:
+    """Why ``quant_type`` is not one supported torchao config in its serialized form (None: it is)."""
     if isinstance(quant_type, str):
-        raise ValueError(
-            allowed,
+        return (
             "string quant types ('int8_weight_only', ...) are the pre-torchao-0.10 form whose checkpoints "
-            "hold AffineQuantizedTensor pickles; re-quantize, or build one with TorchaoConfig.from_mode(...)",
+            "hold AffineQuantizedTensor pickles; re-quantize, or build one with TorchaoConfig.from_mode(...)"
         )
     if not isinstance(quant_type, dict) or set(quant_type) != {"default"}:
-        raise ValueError(
-            allowed,
-            "it must have exactly one key, 'default' (per-module FqnToConfig is not supported by this plugin)",
+        return (
+            "it must have exactly one key, 'default' (per-module FqnToConfig is not supported by this plugin)"
         )
     inner = quant_type["default"]
-    if not isinstance(inner, dict) or not isinstance(inner.get("_data"), dict) or "_type" not in inner:
-        raise ValueError(allowed, "quant_type['default'] must be an object with '_type' and '_data'")
-    type_ = inner["_type"]
-    if not isinstance(type_, str) or type_ not in _MODE_OF_TYPE:
-        raise ValueError(allowed, f"torchao config {type_!r} is not supported by quantplug-torchao")
+    if not (
+        isinstance(inner, dict)
+        and isinstance(inner.get("_type"), str)
+        and isinstance(inner.get("_data"), dict)
+    ):
+        return "quant_type['default'] must be an object with '_type' (a string) and '_data' (an object)"
+    if inner["_type"] not in _MODE_OF_TYPE:
+        return f"torchao config {inner['_type']!r} is not supported by quantplug-torchao"
     version = inner.get("_version", 1)
     if version != 2:
-        raise ValueError(
-            allowed,
-            f"{type_} _version {version!r}: this plugin supports the version-2 configs of torchao 0.18 (version 1 "
-            "stored AffineQuantizedTensor layouts); re-quantize with torchao 0.18",
+        return (
+            f"{inner['_type']} _version {version!r}: this plugin supports the version-2 configs of torchao 0.18 "
+            "(version 1 stored AffineQuantizedTensor layouts); re-quantize with torchao 0.18"
         )
-    data = inner["_data"]
-    unknown = sorted(set(data) - _FIELDS[type_])
-    if unknown:
-        raise ValueError(
-            allowed,
-            f"{type_} has unknown field(s) {', '.join(unknown)} (torchao 0.18 knows {', '.join(sorted(_FIELDS[type_]))})",
-        )
-    mode = _MODE_OF_TYPE[type_]
-    out: dict[str, Any] = {
-        "mode": mode,
-        "torchao_type": type_,
-        "bits": _MODE_BITS.get(mode),
-        "group_size": None,
-        "int4_packing_format": None,
-    }
-    try:
-        if type_ in (
-            "Int8WeightOnlyConfig",
-            "Int8DynamicActivationInt8WeightConfig",
-            "Float8WeightOnlyConfig",
-        ):
-            if data.get("granularity") is not None and _granularity(data["granularity"])[0] != "PerRow":
-                raise ValueError(
-                    allowed, f"{type_}: granularity must be PerRow (one scale per output channel)"
-                )
-            if data.get("group_size") is not None:
-                raise ValueError(allowed, f"{type_}: group_size must be null (version 2 is per-row only)")
-            if type_ == "Float8WeightOnlyConfig" and _name(data.get("weight_dtype"), "float8_e4m3fn") != (
-                "float8_e4m3fn"
-            ):
-                raise ValueError(allowed, "Float8WeightOnlyConfig: weight_dtype must be float8_e4m3fn")
-        elif type_ == "Int4WeightOnlyConfig":
-            g = data.get("group_size", 128)
-            if g not in INT4_GROUP_SIZES or isinstance(g, bool):
-                raise ValueError(
-                    allowed, f"Int4WeightOnlyConfig: group_size {g!r} is not one of {INT4_GROUP_SIZES}"
-                )
-            fmt = (_name(data.get("int4_packing_format"), "plain") or "plain").lower()
-            if fmt not in INT4_PACKING_FORMATS:
-                raise ValueError(
-                    allowed,
-                    f"Int4WeightOnlyConfig: int4_packing_format {fmt!r} is not one of {INT4_PACKING_FORMATS}",
-                )
-            out.update(group_size=g, int4_packing_format=fmt)
-        elif type_ == "IntxWeightOnlyConfig":
-            dt = _name(data.get("weight_dtype"), "int8")
-            bits = int(dt[3:]) if dt.startswith("int") and dt[3:].isdigit() else None
-            if bits not in INTX_BITS:
-                raise ValueError(
-                    allowed, f"IntxWeightOnlyConfig: weight_dtype {dt!r} is not one of int2 .. int8"
-                )
-            gtype, gdata = (
-                _granularity(data["granularity"])
-                if data.get("granularity") is not None
-                else ("PerAxis", {"axis": 0})
-            )
-            if gtype == "PerGroup":
-                g = gdata.get("group_size")
-                if not isinstance(g, int) or isinstance(g, bool) or g < 1:
-                    raise ValueError(
-                        allowed, f"IntxWeightOnlyConfig: PerGroup group_size {g!r} must be a positive integer"
-                    )
-            elif gtype == "PerAxis" and gdata.get("axis", 0) == 0:
-                g = -1
-            else:
-                raise ValueError(
-                    allowed,
-                    f"IntxWeightOnlyConfig: granularity {gtype} {gdata} must be PerGroup or PerAxis(axis=0)",
-                )
-            fmt = _name(data.get("intx_packing_format"), "UNPACKED_TO_INT8")
-            if fmt.upper() != "UNPACKED_TO_INT8":
-                raise ValueError(
-                    allowed,
-                    f"IntxWeightOnlyConfig: intx_packing_format {fmt!r} needs torchao's C++ CPU kernels, which "
-                    "the published torchao wheel does not ship; use UNPACKED_TO_INT8",
-                )
-            mapping = _name(data.get("mapping_type"), "SYMMETRIC")
-            if mapping not in ("SYMMETRIC", "ASYMMETRIC", "SYMMETRIC_NO_CLIPPING_ERR"):
-                raise ValueError(allowed, f"IntxWeightOnlyConfig: mapping_type {mapping!r} is unknown")
-            out.update(bits=bits, group_size=g)
-    except _Bad:
-        raise ValueError(allowed, f"{type_}: a field is not in torchao's serialized form") from None
-    return out
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,17 +231,15 @@ class TorchaoConfig(quantplug.QuantConfig):
     quant_type_kwargs: dict[str, Any] | None = None
 
     def validate(self) -> None:
-        try:
-            # a private deep copy in plain JSON types: the config stays immutable in practice
-            object.__setattr__(self, "quant_type", json.loads(json.dumps(self.quant_type)))
+        try:  # a private deep copy in plain JSON types: the config stays immutable in practice
+            copy = json.loads(json.dumps(self.quant_type, allow_nan=False))
         except (TypeError, ValueError):
             raise self.invalid("quant_type", "a JSON object", "it holds values JSON cannot store") from None
-        try:
-            info = describe_quant_type(self.quant_type)
-        except ValueError as exc:
-            allowed, why = exc.args
-            raise self.invalid("quant_type", allowed, why) from None
-        object.__setattr__(self, "_info", info)
+        object.__setattr__(self, "quant_type", copy)
+        why = _form_problem(copy)
+        if why:
+            allowed = 'an object {"default": <torchao config_to_dict output, _version 2>} of one of '
+            raise self.invalid("quant_type", allowed + ", ".join(MODES.values()), why)
         if self.include_input_output_embeddings:
             raise self.invalid(
                 "include_input_output_embeddings",
@@ -485,35 +259,45 @@ class TorchaoConfig(quantplug.QuantConfig):
     def __hash__(self) -> int:  # quant_type is a dict: hash the serialized form
         return hash(self.to_json(indent=None))
 
-    # -- derived, read-only -------------------------------------------------------------------
-
-    @property
-    def mode(self) -> str:
-        """The quantplug mode name (a key of ``MODES``)."""
-        return self._info["mode"]
+    # -- derived, read-only (the _data ones as stored; torchao checks them in the quantizer) ------
 
     @property
     def torchao_type(self) -> str:
         """The torchao config class name, e.g. ``"Int8WeightOnlyConfig"``."""
-        return self._info["torchao_type"]
+        return self.quant_type["default"]["_type"]
+
+    @property
+    def mode(self) -> str:
+        """The quantplug mode name (a key of ``MODES``)."""
+        return _MODE_OF_TYPE[self.torchao_type]
 
     @property
     def weight_bits(self) -> int:
-        return self._info["bits"]
+        if self.mode != "intx_weight_only":
+            return 4 if self.mode == "int4_weight_only" else 8
+        return int(_name(self.quant_type["default"]["_data"].get("weight_dtype"), "int8")[3:])
 
     @property
     def group_size(self) -> int | None:
         """Weights per scale along the input dimension; -1 = per output channel; None = per row."""
-        return self._info["group_size"]
+        data = self.quant_type["default"]["_data"]
+        if self.mode == "int4_weight_only":
+            return data.get("group_size", 128)
+        if self.mode != "intx_weight_only":
+            return None
+        gran = data.get("granularity") or {}
+        return gran["_data"].get("group_size") if gran.get("_type") == "PerGroup" else -1
 
     @property
     def int4_packing_format(self) -> str | None:
-        return self._info["int4_packing_format"]
+        if self.mode != "int4_weight_only":
+            return None
+        return _name(self.quant_type["default"]["_data"].get("int4_packing_format"), "plain").lower()
 
     @property
     def devices(self) -> tuple[str, ...]:
         """torch device types this config's mode runs on (see ``MODE_REQUIREMENTS`` for conditions)."""
-        if self.mode == "int4_weight_only" and self.int4_packing_format in ("plain", "preshuffled"):
+        if self.int4_packing_format in ("plain", "preshuffled"):
             return ("cpu", "cuda")  # wherever mslk runs; checked at validate_environment
         return MODE_DEVICES[self.mode]
 
@@ -533,13 +317,9 @@ class TorchaoConfig(quantplug.QuantConfig):
     ) -> TorchaoConfig:
         """A config for ``mode`` (a key of ``MODES``); ``fields`` are the other config fields
         (``modules_to_not_convert``, ...). See ``torchao_config_dict`` for the mode settings."""
+        settings = dict(symmetric=symmetric, int4_packing_format=int4_packing_format)
         qt = torchao_config_dict(
-            mode,
-            bits=bits,
-            group_size=group_size,
-            symmetric=symmetric,
-            int4_packing_format=int4_packing_format,
-            float8_granularity=float8_granularity,
+            mode, bits=bits, group_size=group_size, float8_granularity=float8_granularity, **settings
         )
         return cls(quant_type={"default": qt}, **fields)
 
@@ -549,18 +329,13 @@ class TorchaoConfig(quantplug.QuantConfig):
         symmetric from 4 bits up and asymmetric below (a zero point matters most at 2-3 bits).
         Every one of these runs on CPU and CUDA; for CUDA's int4 kernels use
         ``from_mode("int4_weight_only")``. ``overrides``: ``group_size``, ``symmetric`` or config fields."""
-        if bits == 8 and not isinstance(bits, bool):
+        ok = not isinstance(bits, bool) and (bits == 8 or type(bits) is int and bits in INTX_BITS)
+        _require("bits", bits, ok, ", ".join(map(str, INTX_BITS)))
+        if bits == 8:
             return cls.from_mode("int8_weight_only", **overrides)
-        if bits in INTX_BITS and not isinstance(bits, bool):
-            overrides.setdefault("group_size", 32)
-            overrides.setdefault("symmetric", bits >= 4)
-            return cls.from_mode("intx_weight_only", bits=bits, **overrides)
-        raise quantplug.ConfigError(
-            f"TorchaoConfig: bits={bits!r} is invalid; allowed: {', '.join(map(str, INTX_BITS))}.",
-            field="bits",
-            value=bits,
-            allowed=list(INTX_BITS),
-        )
+        overrides.setdefault("group_size", 32)
+        overrides.setdefault("symmetric", bits >= 4)
+        return cls.from_mode("intx_weight_only", bits=bits, **overrides)
 
     def to_transformers(self):
         """This config as Transformers' own ``TorchAoConfig`` (imports Transformers and torchao), for
@@ -569,10 +344,10 @@ class TorchaoConfig(quantplug.QuantConfig):
 
         return HfTorchAoConfig.from_dict(self.to_dict())
 
-    # -- serialization: exactly Transformers' keys -----------------------------------------------
-
     def to_dict(self) -> dict[str, Any]:
+        """Exactly Transformers' keys: ``quant_type_kwargs`` is left out when null (Transformers 5
+        does not write it)."""
         out = super().to_dict()
         if out.get("quant_type_kwargs") is None:
-            out.pop("quant_type_kwargs", None)  # Transformers 5 does not write it
+            out.pop("quant_type_kwargs", None)
         return out

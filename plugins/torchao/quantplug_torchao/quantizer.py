@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import warnings
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 
 import quantplug
 
-from .config import MODE_REQUIREMENTS, TorchaoConfig
+from .config import INT4_GROUP_SIZES, INT4_PACKING_FORMATS, INTX_BITS, MODE_REQUIREMENTS, TorchaoConfig
 
 if "TORCHAO_FORCE_SKIP_LOADING_SO_FILES" not in os.environ and not torch.cuda.is_available():
     os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
@@ -36,19 +37,22 @@ import torchao  # noqa: E402
 from torchao.core.config import config_from_dict  # noqa: E402
 from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict  # noqa: E402
 from torchao.prototype.safetensors.safetensors_utils import TensorSubclassAttributeJSONEncoder  # noqa: E402
-from torchao.quantization import quantize_  # noqa: E402
+from torchao.quantization import (  # noqa: E402
+    Float8DynamicActivationFloat8WeightConfig,
+    Int4WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+    PerGroup,
+    PerRow,
+    quantize_,
+)
 
 SUPPORTED_TORCHAO = ((0, 18), (0, 19))  # [low, high): keep in step with pyproject and Backend.requires
 
 
 def _check_torchao_version() -> None:
     """The installed metadata is checked by quantplug; this checks the module actually imported."""
-    parts = torchao.__version__.split("+")[0].split(".")
-    try:
-        version = (int(parts[0]), int(parts[1]))
-    except (ValueError, IndexError):
-        return
-    if not (SUPPORTED_TORCHAO[0] <= version < SUPPORTED_TORCHAO[1]):
+    version = tuple(int(p) for p in re.findall(r"\d+", torchao.__version__.split("+")[0])[:2])
+    if len(version) == 2 and not (SUPPORTED_TORCHAO[0] <= version < SUPPORTED_TORCHAO[1]):
         raise quantplug.BackendUnavailableError(
             f"torchao {torchao.__version__} is imported, but quantplug-torchao supports torchao "
             f">=0.18,<0.19 (torchao's config and tensor layouts change between minor versions). "
@@ -66,6 +70,39 @@ def tensor_data(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 def subclass_metadata(weight: torch.Tensor) -> str:
     """torchao's safetensors metadata entry for one tensor subclass (what Transformers stores)."""
     return json.dumps(weight, cls=TensorSubclassAttributeJSONEncoder)
+
+
+def _label(value) -> str:
+    """An enum (or the bare string torchao keeps when ``_data`` held one) as its value, lowercase."""
+    return str(getattr(value, "value", value)).lower()
+
+
+def _unsupported(ao) -> str | None:
+    """Why this plugin does not run ``ao``, a config torchao accepted (None: it does)."""
+    name = type(ao).__name__
+    if isinstance(ao, IntxWeightOnlyConfig):
+        if ao.weight_dtype not in [getattr(torch, f"int{b}") for b in INTX_BITS]:
+            return f"{name}: weight_dtype {ao.weight_dtype} is not one of int2 .. int8"
+        g = ao.granularity
+        if isinstance(g, PerGroup) and not (type(g.group_size) is int and g.group_size >= 1):
+            return f"{name}: PerGroup group_size {g.group_size!r} must be a positive integer"
+        if _label(ao.intx_packing_format) != "unpacked_to_int8":
+            return (
+                f"{name}: intx_packing_format {_label(ao.intx_packing_format)!r} needs torchao's C++ CPU "
+                "kernels, which the published torchao wheel does not ship; use UNPACKED_TO_INT8"
+            )
+    elif isinstance(ao, Int4WeightOnlyConfig):
+        if ao.group_size not in INT4_GROUP_SIZES:
+            return f"{name}: group_size {ao.group_size!r} is not one of {INT4_GROUP_SIZES}"
+        if _label(ao.int4_packing_format) not in INT4_PACKING_FORMATS:
+            fmt = _label(ao.int4_packing_format)
+            return f"{name}: int4_packing_format {fmt!r} is not one of {INT4_PACKING_FORMATS}"
+    elif not isinstance(ao, Float8DynamicActivationFloat8WeightConfig):  # int8, int8 dynamic, float8
+        if not (isinstance(ao.granularity, PerRow) and type(ao.granularity.dim) is int):
+            return f"{name}: granularity must be PerRow (one scale per output channel)"
+        if getattr(ao, "weight_dtype", torch.float8_e4m3fn) != torch.float8_e4m3fn:
+            return f"{name}: weight_dtype must be float8_e4m3fn"
+    return None
 
 
 class TorchaoLinear(nn.Linear):
@@ -94,46 +131,44 @@ class TorchaoQuantizer(quantplug.Quantizer):
     def __init__(self, backend, config):
         super().__init__(backend, config)
         _check_torchao_version()
+        self._device: torch.device | None = None
+
+    def check_config(self) -> None:
+        """torchao parses ``quant_type["default"]`` (``config_from_dict``) and checks its values;
+        what torchao accepts but this plugin does not run is refused too (``_unsupported``)."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torchao warns on every non-default config version
-                self.ao_config = config_from_dict(config.quant_type["default"])
-        except Exception as exc:
-            raise quantplug.ConfigError(
-                f"TorchaoConfig: torchao {torchao.__version__} rejects quant_type "
-                f"{config.quant_type['default'].get('_type')}: {type(exc).__name__}: {exc}",
-                field="quant_type",
-                value=config.quant_type,
-                allowed="a config torchao accepts",
-            ) from None
-        self._device: torch.device | None = None
+                self.ao_config = config_from_dict(self.config.quant_type["default"])
+        except Exception as exc:  # torchao raises ValueError, TypeError, AttributeError, ...
+            why = f"torchao {torchao.__version__} rejects it: {type(exc).__name__}: {exc}"
+        else:
+            why = _unsupported(self.ao_config)
+        if why:
+            raise self.config.invalid(
+                "quant_type", "a torchao 0.18 config this plugin runs (see its README)", why
+            )
 
     # -- where it runs ---------------------------------------------------------------------------
 
     def validate_environment(self, device: torch.device | str) -> None:
         """Per-mode device rules (the union is in Capabilities.devices): refuse up front, with the
         reason, a mode that cannot run on ``device``."""
-        kind = str(device).split(":")[0]
-        mode = self.config.mode
-        allowed = self.config.devices
+        kind, mode, fmt = str(device).split(":")[0], self.config.mode, self.config.int4_packing_format
+        mslk = fmt in ("plain", "preshuffled")
         need = MODE_REQUIREMENTS.get(mode)
-        if mode == "int4_weight_only":
-            fmt = self.config.int4_packing_format
-            need = (
-                f"the mslk package for int4_packing_format {fmt!r}"
-                if fmt in ("plain", "preshuffled")
-                else f"a CUDA GPU for int4_packing_format {fmt!r}"
-            )
-        if kind not in allowed:
+        if fmt is not None:
+            need = f"{'the mslk package' if mslk else 'a CUDA GPU'} for int4_packing_format {fmt!r}"
+        if kind not in self.config.devices:
             alt = (
                 " On CPU use TorchaoConfig.from_mode('intx_weight_only', bits=4) or for_bits(4)."
-                if mode == "int4_weight_only"
+                if fmt is not None
                 else " On CPU use float8_weight_only or int8_dynamic_activation_int8_weight."
                 if mode.startswith("float8")
                 else ""
             )
             raise quantplug.BackendUnavailableError(
-                f"torchao mode {mode!r} does not run on {kind!r}; it runs on {', '.join(allowed)}"
+                f"torchao mode {mode!r} does not run on {kind!r}; it runs on {', '.join(self.config.devices)}"
                 + (f" and needs {need}." if need else ".")
                 + alt
             )
@@ -142,14 +177,12 @@ class TorchaoQuantizer(quantplug.Quantizer):
                 f"torchao mode {mode!r} does not run on 'cuda' here: this torch build has no usable CUDA "
                 f"(torch {torch.__version__}). Pass device='cpu' for a CPU mode."
             )
-        if mode == "int4_weight_only":
-            fmt = self.config.int4_packing_format
-            if fmt in ("plain", "preshuffled") and importlib.util.find_spec("mslk") is None:
-                raise quantplug.BackendUnavailableError(
-                    f"torchao mode 'int4_weight_only' with int4_packing_format {fmt!r} does not run on {kind!r} "
-                    f"without the mslk package (torchao: 'Requires mslk >= 1.0.0'). Fix: pip install "
-                    f"'mslk>=1.0.0', or on CUDA use int4_packing_format='tile_packed_to_4d'."
-                )
+        if mslk and importlib.util.find_spec("mslk") is None:
+            raise quantplug.BackendUnavailableError(
+                f"torchao mode 'int4_weight_only' with int4_packing_format {fmt!r} does not run on {kind!r} "
+                f"without the mslk package (torchao: 'Requires mslk >= 1.0.0'). Fix: pip install "
+                f"'mslk>=1.0.0', or on CUDA use int4_packing_format='tile_packed_to_4d'."
+            )
         if mode == "float8_dynamic_activation_float8_weight":
             cap = torch.cuda.get_device_capability(torch.device(device))
             if cap < (8, 9):

@@ -272,7 +272,7 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
-        [sys.executable, str(PLUGIN_DIR / "gpu_check.py"), "--out", str(out)],
+        [sys.executable, str(PLUGIN_DIR / "bench" / "gpu_check.py"), "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,
