@@ -98,10 +98,6 @@ class HqqQuantizer(quantplug.Quantizer):
         _refuse(name, linear, settings)
         return settings
 
-    @staticmethod
-    def _hqq_config(settings: dict[str, Any]) -> dict[str, Any]:
-        return BaseQuantizeConfig(**settings)
-
     def skip_reason(self, name: str, module: nn.Module) -> str | None:
         # skip_modules is matched by the core (HqqConfig.skip_aliases)
         if self.config.layer_settings(name) is None:
@@ -121,7 +117,7 @@ class HqqQuantizer(quantplug.Quantizer):
         qmodule = HQQLinear.from_weights(
             weight,
             bias,
-            self._hqq_config(settings),
+            BaseQuantizeConfig(**settings),
             compute_dtype=weight.dtype,
             device=str(weight.device),
             del_orig=True,  # frees hqq's own stand-in Linear; ``module`` is untouched
@@ -139,7 +135,7 @@ class HqqQuantizer(quantplug.Quantizer):
     def _meta_module(self, settings: dict[str, Any], module: nn.Linear) -> HQQLinear:
         """hqq's ``HQQLinear`` for ``module``'s shape and dtype, built by hqq on the meta device:
         meta ``W_q`` / ``scale`` / ``zero`` / ``bias``, and hqq's encoded metadata as CPU tensors."""
-        config = self._hqq_config(settings)
+        config = BaseQuantizeConfig(**settings)
         config["weight_quant_params"]["optimize"] = False  # it reads values; meta tensors have none
         dtype = module.weight.dtype
         meta = nn.Linear(module.in_features, module.out_features, module.bias is not None, "meta", dtype)
@@ -155,7 +151,7 @@ class HqqQuantizer(quantplug.Quantizer):
         state = {**empty.state_dict(), **{k: v for k, v in tensors.items() if k in WEIGHTS}}
         qmodule = HQQLinear(
             None,
-            self._hqq_config(settings),
+            BaseQuantizeConfig(**settings),
             compute_dtype=module.weight.dtype,
             device=str(tensors["W_q"].device),
             initialize=False,
