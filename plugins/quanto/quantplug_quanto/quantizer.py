@@ -5,20 +5,11 @@ Each ``nn.Linear`` becomes a ``QuantoLinear`` (optimum-quanto's ``QLinear`` thro
 optimum-quanto's ``Calibration`` mode in ``calibrate`` (called by ``quantplug.quantize(...,
 calibration_data=...)``).
 
-A layer's checkpoint tensors are its ``state_dict()``: optimum-quanto's own flattened state dict,
-the layout its ``requantize`` reads, plus one flag for activation configs. The core reads keys,
-shapes and dtypes off the layer built on the meta device (``empty_module``) and loads by
-``load_state_dict(..., assign=True)`` into it:
-    weight._data          int8 / float8_e4m3fn [out, in]        (int8, float8 weights)
-    weight._data._data    uint8, packed 2 (int4) or 4 (int2) codes per byte, grouped rows
-    weight._scale         float dtype [out, 1] or [groups, 1]
-    weight._shift         float dtype [groups, 1]                (int4, int2)
-    bias                  float dtype [out]                      (if the layer has one)
-    input_scale, output_scale   float dtype []                   (activation scales; 1 when weight-only)
-    quantize_output       bool []                                (activation configs only)
-``quantize_output`` records whether calibration kept the layer's output quantized (optimum-quanto's
-"streamline" drops it when only non-quantized ops consume the output); without it a reloaded model
-would compute differently.
+A layer's checkpoint tensors are its ``state_dict()``: optimum-quanto's own flattened state dict
+(``weight._data``, ``weight._scale``, ...; the layout its ``requantize`` reads), plus
+``quantize_output`` for activation configs (README.md, "Checkpoint layout", lists every tensor).
+The core reads keys, shapes and dtypes off the layer built on the meta device (``empty_module``)
+and loads with ``load_state_dict(..., assign=True)`` into it.
 """
 
 from __future__ import annotations
@@ -36,8 +27,14 @@ import quantplug
 
 from .config import QuantoConfig
 
-QTYPES = {"int8": qint8, "int4": qint4, "int2": qint2, "float8": qfloat8}
+QTYPES = {"int8": qint8, "int4": qint4, "int2": qint2, "float8": qfloat8}  # QuantoConfig names -> qtypes
 OUTPUT_FLAG = "quantize_output"
+
+
+def _uncalibrated(message: str) -> quantplug.ConfigError:
+    return quantplug.ConfigError(
+        message, field="calibration_data", value=None, allowed="an iterable of model inputs"
+    )
 
 
 class QuantoLinear(QLinear):
@@ -56,14 +53,11 @@ class QuantoLinear(QLinear):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.activation_qtype is not None and not self.calibrated:
-            raise quantplug.ConfigError(
+            raise _uncalibrated(
                 f"this quanto layer quantizes activations ({self.activation_qtype.name}) but its activation "
                 f"scales were never calibrated. Quantize with quantplug.quantize(model, config, "
                 f"calibration_data=[...]); quantize-on-load (quantplug.load(path, config=...)) cannot "
-                f"calibrate: load the full-precision model, then quantize it with calibration_data",
-                field="calibration_data",
-                value=None,
-                allowed="an iterable of model inputs",
+                f"calibrate: load the full-precision model, then quantize it with calibration_data"
             )
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
@@ -116,12 +110,8 @@ class QuantoQuantizer(quantplug.Quantizer):
         return self.config.activations is not None
 
     def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
-        activations = self.config.activations
-        qmodule = QuantoLinear.from_module(
-            module,
-            weights=QTYPES[self.config.weights],
-            activations=None if activations is None else QTYPES[activations],
-        )
+        weights, activations = QTYPES[self.config.weights], QTYPES.get(self.config.activations)
+        qmodule = QuantoLinear.from_module(module, weights=weights, activations=activations)
         qmodule.freeze()  # weights -> optimum-quanto's quantized tensors (and its CPU/CUDA kernels)
         qmodule.calibrated = activations is None
         return qmodule
@@ -153,11 +143,8 @@ class QuantoQuantizer(quantplug.Quantizer):
 
     def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
         if qmodule.activation_qtype is not None and not qmodule.calibrated:
-            raise quantplug.ConfigError(
+            raise _uncalibrated(
                 f"{name}: activation scales were never calibrated; quantize with "
-                f"quantplug.quantize(model, config, calibration_data=[...]) before saving",
-                field="calibration_data",
-                value=None,
-                allowed="an iterable of model inputs",
+                f"quantplug.quantize(model, config, calibration_data=[...]) before saving"
             )
         return dict(qmodule.state_dict())  # optimum-quanto flattens its tensor subclasses here
