@@ -234,7 +234,9 @@ class TorchaoConfig(quantplug.QuantConfig):
         try:  # a private deep copy in plain JSON types: the config stays immutable in practice
             copy = json.loads(json.dumps(self.quant_type, allow_nan=False))
         except (TypeError, ValueError):
-            raise self.invalid("quant_type", "a JSON object", "it holds values JSON cannot store") from None
+            raise self.invalid(
+                "quant_type", "a JSON object", "it holds values JSON cannot store: NaN, infinity, ..."
+            ) from None
         object.__setattr__(self, "quant_type", copy)
         why = _form_problem(copy)
         if why:
