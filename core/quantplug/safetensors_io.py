@@ -2,7 +2,8 @@
 
 The format (https://github.com/huggingface/safetensors): 8-byte little-endian header length, a JSON
 header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
-then the data. Files written here are read by ``safetensors.safe_open`` and vice versa.
+then the data. Files written here are read by ``safetensors.safe_open`` and vice versa. The header
+is parsed and validated by ``safetensors_header`` (torch-free, shared with model sizing).
 
 Reading uses plain file reads, not mmap, so the memory it holds is only the tensors asked for
 (a whole-file mmap counts the file's pages in the process's resident memory). No pickle anywhere.
@@ -17,16 +18,16 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import zlib
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
+from .safetensors_header import CHECKSUMS_KEY, MAX_HEADER, bad, read_header
 
+#: the header's dtype names (``safetensors_header.DTYPE_SIZES``, same keys) -> torch dtypes
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -45,8 +46,8 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 2**20  # the reference implementation's limit
-CHECKSUMS_KEY = "quantplug_crc32"
+
+__all__ = ["CHECKSUMS_KEY", "DTYPES", "MAX_HEADER", "NAMES", "SafetensorsFile", "write_file"]
 
 
 def _buffer(t: torch.Tensor):
@@ -97,82 +98,22 @@ def write_file(
 
 
 class SafetensorsFile:
-    """A safetensors file opened for reading single tensors; the header is validated on open."""
+    """A safetensors file opened for reading single tensors; the header is validated on open
+    (by ``safetensors_header.read_header``)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise self._bad(f"file is {size} bytes, too short to be safetensors")
-                n = int.from_bytes(head, "little")
-                if n > MAX_HEADER or 8 + n > size:
-                    if head[:1] == b"\x80" or head[:2] == b"PK":
-                        raise self._bad(
-                            "this is a pickle / torch.save file, not safetensors; refusing to unpickle it"
-                        )
-                    raise self._bad(
-                        f"header length {n} does not fit in a {size}-byte file (truncated or not safetensors)"
-                    )
-                raw = f.read(n)
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {self.path}: {exc}") from exc
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._bad(f"header is not valid JSON ({exc}); the file is corrupt") from None
-        if not isinstance(header, dict):
-            raise self._bad("header is not a JSON object; the file is corrupt")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise self._bad("__metadata__ is not a JSON object")
-        self.metadata: dict[str, str] = meta
-        self.checksums: dict[str, int] = {}
-        if CHECKSUMS_KEY in meta:
-            try:
-                checksums = json.loads(meta[CHECKSUMS_KEY])
-            except (TypeError, json.JSONDecodeError):
-                checksums = None
-            if not isinstance(checksums, dict) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in checksums.values()
-            ):
-                raise self._bad(
-                    f"metadata {CHECKSUMS_KEY} is not a JSON object of checksums; the file is corrupt"
-                )
-            self.checksums = checksums
-        self.data_start = 8 + n
-        data_len = size - self.data_start
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        spans = []
-        for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
-                ok = (
-                    all(isinstance(d, int) and d >= 0 for d in shape)
-                    and isinstance(begin, int)
-                    and isinstance(end, int)
-                )
-            except (KeyError, TypeError, ValueError):
-                raise self._bad(f"tensor {name!r}: malformed header entry {e!r}") from None
-            if not ok:
-                raise self._bad(f"tensor {name!r}: malformed shape or offsets in {e!r}")
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
-                raise self._bad(
-                    f"tensor {name!r}: offsets [{begin}, {end}] do not match its shape {list(shape)} and dtype "
-                    f"{e['dtype']} ({nbytes} bytes) within {data_len} data bytes (truncated or corrupt)"
-                )
-            self.entries[name] = (dtype, shape, begin, end)
-            spans.append((begin, end, name))
-        spans.sort()
-        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                raise self._bad(f"tensors {n0!r} and {n1!r} overlap; the file is corrupt")
+        header = read_header(path)
+        self.path = header.path
+        self.metadata: dict[str, str] = header.metadata
+        self.checksums: dict[str, int] = header.checksums
+        self.data_start = header.data_start
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
+            name: (DTYPES[dtype], shape, begin, end)
+            for name, (dtype, shape, begin, end) in header.entries.items()
+        }
 
     def _bad(self, why: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: {why}")
+        return bad(self.path, why)
 
     def keys(self) -> list[str]:
         return list(self.entries)
