@@ -38,8 +38,8 @@ import _common as common  # noqa: E402
 import prepare  # noqa: E402  (demo/prepare.py: the SmolLM2 and MiniLM folders)
 
 import quantplug  # noqa: E402
+from quantplug.candidates import presets_of  # noqa: E402
 from quantplug.comparison import compare, default_text, to_markdown  # noqa: E402
-from quantplug.selection import presets_of  # noqa: E402
 
 
 def cpu_presets(only: list[str] | None) -> list[str]:
@@ -76,7 +76,7 @@ def minilm_cosines(folder: Path, labels: list[str], n_sentences: int) -> dict[st
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from quantplug.selection import resolve
+    from quantplug.candidates import resolve
 
     tok = AutoTokenizer.from_pretrained(folder)
     batch = tok(sentences(default_text(), n_sentences), padding=True, truncation=True, max_length=128,

@@ -11,8 +11,7 @@ import sys
 
 import click
 
-from . import __version__
-from . import registry as reg
+from . import __version__, discovery, dispatch
 
 
 def _library_text(backend) -> str:
@@ -46,8 +45,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def list_cmd(as_json: bool) -> None:
     """List installed backends, their plugin and library versions, status and capabilities."""
-    backends = reg.backends()
-    problems = reg.registry().problems
+    backends = dispatch.backends()
+    problems = discovery.registry().problems
     if as_json:
         out = {
             "quantplug": __version__,
@@ -100,16 +99,16 @@ def list_cmd(as_json: bool) -> None:
 def doctor() -> None:
     """Report every plugin and backend problem with its fix. Exits 1 when there are problems."""
     click.echo(f"quantplug {__version__}, Python {sys.version.split()[0]}")
-    for p in reg.plugins():
+    for p in discovery.plugins():
         where = f"{p.dist} {p.version}" if p.dist else p.module
         detail = f" -> backends: {', '.join(p.backends)}" if p.backends else ""
         if p.status != "loaded":
             detail = f" ({p.error})"
         click.echo(f"  plugin {p.name} [{where}]: {p.status}{detail}")
-    notes = [b for b in reg.backends() if b.notes]
+    notes = [b for b in dispatch.backends() if b.notes]
     for b in notes:
         click.echo(f"  note: {b.name}: {b.notes}")
-    problems = reg.problems()
+    problems = discovery.problems()
     if not problems:
         click.echo("No problems found.")
         return
@@ -153,16 +152,17 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
     import time
     from pathlib import Path
 
-    from .checkpoint import load, non_checkpoint_files, save
+    from . import load, save
+    from .checkpoint import non_checkpoint_files
     from .errors import QuantplugError
 
     t0 = time.perf_counter()
     try:
-        backend = reg.get_backend(method)
+        backend = dispatch.get_backend(method)
         if preset is not None and bits is not None:
             raise click.UsageError("give --bits or --preset, not both")
         if preset is not None:
-            from .selection import resolve
+            from .candidates import resolve
 
             data = resolve(f"{backend.name}:{preset}").config.to_dict()
         elif bits is not None:
@@ -170,7 +170,7 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
         else:
             data = {"quant_method": method}
         data.update(_parse_sets(sets))
-        config = reg.config_from_dict(data)
+        config = dispatch.config_from_dict(data)
         model = load(model_dir, config=config, device=device, progress=progress)
         out = save(
             model, output, max_shard_size=max_shard_size, extra_files=non_checkpoint_files(Path(model_dir))
