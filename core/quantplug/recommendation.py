@@ -1,0 +1,147 @@
+"""``compare``'s last step: judge each measured row against the quality limit, pick the one to
+recommend for the priority and workload, and say how that squares with ``select``'s ranking."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .sizes import fmt_bytes
+
+if TYPE_CHECKING:
+    from .measure import Row
+    from .selection import Selection
+
+
+def judge(rows: list[Row], limit: float) -> None:
+    """Mark each candidate row acceptable when its quality loss is within ``limit``."""
+    base = rows[0]
+    base.acceptable = True
+    for r in rows[1:]:
+        loss = None if r.error else loss_of(r, base)
+        r.acceptable = loss is not None and loss <= limit
+
+
+def loss_of(row: Row, base: Row) -> float | None:
+    """Relative quality loss vs the baseline: perplexity increase, or output error."""
+    if base.perplexity is not None and row.perplexity is not None:
+        if not math.isfinite(row.perplexity):
+            return math.inf
+        return row.perplexity / base.perplexity - 1
+    return row.output_rel_error
+
+
+def latency(row: Row, workload: str) -> float | None:
+    if workload == "prefill":
+        return row.prefill_ms
+    if workload == "mixed" and row.prefill_ms and row.decode_ms:
+        return math.sqrt(row.prefill_ms * row.decode_ms)
+    return row.decode_ms if row.decode_ms is not None else row.prefill_ms
+
+
+def recommend(
+    rows: list[Row], selection: Selection | None, priority: str, workload: str, limit: float
+) -> tuple[str | None, str]:
+    """The recommended label (None: stay unquantized) and the recommendation in words."""
+    base, cands = rows[0], [r for r in rows[1:] if not r.error]
+    failed = [r for r in rows[1:] if r.error]
+    ok = [r for r in cands if r.acceptable]
+    measure = "perplexity" if base.perplexity is not None else "output error"
+    if not ok:
+        best = min(cands, key=lambda r: loss_of(r, base) or math.inf, default=None)
+        lines = [
+            f"No candidate keeps its quality loss within {limit:.0%} ({measure}) of the unquantized model"
+            + (f"; the closest is {best.label}." if best else ".")
+            + " Stay unquantized, or loosen max_quality_loss."
+        ]
+        pick = None
+    else:
+        key, basis = _ranking(base, priority, workload, measure)
+        pick = min(ok, key=key)
+        lines = _pick_lines(pick, base, cands, ok, basis, workload, limit, measure)
+    if selection is not None and selection.candidates and pick is not None:
+        lines += _versus_select(pick, cands, selection, priority, workload, limit)
+    if failed:
+        lines.append(
+            "Failed: " + "; ".join(f"{r.label} ({r.error.splitlines()[0][:120]})" for r in failed) + "."
+        )
+    return (pick.label if pick else None), "\n".join(lines)
+
+
+def _ranking(base: Row, priority: str, workload: str, measure: str) -> tuple[Callable[[Row], Any], str]:
+    """The sort key among acceptable rows for ``priority``, and its basis in words."""
+    if priority == "quality":
+        return (lambda r: (loss_of(r, base), r.weight_bytes or 0)), f"the lowest {measure}"
+    if priority == "speed":
+        return (
+            lambda r: (latency(r, workload) or math.inf, r.weight_bytes or 0)
+        ), f"the fastest at {workload}"
+    if priority == "size":
+        return (lambda r: (r.weight_bytes or 0, loss_of(r, base))), "the smallest"
+    return (
+        lambda r: math.log(max(r.weight_bytes or 1, 1)) + math.log(latency(r, workload) or 1.0)
+    ), f"the best size x {workload} latency"
+
+
+def _pick_lines(
+    pick: Row,
+    base: Row,
+    cands: list[Row],
+    ok: list[Row],
+    basis: str,
+    workload: str,
+    limit: float,
+    measure: str,
+) -> list[str]:
+    """The recommendation, and what it and the faster rejected candidates mean for speed."""
+    base_lat, lat = latency(base, workload), latency(pick, workload)
+    speed = ""
+    if base_lat and lat:
+        speed = (
+            f", {base_lat / lat:.2f}x the unquantized speed at {workload}"
+            if lat < base_lat
+            else f", {lat / base_lat:.2f}x slower than unquantized at {workload}"
+        )
+    lines = [
+        f"Recommended: **{pick.label}**: {basis} of the {len(ok)} candidate(s) within {limit:.0%} "
+        f"{measure} loss ({fmt_bytes(pick.weight_bytes)} of weights, "
+        f"{base.weight_bytes / pick.weight_bytes:.1f}x smaller{speed})."
+        if pick.weight_bytes and base.weight_bytes
+        else f"Recommended: **{pick.label}** ({basis})."
+    ]
+    if base_lat and all((latency(r, workload) or math.inf) > base_lat for r in ok):
+        lines.append(
+            f"Every candidate within the quality limit is slower than the unquantized model at {workload} "
+            f"here: on this machine they buy memory, not speed."
+        )
+    faster = [
+        r for r in cands if not r.acceptable and base_lat and (latency(r, workload) or math.inf) < base_lat
+    ]
+    if faster:
+        quick = min(faster, key=lambda r: latency(r, workload))
+        lines.append(
+            f"{quick.label} is faster than unquantized at {workload} ({latency(quick, workload):.3g} vs "
+            f"{base_lat:.3g} ms) but loses {(loss_of(quick, base) or 0):.1%} {measure}: over the limit."
+        )
+    return lines
+
+
+def _versus_select(
+    pick: Row, cands: list[Row], selection: Selection, priority: str, workload: str, limit: float
+) -> list[str]:
+    """How ``select``'s highest-ranked measured candidate fared against the pick."""
+    measured = {r.label for r in cands}
+    predicted = next((c for c in selection.candidates if c.label in measured), None)
+    if predicted is None:
+        return []
+    if predicted.label == pick.label:
+        return [f"`select` ranked it first too (priority={priority}, workload={workload})."]
+    row = next(r for r in cands if r.label == predicted.label)
+    if not row.acceptable:
+        why = f"its quality loss is over the {limit:.0%} limit on this model"
+    else:
+        why = f"{pick.label} measured better for priority={priority} here"
+    return [
+        f"`select` ranked {predicted.label} highest of these (from the plugins' declared figures); measured, {why}."
+    ]

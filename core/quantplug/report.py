@@ -1,0 +1,201 @@
+"""``compare``'s result, ``Comparison``, and its rendering for people: a markdown table, a report
+with how it was measured (``to_markdown``), a plot, and the one-line progress summary of a row.
+
+Nothing here imports torch; matplotlib is imported only to plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+from .sizes import fmt_bytes
+
+if TYPE_CHECKING:
+    from .measure import Row
+    from .selection import Selection
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What ``compare`` returns: the measured rows, ``select``'s view, the recommendation, and how
+    and where it was measured."""
+
+    rows: list[Row]
+    """The unquantized baseline first, then each candidate in the order run."""
+    selection: Selection | None
+    recommendation: str
+    recommended: str | None
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+
+    @property
+    def baseline(self) -> Row:
+        return self.rows[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [r.to_dict() for r in self.rows],
+            "recommended": self.recommended,
+            "recommendation": self.recommendation,
+            "select_ranking": [c.label for c in self.selection.candidates] if self.selection else None,
+            "settings": self.settings,
+            "environment": self.environment,
+        }
+
+    def table(self) -> str:
+        """A markdown table of the rows, then the recommendation."""
+        return _table(self)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Weight bytes vs quality, one marker per backend, decode latency written by each point."""
+        return _plot(self, path)
+
+
+def _table(result: Comparison) -> str:
+    """A markdown table of the rows, then the recommendation."""
+    base = result.baseline
+    quality = "perplexity" if base.perplexity is not None else "output rel. error"
+    head = (
+        f"| candidate | select rank | weights | model | quantize s | {quality} | "
+        f"prefill {result.settings['prefill_tokens'] or ''} tok ms | decode ms/token | note |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in result.rows:
+        if r.error:
+            lines.append(
+                f"| {r.label} | {r.select_rank or '-'} | | | | | | | failed: {r.error.splitlines()[0][:160]} |"
+            )
+            continue
+        if base.perplexity is not None and r.perplexity is not None:
+            q = f"{r.perplexity:.2f}"
+            if r is not base and base.perplexity:
+                q += f" ({(r.perplexity / base.perplexity - 1) * 100:+.1f}%)"
+        else:
+            q = f"{r.output_rel_error:.4f}" if r.output_rel_error is not None else "-"
+        w = fmt_bytes(r.weight_bytes)
+        if r is not base and r.weight_bytes and base.weight_bytes:
+            w += f" ({base.weight_bytes / r.weight_bytes:.1f}x smaller)"
+        note = "baseline" if r is base else ("" if r.acceptable else "quality loss over the limit")
+        lines.append(
+            f"| {r.label} | {r.select_rank or '-'} | {w} | {fmt_bytes(r.model_bytes)} | "
+            f"{_f(r.quantize_seconds, 1)} | {q} | {_f(r.prefill_ms, 0)} | {_f(r.decode_ms, 1)} | {note} |"
+        )
+    return "\n".join(lines) + "\n\n" + result.recommendation
+
+
+def to_markdown(result: Comparison) -> str:
+    """The table, the recommendation, and how it was measured (settings, machine, versions)."""
+    st, env = result.settings, result.environment
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines = [
+        f"# quantplug compare: {st['model']} on {env['device']}",
+        "",
+        result.table(),
+        "",
+        f"- Date: {env['date']}",
+        f"- Machine: {env['device']}, {env['cpu_count']} CPU cores (torch used {env['torch_threads']} threads), "
+        f"{env['platform']}, Python {env['python']}",
+        f"- Versions: {versions}",
+        f"- Quality: {st['quality']}; text: {st['text']}, {st['tokens']} tokens in {st['window']}-token windows "
+        f"({st['encoding']}).",
+        f"- Latency: prefill = one forward over {st['prefill_tokens']} tokens; decode = ms per token over "
+        f"{st['decode_tokens']} greedy tokens with a KV cache; medians of {st['repeats']}.",
+        f"- Acceptable: quality loss within {st['max_quality_loss']:.0%}; recommendation for "
+        f"priority={st['priority']}, workload={st['workload']}.",
+    ]
+    warned = [(r.label, w) for r in result.rows for w in r.warnings]
+    if warned:
+        lines.append(
+            "- Warnings raised by backends: "
+            + "; ".join(f"{lbl}: {w.splitlines()[0][:160]}" for lbl, w in warned)
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary(row: Row) -> str:
+    """One progress line: what was measured for ``row``."""
+    parts = []
+    if row.quantize_seconds is not None:
+        parts.append(f"quantized in {row.quantize_seconds:.1f} s")
+    parts.append(f"weights {fmt_bytes(row.weight_bytes)}")
+    if row.perplexity is not None:
+        parts.append(f"perplexity {row.perplexity:.2f}")
+    if row.output_rel_error is not None:
+        parts.append(f"output error {row.output_rel_error:.4f}")
+    if row.prefill_ms is not None:
+        parts.append(f"prefill {row.prefill_ms:.0f} ms")
+    if row.decode_ms is not None:
+        parts.append(f"decode {row.decode_ms:.1f} ms/token")
+    return ", ".join(parts)
+
+
+def _f(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _plot(result: Comparison, path: str | os.PathLike) -> Path:
+    """Weight bytes vs quality, one marker per backend, decode latency written by each point."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError(
+            "plotting needs matplotlib: pip install 'quantplug[plot]' (or pip install matplotlib)",
+            field="plot",
+        ) from None
+    use_ppl = result.baseline.perplexity is not None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    _scatter(ax, plt.get_cmap("tab10"), result.rows, use_ppl)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+    ax.set_xlabel("weights of the quantized layers (MB)")
+    ax.set_ylabel("perplexity (lower is better)" if use_ppl else "output relative error")
+    ys = [r.perplexity for r in result.rows if not r.error and r.perplexity and math.isfinite(r.perplexity)]
+    if use_ppl and ys and max(ys) / min(ys) > 10:  # a broken 2-bit preset next to the rest
+        ax.set_yscale("log")
+    ax.set_title(
+        f"{result.settings.get('model', 'model')} on {result.environment.get('device', '')}", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _scatter(ax, colors, rows: list[Row], use_ppl: bool) -> None:
+    """One point per measured row (the baseline a black star), labelled with its decode latency."""
+    markers = "os^Dv<>pPX*h"
+    backends = sorted({r.backend for r in rows[1:] if r.backend})
+    for r in rows:
+        if r.error or r.weight_bytes is None:
+            continue
+        y = r.perplexity if use_ppl else r.output_rel_error
+        if y is None or not math.isfinite(y) or (not use_ppl and r.backend is None):
+            continue
+        if r.backend is None:
+            style = {"marker": "*", "s": 140, "color": "black", "label": "unquantized"}
+        else:
+            i = backends.index(r.backend)
+            style = {
+                "marker": markers[i % len(markers)],
+                "s": 60,
+                "color": colors(i % 10),
+                "label": r.backend,
+            }
+        ax.scatter(r.weight_bytes / 1e6, y, alpha=0.85, **style)
+        name = r.label.split(":", 1)[-1] if r.backend else r.label
+        lat = f"\n{r.decode_ms:.1f} ms/tok" if r.decode_ms is not None else ""
+        ax.annotate(
+            f"{name}{lat}", (r.weight_bytes / 1e6, y), fontsize=6.5, xytext=(4, 3), textcoords="offset points"
+        )
