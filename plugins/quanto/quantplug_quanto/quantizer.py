@@ -78,6 +78,7 @@ class QuantoLinear(QLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         flag = state_dict.pop(prefix + OUTPUT_FLAG, None)
+        loads_scales = prefix + "input_scale" in state_dict  # stored scales are calibrated ones
         if self.weight_qtype.bits < 8 and prefix + "weight" not in state_dict:
             # optimum-quanto's own load would call optimize(), which unpacks and repacks every weight
             # even when the layout stays the same (that doubled load time, about 0.1 s per SmolLM2
@@ -100,7 +101,7 @@ class QuantoLinear(QLinear):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if flag is not None and not bool(flag):
             self.disable_output_quantization()
-        self.calibrated = True  # the stored activation scales are calibrated ones
+        self.calibrated = self.calibrated or loads_scales
 
 
 class QuantoQuantizer(quantplug.Quantizer):
