@@ -275,7 +275,9 @@ def child(case_name: str, path: str, model_cfg: dict, warmup: int, calls: int, p
         importlib.import_module(PLUGIN_MODULE[case["backend"]])
         config = _quantplug_config(case)
         t1 = time.perf_counter()
-        quantplug.get_backend(case["backend"])  # plugin discovery (entry points): once per process, like an import
+        quantplug.get_backend(
+            case["backend"]
+        )  # plugin discovery (entry points): once per process, like an import
         out["discovery_s"] = time.perf_counter() - t1
         if path == "quantplug-notrim":
             # Diagnostic: the same call without the core's malloc_trim (walk.release_freed_memory).
