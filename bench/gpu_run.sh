@@ -11,7 +11,7 @@
 # whatever the previous ones did:
 #   1. python bench/gpu.py --out $OUT      -> $OUT/gpu.json, $OUT/gpu.md   (the issue-9 figure)
 #   2. pytest plugins/bnb/tests -k cuda    (bitsandbytes on CUDA: quantize, save, load)
-#   3. python plugins/torchao/gpu_check.py -> $OUT/torchao_gpu_check.json
+#   3. python plugins/torchao/bench/gpu_check.py -> $OUT/torchao_gpu_check.json
 #   4. the conformance kit's device-dependent tests of every plugin with device = "cuda" (the
 #      fresh-process reload test is left out: the kit reloads without a device argument)
 # Everything printed also goes to $OUT/run.log; $OUT/summary.txt has one line per step.
@@ -134,7 +134,7 @@ want bench && step gpu-bench 260 "$PY" bench/gpu.py --out "$OUT" --budget 230 --
 want bnb && step bnb-cuda-tests 60 "$PY" -m pytest plugins/bnb/tests/test_bnb.py -q -rfE -k cuda -p no:cacheprovider
 
 # -- 3. torchao on CUDA -----------------------------------------------------------------------------
-want torchao && step torchao-gpu-check 80 "$PY" plugins/torchao/gpu_check.py --out "$OUT/torchao_gpu_check.json"
+want torchao && step torchao-gpu-check 80 "$PY" plugins/torchao/bench/gpu_check.py --out "$OUT/torchao_gpu_check.json"
 
 # -- 4. the conformance kit on CUDA -----------------------------------------------------------------
 CONF=/tmp/cuda_conformance
