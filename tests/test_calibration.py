@@ -164,3 +164,16 @@ def test_quantize_on_load_refuses_a_config_that_needs_calibration(calib_backend,
     with pytest.raises(quantplug.ConfigError, match="quantize-on-load cannot") as err:
         quantplug.load(ckpt, config=calib_backend(), model=Model(), progress=False)
     assert err.value.field == "calibration_data"
+
+
+def test_run_batch_passes_a_tensor_positionally_and_a_mapping_as_keywords():
+    from quantplug.testing import logits, tiny_llama, token_ids
+
+    model = tiny_llama()
+    ids = token_ids()
+    expected = logits(model, ids)
+    with torch.no_grad():
+        assert torch.equal(quantplug.run_batch(model, ids).logits, expected)
+        assert torch.equal(quantplug.run_batch(model, {"input_ids": ids}).logits, expected)
+        out = quantplug.run_batch(model, {"input_ids": ids}, output_hidden_states=True)
+    assert out.hidden_states is not None  # extra keyword arguments reach the model

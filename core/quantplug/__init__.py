@@ -44,6 +44,7 @@ _LAZY = {
     "compare": ".comparison",
     "Comparison": ".comparison",
     "load": ".loading",
+    "run_batch": ".devices",
 }
 
 

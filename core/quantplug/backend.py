@@ -268,7 +268,7 @@ class Quantizer:
         Called by ``quantize`` under ``torch.no_grad()`` once every layer has been replaced by
         ``quantize_module``, only when ``needs_calibration()``. ``batches`` is a non-empty list of
         model inputs already on the target device: a tensor (call ``model(batch)``) or a dict of
-        keyword arguments (``model(**batch)``). A quantizer may leave its layers unfinished in
+        keyword arguments (``model(**batch)``): ``quantplug.run_batch(model, batch)`` runs either. A quantizer may leave its layers unfinished in
         ``quantize_module`` and finish them here."""
         raise PluginError(
             f"backend {self.backend.name!r} declares that {type(self.config).__name__} needs calibration, "

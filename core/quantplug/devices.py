@@ -1,4 +1,5 @@
-"""Devices: where a model lives, and moving model inputs there."""
+"""Devices and model inputs: where a model lives, moving inputs there, and running a model on one
+batch of inputs."""
 
 from __future__ import annotations
 
@@ -32,3 +33,9 @@ def to_device(inputs: Any, device: torch.device | str) -> Any:
         value=type(inputs).__name__,
         allowed="a tensor or a dict of tensors",
     )
+
+
+def run_batch(model: nn.Module, inputs: Any, **kwargs: Any) -> Any:
+    """``model`` on one batch of inputs, by quantplug's convention for model inputs (calibration
+    data, ``compare``'s inputs): a tensor is the first argument, a mapping the keyword arguments."""
+    return model(**inputs, **kwargs) if isinstance(inputs, Mapping) else model(inputs, **kwargs)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .devices import run_batch
 from .errors import ConfigError
 from .hardware import cpu_hardware, detect_hardware
 from .versions import installed_version
@@ -160,11 +161,11 @@ def measure(row: Row, model: nn.Module, bench: Bench, reference: torch.Tensor | 
     if bench.causal:
         row.perplexity = perplexity(model, bench.eval_ids, bench.window, dev)
     with torch.no_grad():
-        _call(model, bench.warm)  # warm-up: first calls pick kernels and allocate
+        run_batch(model, bench.warm)  # warm-up: first calls pick kernels and allocate
         if bench.causal:
-            prefill = lambda: _call(model, bench.prefill_in, use_cache=False)  # noqa: E731
+            prefill = lambda: run_batch(model, bench.prefill_in, use_cache=False)  # noqa: E731
         else:
-            prefill = lambda: _call(model, bench.prefill_in)  # noqa: E731
+            prefill = lambda: run_batch(model, bench.prefill_in)  # noqa: E731
         row.prefill_ms = statistics.median(_timed(prefill, dev) for _ in range(bench.repeats))
     if bench.causal:
         row.decode_ms = statistics.median(
@@ -188,13 +189,9 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int, device: torch.d
     return math.exp(nll / count) if count else float("nan")
 
 
-def _call(model: nn.Module, inputs: Any, **kwargs: Any) -> Any:
-    return model(**inputs, **kwargs) if isinstance(inputs, dict) else model(inputs, **kwargs)
-
-
 def _output(model: nn.Module, inputs: Any) -> torch.Tensor:
     with torch.no_grad():
-        out = _call(model, inputs)
+        out = run_batch(model, inputs)
     if isinstance(out, torch.Tensor):
         return out.float()
     for key in ("logits", "last_hidden_state"):

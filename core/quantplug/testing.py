@@ -7,10 +7,14 @@
         backend_name = "mymethod"
         configs = [({"bits": 4}, 4), ({"bits": 8}, 8)]         # (config dict, weight bits)
         bad_configs = [({"bits": 3}, "bits")]                    # (config dict, field the error names)
+        library_bad_configs = [({"bits": 4, "group_size": 7}, "group_size")]  # refused by check_config
         library_modules = ("mylib",)                             # must stay unimported by listing
 
 It checks the plugin contract the same way for every backend: registration and lazy import,
-config round trips and ``ConfigError``s, one-layer error within the declared
+config round trips and ``ConfigError``s (at construction for ``bad_configs``; for
+``library_bad_configs``, which build, at ``Quantizer.check_config`` before any layer is touched),
+that a quantized layer stores exactly the tensors ``expected_tensors`` declares (so what
+``quantize`` writes is what ``load`` accepts), one-layer error within the declared
 ``Capabilities.max_rel_error`` and storage near the declared bits, a tiny Transformers model
 quantized and still generating, save -> load in a fresh process with identical logits, and clear
 errors for corrupt checkpoints. Needs pytest, torch and transformers.
@@ -91,6 +95,10 @@ class BackendConformance:
     backend_name: ClassVar[str]
     configs: ClassVar[list[tuple[dict[str, Any], int]]]
     bad_configs: ClassVar[list[tuple[dict[str, Any], str]]] = []
+    """(config dict, field the error names): refused when the config is built."""
+    library_bad_configs: ClassVar[list[tuple[dict[str, Any], str]]] = []
+    """(config dict, field the error names): the config builds (cheap checks pass), and the backend's
+    ``Quantizer.check_config`` refuses it once the library is imported."""
     library_modules: ClassVar[tuple[str, ...]] = ()
     device: ClassVar[str] = "cpu"
     max_overhead_bits: ClassVar[float] = 1.5
@@ -104,11 +112,18 @@ class BackendConformance:
         if "case" in metafunc.fixturenames:
             ids = [json.dumps(c, sort_keys=True, separators=(",", ":")) for c, _ in self.configs]
             metafunc.parametrize("case", self.configs, ids=ids)
-        if "bad_case" in metafunc.fixturenames:
-            if not self.bad_configs:
-                pytest.skip("no bad_configs declared")
-            ids = [json.dumps(c, sort_keys=True, separators=(",", ":")) for c, _ in self.bad_configs]
-            metafunc.parametrize("bad_case", self.bad_configs, ids=ids)
+        for fixture, cases in (
+            ("bad_case", self.bad_configs),
+            ("library_bad_case", self.library_bad_configs),
+        ):
+            if fixture not in metafunc.fixturenames:
+                continue
+            if not cases:  # skips this test only, not the whole class
+                skip = pytest.mark.skip(reason=f"no {fixture.replace('_case', '_configs')} declared")
+                metafunc.parametrize(fixture, [pytest.param(None, marks=skip)], ids=["none"])
+                continue
+            ids = [json.dumps(c, sort_keys=True, separators=(",", ":")) for c, _ in cases]
+            metafunc.parametrize(fixture, cases, ids=ids)
 
     def make_config(self, config: dict[str, Any]) -> quantplug.QuantConfig:
         return quantplug.config_from_dict({"quant_method": self.backend_name, **config})
@@ -158,6 +173,21 @@ class BackendConformance:
         assert err.value.field == field
         assert field in str(err.value)
 
+    def test_library_refusal_is_a_config_error_before_any_layer_changes(self, library_bad_case):
+        import torch
+
+        data, field = library_bad_case
+        config = self.make_config(data)  # the cheap checks pass
+        with pytest.raises(quantplug.ConfigError) as err:
+            quantplug.AutoQuantizer.from_config(config)
+        assert err.value.field == field and field in str(err.value)
+        model = self.make_model()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(quantplug.ConfigError):
+            quantplug.quantize(model, config, progress=False)
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
     def test_unknown_key_raises_config_error(self):
         with pytest.raises(quantplug.ConfigError, match="no_such_key"):
             self.make_config({**self.configs[0][0], "no_such_key": 1})
@@ -195,6 +225,27 @@ class BackendConformance:
         assert weight_bits <= bits + self.max_overhead_bits, (
             f"{weight_bits:.2f} stored bits per weight; nominal {bits} + {self.max_overhead_bits} overhead allowed"
         )
+
+    def test_quantized_layer_stores_what_expected_tensors_declares(self, case):
+        import torch
+
+        quantizer = quantplug.AutoQuantizer.from_config(self.make_config(case[0]))
+        torch.manual_seed(0)
+        for bias in (True, False):
+            layer = torch.nn.Linear(512, 256, bias=bias, device=self.device)
+            meta = torch.nn.Linear(512, 256, bias=bias, device="meta")
+            with torch.no_grad():
+                stored = quantizer.module_tensors("layer", quantizer.quantize_module("layer", layer))
+            expected = quantizer.expected_tensors("layer", meta)
+            assert sorted(stored) == sorted(expected), (
+                "quantize_module's tensors are not what a checkpoint must hold"
+            )
+            for key, (shape, dtype) in expected.items():
+                t = stored[key]
+                assert shape is None or tuple(t.shape) == tuple(shape), (
+                    f"{key}: {list(t.shape)} != {list(shape)}"
+                )
+                assert dtype is None or t.dtype == dtype, f"{key}: {t.dtype} != {dtype}"
 
     # -- a model ------------------------------------------------------------------------------
 

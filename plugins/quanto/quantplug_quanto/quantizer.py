@@ -14,7 +14,6 @@ and loads with ``load_state_dict(..., assign=True)`` into it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -131,10 +130,7 @@ class QuantoQuantizer(quantplug.Quantizer):
         try:
             with Calibration(streamline=True):
                 for batch in batches:
-                    if isinstance(batch, Mapping):
-                        model(**batch)
-                    else:
-                        model(batch)
+                    quantplug.run_batch(model, batch)
         except BaseException:
             for m in layers:
                 m.calibrated = False

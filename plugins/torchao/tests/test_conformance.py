@@ -1,16 +1,12 @@
 """The conformance kit, for every torchao mode that runs on CPU.
 
 int4_weight_only and float8 dynamic need CUDA: bench/gpu_check.py covers them where a GPU is available.
-``bad_configs`` are refused when the config is built; ``LIBRARY_BAD_CONFIGS`` (values inside torchao's
+``bad_configs`` are refused when the config is built; ``library_bad_configs`` (values inside torchao's
 ``_data``) build, and are refused by the quantizer's check_config, with torchao imported, before any
-layer is touched.
+layer is touched (the kit checks both).
 """
 
-import pytest
-import torch
-
-import quantplug
-from quantplug.testing import BackendConformance, tiny_llama
+from quantplug.testing import BackendConformance
 from quantplug_torchao.config import torchao_config_dict
 
 
@@ -34,6 +30,27 @@ def bad_intx(**data):
     return bad_data("intx_weight_only", **data)
 
 
+#: values inside _data are torchao's to check: each builds, and check_config refuses it (field quant_type)
+LIBRARY_BAD_DATA = [
+    bad_data("int8_weight_only", no_such_field=1),  # torchao: unexpected keyword
+    bad_data("int8_weight_only", group_size=32),  # torchao: version 2 has no group_size
+    bad_intx(granularity={"_type": "PerAxis", "_version": 1, "_data": {"axis": 1}}),  # torchao: axis 0 only
+    bad_intx(mapping_type={"_type": "MappingType", "_data": "NO_SUCH"}),  # torchao: no such enum member
+    # torchao accepts these, the plugin does not run them
+    bad_intx(weight_dtype={"_type": "torch.dtype", "_data": "int1"}),
+    bad_intx(intx_packing_format={"_type": "IntxPackingFormat", "_data": "OPAQUE_TORCHAO_AUTO"}),
+    bad_intx(granularity={"_type": "PerGroup", "_version": 1, "_data": {"group_size": 0}}),
+    bad_data("int8_weight_only", granularity={"_type": "PerTensor", "_version": 1, "_data": {}}),
+    bad_data("float8_weight_only", weight_dtype={"_type": "torch.dtype", "_data": "float8_e5m2"}),
+    bad_data("int4_weight_only", group_size=100),
+    bad_data("int4_weight_only", int4_packing_format="no_such_format"),
+]
+
+
+def _library_bad(intx: bool) -> list:
+    return [(d, "quant_type") for d in LIBRARY_BAD_DATA if ("Intx" in str(d)) == intx]
+
+
 class TestTorchaoConformance(BackendConformance):
     backend_name = "torchao"
     library_modules = ("torchao",)
@@ -54,6 +71,7 @@ class TestTorchaoConformance(BackendConformance):
         ({"quant_type_kwargs": {"group_size": 32}}, "quant_type_kwargs"),
         ({"untie_embedding_weights": "no"}, "untie_embedding_weights"),
     ]
+    library_bad_configs = _library_bad(intx=False)
 
 
 class TestTorchaoIntxConformance(BackendConformance):
@@ -68,39 +86,10 @@ class TestTorchaoIntxConformance(BackendConformance):
         (qt("intx_weight_only", bits=4, group_size=32), 4),
         (qt("intx_weight_only", bits=2, group_size=64, symmetric=False), 2),
     ]
-    # the values inside _data are torchao's to check: LIBRARY_BAD_CONFIGS below (and the kit needs
-    # one here, or it skips the whole class)
+    library_bad_configs = _library_bad(intx=True)
     bad_configs = [
         (
             {"quant_type": {"default": {**qt("intx_weight_only")["quant_type"]["default"], "_data": []}}},
             "quant_type",
         ),
     ]
-
-
-LIBRARY_BAD_CONFIGS = [
-    bad_data("int8_weight_only", no_such_field=1),  # torchao: unexpected keyword
-    bad_data("int8_weight_only", group_size=32),  # torchao: version 2 has no group_size
-    bad_intx(granularity={"_type": "PerAxis", "_version": 1, "_data": {"axis": 1}}),  # torchao: axis 0 only
-    bad_intx(mapping_type={"_type": "MappingType", "_data": "NO_SUCH"}),  # torchao: no such enum member
-    # torchao accepts these, the plugin does not run them
-    bad_intx(weight_dtype={"_type": "torch.dtype", "_data": "int1"}),
-    bad_intx(intx_packing_format={"_type": "IntxPackingFormat", "_data": "OPAQUE_TORCHAO_AUTO"}),
-    bad_intx(granularity={"_type": "PerGroup", "_version": 1, "_data": {"group_size": 0}}),
-    bad_data("int8_weight_only", granularity={"_type": "PerTensor", "_version": 1, "_data": {}}),
-    bad_data("float8_weight_only", weight_dtype={"_type": "torch.dtype", "_data": "float8_e5m2"}),
-    bad_data("int4_weight_only", group_size=100),
-    bad_data("int4_weight_only", int4_packing_format="no_such_format"),
-]
-
-
-@pytest.mark.parametrize("data", LIBRARY_BAD_CONFIGS, ids=range(len(LIBRARY_BAD_CONFIGS)))
-def test_config_torchao_refuses_is_a_config_error_before_any_layer_changes(data):
-    config = quantplug.config_from_dict({"quant_method": "torchao", **data})  # the form is fine
-    with pytest.raises(quantplug.ConfigError) as err:
-        quantplug.AutoQuantizer.from_config(config)
-    assert err.value.field == "quant_type" and "quant_type" in str(err.value)
-    model = tiny_llama()
-    with pytest.raises(quantplug.ConfigError):
-        quantplug.quantize(model, config, progress=False)
-    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
