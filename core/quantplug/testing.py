@@ -204,10 +204,10 @@ class BackendConformance:
         layer = torch.nn.Linear(512, 256, bias=True, device=self.device)
         torch.nn.init.normal_(layer.weight, std=0.02)
         x = torch.randn(32, 512, device=self.device)
-        quantizer = quantplug.AutoQuantizer.from_config(self.make_config(config))
         with torch.no_grad():
             ref = layer(x)
-            qlayer = quantizer.quantize_module("layer", layer)
+        quantizer, qlayer = self._quantized_layer(config, layer)
+        with torch.no_grad():
             out = qlayer(x)
         rel = ((out.float() - ref).norm() / ref.norm()).item()
         assert rel <= bound, (
@@ -229,13 +229,12 @@ class BackendConformance:
     def test_quantized_layer_stores_what_expected_tensors_declares(self, case):
         import torch
 
-        quantizer = quantplug.AutoQuantizer.from_config(self.make_config(case[0]))
         torch.manual_seed(0)
         for bias in (True, False):
             layer = torch.nn.Linear(512, 256, bias=bias, device=self.device)
             meta = torch.nn.Linear(512, 256, bias=bias, device="meta")
-            with torch.no_grad():
-                stored = quantizer.module_tensors("layer", quantizer.quantize_module("layer", layer))
+            quantizer, qlayer = self._quantized_layer(case[0], layer)
+            stored = quantizer.module_tensors("layer", qlayer)
             expected = quantizer.expected_tensors("layer", meta)
             assert sorted(stored) == sorted(expected), (
                 "quantize_module's tensors are not what a checkpoint must hold"
@@ -247,7 +246,32 @@ class BackendConformance:
                 )
                 assert dtype is None or t.dtype == dtype, f"{key}: {t.dtype} != {dtype}"
 
+    def _quantized_layer(self, config, layer):
+        """``(quantizer, quantized layer)``: through ``quantize_module``, or, for a config that needs
+        calibration, through ``quantplug.quantize`` of a one-layer model calibrated on other inputs
+        of the same distribution as the test's."""
+        import torch
+
+        config = self.make_config(config)
+        quantizer = quantplug.AutoQuantizer.from_config(config)
+        if not quantizer.needs_calibration():
+            with torch.no_grad():
+                return quantizer, quantizer.quantize_module("layer", layer)
+        model = torch.nn.Sequential(layer)
+        gen = torch.Generator().manual_seed(7)
+        calib = [torch.randn(32, layer.in_features, generator=gen).to(self.device) for _ in range(4)]
+        quantplug.quantize(model, config, progress=False, calibration_data=calib)
+        return model.quantplug_info.quantizer, model[0]
+
     # -- a model ------------------------------------------------------------------------------
+
+    def calibration_data(self, model) -> list:
+        """Calibration batches for configs that need them: token ids other than the test's."""
+        import torch
+
+        gen = torch.Generator().manual_seed(7)
+        vocab = model.config.vocab_size
+        return [torch.randint(0, vocab, (2, 16), generator=gen).to(self.device) for _ in range(2)]
 
     def _quantized_model(self, config):
         import torch
@@ -257,7 +281,10 @@ class BackendConformance:
         ids = ids.to(self.device)
         with torch.no_grad():
             ref = model(ids).logits
-        report = quantplug.quantize(model, self.make_config(config), progress=False)
+        config = self.make_config(config)
+        calibrate = quantplug.AutoQuantizer.from_config(config).needs_calibration()
+        data = self.calibration_data(model) if calibrate else None
+        report = quantplug.quantize(model, config, progress=False, calibration_data=data)
         return model, ids, ref, report
 
     def test_quantize_model(self, case):
