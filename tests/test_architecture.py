@@ -121,3 +121,12 @@ def test_plugins_use_only_the_public_core_api(package: Path):
     assert not private, (
         "plugins may import only " + ", ".join(sorted(PUBLIC_CORE_MODULES)) + ":\n" + "\n".join(private)
     )
+
+
+def test_no_public_name_shadows_a_submodule():
+    import quantplug
+
+    shadowing = [
+        n for n in quantplug.__all__ if (CORE / f"{n}.py").exists() or (CORE / n / "__init__.py").exists()
+    ]
+    assert not shadowing, f"quantplug.{shadowing[0]} is both a public name and a submodule"

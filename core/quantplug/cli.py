@@ -152,9 +152,11 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
     import time
     from pathlib import Path
 
-    from . import load, save
     from .checkpoint import non_checkpoint_files
     from .errors import QuantplugError
+    from .loading import load
+    from .saving import save
+    from .walk import quantized_info
 
     t0 = time.perf_counter()
     try:
@@ -177,7 +179,7 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
         )
     except QuantplugError as exc:
         raise click.ClickException(str(exc)) from None
-    info = model.quantplug_info
+    info = quantized_info(model)
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
     click.echo(
         f"quantized {len(info.modules)} module(s) with {config.quant_method} "

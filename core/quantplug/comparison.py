@@ -47,6 +47,7 @@ from .measure import (
 from .recommendation import judge, recommend
 from .report import Comparison, summary, to_markdown
 from .selection import Selection, select
+from .walk import quantized_info
 
 __all__ = [
     "DEFAULT_MAX_QUALITY_LOSS",
@@ -184,7 +185,7 @@ def _prepare_model(
         name, tokenizer = path.name, tokenizer or folder_tokenizer
     elif isinstance(model, nn.Module):
         name = type(model).__name__
-        if getattr(model, "quantplug_info", None) is not None:
+        if quantized_info(model) is not None:
             raise ConfigError("this model is already quantized: pass the full-precision model", field="model")
         model = model.to(dev)
     else:
@@ -196,12 +197,13 @@ def _prepare_model(
 
 
 def _load_model(path: Path, device: torch.device, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
-    from . import load  # wherever the package keeps it (quantplug.load)
+    from .loading import load
 
     model = load(path, device=device, dtype=dtype, progress=False)
-    if getattr(model, "quantplug_info", None) is not None:
+    info = quantized_info(model)
+    if info is not None:
         raise ConfigError(
-            f"{path} is already quantized with {model.quantplug_info.config.quant_method!r}: compare needs the "
+            f"{path} is already quantized with {info.config.quant_method!r}: compare needs the "
             f"full-precision model to quantize each candidate from",
             field="model",
         )
@@ -298,7 +300,7 @@ def _bench(
 
 def _measure_all(model: nn.Module, specs: list[Spec], bench: Bench, say: Callable[[str], None]) -> list[Row]:
     """The unquantized baseline's row, then one per candidate, each quantized from a deep copy."""
-    from .convert import default_targets
+    from .layers import default_targets
 
     baseline = Row("unquantized", None, None)
     baseline.weight_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in default_targets(model))

@@ -17,10 +17,10 @@ from .devices import model_device, to_device
 from .dispatch import AutoQuantizer
 from .errors import ConfigError
 from .integrations import register_if_transformers_loaded
-from .layers import as_linear, default_targets, tensor_bytes
-from .walk import INFO_ATTR, LayerWalk, quantized_info, release_freed_memory
+from .layers import as_linear, tensor_bytes
+from .walk import LayerWalk, quantized_info, release_freed_memory
 
-__all__ = ["INFO_ATTR", "QuantizeReport", "calibration_batches", "default_targets", "quantize"]
+__all__ = ["QuantizeReport", "calibration_batches", "quantize"]
 
 
 @dataclasses.dataclass

@@ -200,13 +200,14 @@ def _is_embedding_or_head(key: str) -> bool:
 
 
 def _from_module(model: Any) -> ModelSize:
-    from .convert import default_targets  # torch is already imported: we hold a model
+    from .layers import default_targets  # torch is already imported: we hold a model
+    from .walk import quantized_info
 
     targets = default_targets(model)
     quantizable = sum(m.weight.numel() for _, m in targets)
     bytes_per = float(targets[-1][1].weight.element_size()) if targets else 2.0
     total = sum(p.numel() for p in model.parameters())  # shared (tied) parameters counted once
-    info = getattr(model, "quantplug_info", None)
+    info = quantized_info(model)
     hf = getattr(model, "config", None)
     pre = getattr(hf, "quantization_config", None) if info is None else info.config.to_dict()
     if pre is not None and hasattr(pre, "to_dict"):

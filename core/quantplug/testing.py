@@ -260,8 +260,10 @@ class BackendConformance:
         model = torch.nn.Sequential(layer)
         gen = torch.Generator().manual_seed(7)
         calib = [torch.randn(32, layer.in_features, generator=gen).to(self.device) for _ in range(4)]
+        from .walk import quantized_info
+
         quantplug.quantize(model, config, progress=False, calibration_data=calib)
-        return model.quantplug_info.quantizer, model[0]
+        return quantized_info(model).quantizer, model[0]
 
     # -- a model ------------------------------------------------------------------------------
 
