@@ -43,3 +43,15 @@ def test_rtn_descriptor_in_contributing_matches_the_plugin():
         "max_rel_error={8: 0.02, 4: 0.16, 2: 0.75}",
     ):
         assert line in source and line in text, line
+
+
+def test_every_quantizer_method_is_in_the_contributing_table():
+    import quantplug
+
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    methods = [
+        n for n, f in vars(quantplug.Quantizer).items() if inspect.isfunction(f) and not n.startswith("_")
+    ]
+    assert "check_config" in methods
+    missing = [n for n in methods if f"| `{n}(" not in text]
+    assert not missing, f"CONTRIBUTING.md's quantizer table lacks {missing}"
