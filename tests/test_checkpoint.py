@@ -607,3 +607,25 @@ def test_backend_header_metadata_is_written_and_validated(tmp_path, monkeypatch)
     with pytest.raises(quantplug.PluginError, match="clash"):
         quantplug.save(model, tmp_path / "clash")
     assert not (tmp_path / "clash").exists()
+
+
+def test_load_shows_progress_on_a_tty(monkeypatch, rtn_checkpoint, tmp_path):
+    """Layers rebuilt through the walk, and the other tensors (all of them in a plain load)."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    plain = quantplug.save(tiny_llama(), tmp_path / "plain")
+    for folder, bars in ((rtn_checkpoint[0], ("loading", "loading tensors")), (plain, ("loading tensors",))):
+        term = Terminal()
+        monkeypatch.setattr(sys, "stderr", term)
+        quantplug.load(folder, progress=True)
+        for bar in bars:
+            assert f"{bar}:" in term.getvalue(), (folder, term.getvalue()[-300:])
+        quiet = Terminal()
+        monkeypatch.setattr(sys, "stderr", quiet)
+        quantplug.load(folder, progress=False)
+        assert quiet.getvalue() == ""

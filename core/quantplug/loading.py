@@ -28,7 +28,7 @@ from .errors import BackendUnavailableError, CheckpointError, ConfigError, Unkno
 from .integrations import register_if_transformers_loaded
 from .layers import as_linear, owner_of, transformers_tied_keys
 from .skeleton import skeleton
-from .walk import LayerWalk
+from .walk import LayerWalk, progress_bar
 
 
 def load(
@@ -75,7 +75,7 @@ def load(
                 progress=progress,
                 trim_every=0,
             )
-        _fill_the_rest(model, layout, reader)
+        _fill_the_rest(model, layout, reader, progress)
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise CheckpointError(f"{folder}: tensors {_fmt(left)} were not in the checkpoint")
@@ -236,14 +236,17 @@ def _layer_builder(walk: LayerWalk, layout: _Layout, read: _Reader, prequantized
     return build
 
 
-def _fill_the_rest(model: nn.Module, layout: _Layout, read: _Reader) -> None:
-    """Assign every tensor not owned by a quantized module; tied tensors whose source stays in full
-    precision share its storage, so they go last."""
+def _fill_the_rest(model: nn.Module, layout: _Layout, read: _Reader, progress: bool) -> None:
+    """Assign every tensor not owned by a quantized module (all of them in a plain load, with a
+    progress bar); tied tensors whose source stays in full precision share its storage, so they go last."""
     done = {k for keys in layout.owned.values() for k in keys}
     names = set(layout.owned)
     tied = {k for k, src in layout.aliases.items() if k not in done and not owner_of(src, names)}
-    for key in sorted(k for k in layout.expected if k not in done and k not in tied):
-        _assign(model, key, read(key, cast=True))
+    keys = sorted(k for k in layout.expected if k not in done and k not in tied)
+    with progress_bar(len(keys), "loading tensors", progress, unit="tensor") as bar:
+        for key in keys:
+            _assign(model, key, read(key, cast=True))
+            bar.update(1)
     for key in sorted(tied):
         _assign_alias(model, key, layout.aliases[key])
 

@@ -59,12 +59,11 @@ def attach_info(model: nn.Module, info: QuantizedModelInfo) -> None:
             hf_config.quantization_config = info.config.to_dict()
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "module"):
+    """A tqdm bar on stderr, shown only when ``enabled`` and stderr is a terminal."""
     from tqdm.auto import tqdm
 
-    return tqdm(
-        total=total, desc=desc, unit="module", disable=not (enabled and sys.stderr.isatty()), leave=False
-    )
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
 _malloc_trim: Any = None
