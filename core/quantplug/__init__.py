@@ -30,12 +30,14 @@ from .errors import (
     UnknownMethodError,
 )
 from .hookspecs import hookimpl
-from .selection import Selection, select
 
 __version__ = "0.1.0"
 
-# Heavy parts (they import torch), loaded on first attribute access.
+# Loaded on first attribute access: the heavy parts (they import torch), and select (light, but
+# `quantplug list` and a plugin's import need none of it).
 _LAZY = {
+    "select": ".selection",
+    "Selection": ".selection",
     "register_with_transformers": ".integrations.transformers",
     "to_transformers": ".integrations.transformers",
     "quantize": ".convert",
@@ -69,7 +71,6 @@ __all__ = [
     "QuantConfig",
     "Quantizer",
     "QuantplugError",
-    "Selection",
     "UnknownMethodError",
     "__version__",
     "backends",
@@ -81,7 +82,6 @@ __all__ = [
     "register_backend",
     "register_plugin",
     "reload_plugins",
-    "select",
     "unregister_plugin",
     *_LAZY,
 ]
