@@ -30,8 +30,12 @@ def get_backend(name: str) -> Backend:
     installed = ", ".join(sorted(reg.backends)) or "none"
     parts = [f"No installed backend owns quant_method {name!r} (installed backends: {installed})."]
     near = [b for b in reg.backends if _norm(b) == _norm(name)]
-    if near:  # quant_method is matched exactly, as Transformers does
-        parts.append(f"Did you mean {near[0]!r}?")
+    if near:  # installed under another spelling: installing would be the wrong advice
+        parts.append(
+            f"Did you mean {near[0]!r}? quant_method is matched exactly (as Transformers does): "
+            f"write {near[0]!r}."
+        )
+        raise UnknownMethodError(" ".join(parts), method=name)
     disabled = [p.name for p in reg.plugins.values() if p.status == "disabled"]
     if disabled:
         parts.append(
