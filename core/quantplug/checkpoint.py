@@ -127,6 +127,21 @@ class Checkpoint:
                 f"{folder}: metadata quantplug_aliases must map tensor names to tensor names"
             )
         self.aliases: dict[str, str] = aliases
+        self.stored_name: dict[str, str] = {}
+        """Tensors presented under another name than stored (``present_as``): name -> stored key."""
+
+    def present_as(self, names: dict[str, str], ignore: set[str] = frozenset()) -> None:
+        """Present stored tensor ``k`` as ``names[k]`` (keys not in ``names`` keep theirs), and
+        leave the stored keys in ``ignore`` out: the checkpoint as the model names its tensors."""
+        where, stored = {}, {}
+        for key, f in self.where.items():
+            if key in ignore:
+                continue
+            name = names.get(key, key)
+            where[name] = f
+            stored[name] = self.stored_name.get(key, key)
+        self.where, self.stored_name = where, stored
+        self.aliases = {names.get(a, a): names.get(s, s) for a, s in self.aliases.items()}
 
     def keys(self) -> set[str]:
         return set(self.where)
@@ -141,11 +156,11 @@ class Checkpoint:
         return max(counts, key=counts.get) if counts else torch.float32
 
     def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        dtype, shape, _, _ = self.where[key].entries[key]
+        dtype, shape, _, _ = self.where[key].entries[self.stored_name.get(key, key)]
         return shape, dtype
 
     def read(self, key: str) -> torch.Tensor:
-        return self.where[key].read(key)
+        return self.where[key].read(self.stored_name.get(key, key))
 
 
 def read_json(path: Path) -> Any:

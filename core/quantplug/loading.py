@@ -27,6 +27,7 @@ from .dispatch import AutoQuantizer, config_from_dict
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, UnknownMethodError
 from .integrations import register_if_transformers_loaded
 from .layers import as_linear, owner_of, transformers_tied_keys
+from .naming import adapt
 from .skeleton import skeleton
 from .walk import LayerWalk, progress_bar
 
@@ -58,8 +59,10 @@ def load(
     if quantizer is not None:
         quantizer.validate_environment(target)
     ckpt = Checkpoint(folder)
-    if model is None:
+    built_here = model is None
+    if built_here:
         model = skeleton(folder, config_json, dtype, ckpt.most_common_float_dtype())
+    model = adapt(model, ckpt, built_here)  # base-model prefix, computed buffers (quantplug.naming)
     walk = LayerWalk(model, quantizer) if quantizer is not None else None
     layout = _Layout.plan(model, walk, prequantized)
     layout.verify(folder, ckpt)
