@@ -201,6 +201,17 @@ def test_markdown_report_lists_backend_warnings(rtn_only):
     result = compare(tiny_llama(), ["rtn:int8"], **SMALL)
     result.rows[1].warnings = ["UserWarning: simulated"]
     assert "rtn:int8: UserWarning: simulated" in to_markdown(result)
+    # a long warning is cut at a word, marked, and a code span the cut opened is closed (issue 18)
+    long = (
+        "UserWarning: inputs are cast from `torch.float32 to float16 "
+        + "because the kernel wants it " * 10
+        + "`"
+    )
+    result.rows[1].warnings = [long + "\nsecond line"]
+    line = next(x for x in to_markdown(result).splitlines() if "Warnings raised by backends" in x)
+    shown = line.split("rtn:int8: ", 1)[1]
+    assert shown.endswith(" …`") and shown.count("`") == 2 and len(shown) < 170
+    assert "second line" not in line and "because the kernel wants it" in shown
 
 
 def test_every_installed_backend_gets_a_row_and_a_failure_does_not_stop_them(model_dir, tmp_path):

@@ -110,11 +110,17 @@ def to_markdown(result: Comparison) -> str:
     ]
     warned = [(r.label, w) for r in result.rows for w in r.warnings]
     if warned:
-        lines.append(
-            "- Warnings raised by backends: "
-            + "; ".join(f"{lbl}: {w.splitlines()[0][:160]}" for lbl, w in warned)
-        )
+        lines.append("- Warnings raised by backends: " + "; ".join(f"{lbl}: {_clip(w)}" for lbl, w in warned))
     return "\n".join(lines) + "\n"
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    """The first line of ``text``, cut at a word boundary within ``limit`` characters (marked with
+    an ellipsis), with a code span the cut opened closed again."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"
+    return line + "`" if line.count("`") % 2 else line
 
 
 def summary(row: Row) -> str:
