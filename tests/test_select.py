@@ -271,3 +271,13 @@ def test_resolve_names_a_preset_or_lists_them(rtn_only):
         resolve("rtn:int3")
     with pytest.raises(quantplug.UnknownMethodError):
         resolve("nope:int4")
+
+
+def test_a_device_name_that_is_no_device_type_is_refused_with_a_hint(rtn_only):
+    # `--device gpu` was accepted, and every backend then rejected for 'gpu' (issue 18 item 9)
+    with pytest.raises(
+        quantplug.ConfigError, match=r"'gpu' is not a torch device type; did you mean 'cuda'\?"
+    ) as err:
+        select(7e9, device="gpu")
+    assert err.value.field == "device" and "cuda" in err.value.allowed
+    assert select(7e9, device="xpu").hardware.device == "xpu"  # a real type no backend declares: fine

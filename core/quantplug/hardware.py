@@ -82,13 +82,33 @@ def _given(device: str) -> Hardware:
             if torch.cuda.is_available():
                 return _cuda_hardware(int(index or 0), False)
         return Hardware("cuda", "", None, None, False)
-    if not kind or not kind.isidentifier():
+    if not kind or not kind.isidentifier() or not _known_device_type(kind):
+        hint = "did you mean 'cuda'? " if kind in ("gpu", "nvidia", "cuda0") else ""
         raise ConfigError(
-            f"device {device!r} is not a device type; use cpu, cuda, cuda:N or mps",
+            f"device {device!r} is not a torch device type; {hint}use cpu, cuda, cuda:N, mps, or a type "
+            f"a backend declares ({', '.join(sorted(_declared_device_types())) or 'none installed'})",
             field="device",
             value=device,
+            allowed=sorted(TORCH_DEVICE_TYPES | _declared_device_types()),
         )
     return Hardware(kind, "", None, None, False)
+
+
+#: torch's device types (``torch.device("<type>")``), named here so ``select`` needs no torch
+TORCH_DEVICE_TYPES = frozenset(
+    {"cpu", "cuda", "mps", "xpu", "hpu", "mtia", "xla", "ipu", "meta", "privateuseone", "npu", "maia"}
+)
+
+
+def _declared_device_types() -> set[str]:
+    from .dispatch import backends
+
+    return {d for b in backends() for d in b.capabilities.devices}
+
+
+def _known_device_type(kind: str) -> bool:
+    """A torch device type, or one a registered backend declares (a plugin's custom device)."""
+    return kind in TORCH_DEVICE_TYPES or kind in _declared_device_types()
 
 
 def _cuda_hardware(index: int, detected: bool) -> Hardware:
