@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -80,11 +81,36 @@ def test_list_shows_notes(cli, make_backend):
 
 
 def test_list_with_no_backends_says_what_to_install(cli, monkeypatch):
-    monkeypatch.setenv("QUANTPLUG_PLUGINS", "")
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [])
     quantplug.reload_plugins()
     result = cli("list")
     assert result.exit_code == 0
     assert "No backends installed" in result.stdout and "pip install quantplug-rtn" in result.stdout
+
+
+def test_list_with_every_plugin_allow_listed_out_says_so_not_install(cli, monkeypatch):
+    monkeypatch.setenv("QUANTPLUG_PLUGINS", "")
+    quantplug.reload_plugins()
+    result = cli("list")
+    assert result.exit_code == 0
+    assert "No backends installed" not in result.stdout and "pip install" not in result.stdout
+    assert (
+        "No backends enabled: " in result.stdout and " plugin(s) are installed but disabled." in result.stdout
+    )
+    assert re.search(r"Disabled by QUANTPLUG_PLUGINS \(set to ''\): [^.]*\brtn\b", result.stdout)
+    assert "To use them, add their names to QUANTPLUG_PLUGINS (or unset it" in result.stdout
+
+
+def test_list_with_every_plugin_deny_listed_says_which_variable(cli, monkeypatch):
+    monkeypatch.setenv("QUANTPLUG_PLUGINS", "rtn")
+    monkeypatch.setenv("QUANTPLUG_DISABLE_PLUGINS", "quantplug-rtn")
+    quantplug.reload_plugins()
+    out = cli("list").stdout
+    assert re.search(r"No backends enabled: \d+ plugin\(s\) are installed but disabled.", out)
+    assert "Disabled by QUANTPLUG_DISABLE_PLUGINS (set to 'quantplug-rtn'): rtn." in out
+    assert "To use them, remove their names from QUANTPLUG_DISABLE_PLUGINS (or unset it)." in out
 
 
 def test_list_json(cli, rtn_only):

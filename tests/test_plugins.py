@@ -23,6 +23,7 @@ from quantplug import (
     PluginError,
     UnknownMethodError,
 )
+from quantplug.dispatch import AmbiguousBackendError
 from quantplug_rtn import RtnConfig
 
 RTN_VERSION = version("quantplug-rtn")
@@ -254,18 +255,67 @@ def test_requires_given_as_a_bare_string_is_one_requirement(make_backend):
     assert caps.devices == ("cuda",)
 
 
-def test_duplicate_backend_name_is_recorded_and_first_owner_kept(make_backend, plugin_registering):
+def test_duplicate_backend_name_makes_it_ambiguous_not_first_come(make_backend, plugin_registering):
     info = quantplug.register_plugin(
         plugin_registering([make_backend("rtn", config=RtnConfig, quantizer="elsewhere:Impostor")]),
         name="impostor",
     )
-    assert info.backends == []
-    (problem,) = problems_of("impostor")
-    assert problem.backend == "rtn"
-    assert "backend name 'rtn' is already registered by quantplug-rtn" in problem.problem
-    assert "uninstall one of quantplug-rtn and impostor" in problem.fix
+    assert info.backends == ["rtn"] and info.status == "loaded"
+    # neither claimant is used: not the first registered, not the impostor
+    assert "rtn" not in [b.name for b in quantplug.backends()]
+    with pytest.raises(AmbiguousBackendError) as err:
+        quantplug.get_backend("rtn")
+    assert isinstance(err.value, UnknownMethodError) and isinstance(err.value, PluginError)
+    assert err.value.method == "rtn"
+    msg = str(err.value)
+    assert "quant_method 'rtn' is ambiguous: 2 installed plugins register it" in msg
+    assert "quantplug-rtn (plugin rtn) and impostor (registered at runtime)" in msg
+    assert "to use quantplug-rtn's, set quantplug.unregister_plugin('impostor')" in msg
+    assert "to use impostor's, set QUANTPLUG_DISABLE_PLUGINS=rtn, or load only" not in msg
+    assert "to use impostor's, set QUANTPLUG_DISABLE_PLUGINS=rtn" in msg
+    for call in (
+        lambda: AutoQuantizer.from_config({"quant_method": "rtn", "bits": 4}),
+        lambda: AutoQuantizer.from_config(RtnConfig(bits=4)),
+        lambda: quantplug.config_from_dict({"quant_method": "rtn", "bits": 4}),
+    ):
+        with pytest.raises(AmbiguousBackendError, match="ambiguous"):
+            call()
+    (mine,) = problems_of("impostor")
+    (theirs,) = problems_of("quantplug-rtn")
+    assert mine.backend == theirs.backend == "rtn"
+    assert "registers backend 'rtn', which quantplug-rtn (plugin rtn) also registers" in mine.problem
+    assert "which impostor (registered at runtime) also registers: the name is ambiguous" in theirs.problem
+    assert mine.fix == theirs.fix and "or uninstall the one you do not trust" in mine.fix
+    # dropping the other claimant, as the fix says, gives rtn back to its plugin
+    quantplug.unregister_plugin("impostor")
+    assert quantplug.problems() == []
     assert quantplug.get_backend("rtn").quantizer == "quantplug_rtn.quantizer:RtnQuantizer"
     assert_rtn_still_works()
+
+
+def test_three_claimants_stay_ambiguous_until_one_is_left(make_backend, plugin_registering):
+    for name in ("one", "two"):
+        quantplug.register_plugin(plugin_registering([make_backend("rtn", config=RtnConfig)]), name=name)
+    with pytest.raises(AmbiguousBackendError, match="3 installed plugins register it"):
+        quantplug.get_backend("rtn")
+    assert len([p for p in quantplug.problems() if p.backend == "rtn"]) == 3
+    quantplug.unregister_plugin("one")
+    with pytest.raises(AmbiguousBackendError, match="2 installed plugins register it"):
+        quantplug.get_backend("rtn")
+    quantplug.unregister_plugin("rtn")  # the real one, this time
+    assert quantplug.get_backend("rtn").plugin == "two"
+    assert quantplug.problems() == []
+
+
+def test_one_plugin_registering_a_name_twice_keeps_the_first(make_backend, plugin_registering):
+    info = quantplug.register_plugin(
+        plugin_registering([make_backend("twice-here"), make_backend("twice-here", quantizer="x:Other")]),
+        name="twicer",
+    )
+    assert info.backends == ["twice-here"]
+    (problem,) = problems_of("twicer")
+    assert problem.problem == "registers backend name 'twice-here' twice; the second one is ignored"
+    assert quantplug.get_backend("twice-here").quantizer != "x:Other"
 
 
 def test_plugin_with_invalid_hook_signature_is_recorded(make_plugin):
@@ -299,8 +349,11 @@ def test_many_broken_plugins_at_once_each_recorded(make_backend, make_plugin, pl
     quantplug.register_plugin(plugin_registering([make_backend("bad name")]), name="p-desc")
     quantplug.register_plugin(plugin_registering([make_backend("rtn", config=RtnConfig)]), name="p-dup")
     by_plugin = {p.plugin: p for p in quantplug.problems()}
-    assert set(by_plugin) == {"p-raises", "p-object", "p-desc", "p-dup"}
+    assert set(by_plugin) == {"p-raises", "p-object", "p-desc", "p-dup", "quantplug-rtn"}
+    assert by_plugin["quantplug-rtn"].backend == "rtn"  # the name p-dup made ambiguous
     assert all(p.fix for p in by_plugin.values())
+    assert quantplug.backends() == []
+    quantplug.unregister_plugin("p-dup")
     assert [b.name for b in quantplug.backends()] == ["rtn"]
     assert_rtn_still_works()
 

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from . import __version__, discovery, dispatch
+from . import __version__, discovery, dispatch, plugin_env
 
 
 def _library_text(backend) -> str:
@@ -46,7 +46,9 @@ def main() -> None:
 def list_cmd(as_json: bool) -> None:
     """List installed backends, their plugin and library versions, status and capabilities."""
     backends = dispatch.backends()
-    problems = discovery.registry().problems
+    reg = discovery.registry()
+    problems = reg.plugin_problems()
+    ambiguous = {name: reg.owners(name) for name in sorted(reg.ambiguous)}
     if as_json:
         out = {
             "quantplug": __version__,
@@ -65,12 +67,13 @@ def list_cmd(as_json: bool) -> None:
                 }
                 for b in backends
             ],
+            "ambiguous_backends": ambiguous,
             "plugin_problems": [p.__dict__ for p in problems],
         }
         click.echo(json.dumps(out, indent=2))
         return
     if not backends:
-        click.echo("No backends installed. Install one, e.g.: pip install quantplug-rtn")
+        click.echo(_no_backends_text(reg))
     rows = [("backend", "plugin", "library", "status", "capabilities")]
     for b in backends:
         status = "available" if b.available else "unavailable: " + b.status.reason
@@ -89,10 +92,24 @@ def list_cmd(as_json: bool) -> None:
     for b in backends:
         if b.notes:
             click.echo(f"note: {b.name}: {b.notes}")
+    for name, owners in ambiguous.items():
+        click.echo(
+            f"ambiguous: {name} is registered by {' and '.join(owners)}; neither is used (see `quantplug doctor`)"
+        )
     if problems:
         click.echo(
             f"\n{len(problems)} plugin problem(s); run `quantplug doctor` for details and fixes.", err=True
         )
+
+
+def _no_backends_text(reg) -> str:
+    """Why ``list`` shows no backend: none installed, all disabled, or all names ambiguous."""
+    disabled = [(p.name, p.error) for p in discovery.plugins() if p.status == "disabled"]
+    if disabled:
+        return plugin_env.all_disabled_message(disabled)
+    if reg.ambiguous:
+        return "No usable backends: every registered backend name is ambiguous (see below)."
+    return "No backends installed. Install one, e.g.: pip install quantplug-rtn"
 
 
 @main.command()
@@ -101,9 +118,13 @@ def doctor() -> None:
     click.echo(f"quantplug {__version__}, Python {sys.version.split()[0]}")
     for p in discovery.plugins():
         where = f"{p.dist} {p.version}" if p.dist else p.module
-        detail = f" -> backends: {', '.join(p.backends)}" if p.backends else ""
+        ambiguous = discovery.registry().ambiguous
+        names = [f"{b} (ambiguous)" if b in ambiguous else b for b in p.backends]
+        detail = f" -> backends: {', '.join(names)}" if names else ""
         if p.status != "loaded":
             detail = f" ({p.error})"
+        if p.import_seconds is not None:
+            detail += f" [import {p.import_seconds * 1e3:.0f} ms]"
         click.echo(f"  plugin {p.name} [{where}]: {p.status}{detail}")
     notes = [b for b in dispatch.backends() if b.notes]
     for b in notes:

@@ -5,14 +5,18 @@ isolation, tracing, and the process-wide registry (``registry()``, ``register_pl
 ``quantplug.dispatch``'s.
 
 Each plugin is loaded and asked for its backends on its own. A plugin that fails to import,
-raises in a hook, registers an invalid descriptor or a backend name another plugin already owns
-is recorded as a ``Problem`` (shown by ``quantplug doctor``); the other plugins are unaffected.
+raises in a hook or registers an invalid descriptor is recorded as a ``Problem`` (shown by
+``quantplug doctor``); the other plugins are unaffected. A backend name registered by two plugins
+is ambiguous: neither is used (load order never decides who owns a ``quant_method``), each
+claimant gets a problem, and ``get_backend`` says how to choose. Each plugin's import and
+``register_backends`` times are kept; a plugin whose import is slow is a problem too.
 
 Environment:
     QUANTPLUG_PLUGINS          comma list of plugins to load (entry point or distribution names);
                                set but empty loads none
     QUANTPLUG_DISABLE_PLUGINS  comma list of plugins not to load
-    QUANTPLUG_TRACE_PLUGINS=1  print each plugin load and hook call to stderr
+    QUANTPLUG_TRACE_PLUGINS=1  print each plugin load (with its import time) and hook call to stderr
+(the two lists: ``quantplug.plugin_env``; a name in them that matches no installed plugin is a problem)
 """
 
 from __future__ import annotations
@@ -30,46 +34,11 @@ import pluggy
 from . import hookspecs
 from .backend import Backend
 from .errors import PluginError
+from .plugin_env import PluginFilter
+from .plugin_env import norm as _norm
+from .plugin_problems import PluginInfo, Problem, ambiguity_problems, slow_problems
 
 ENTRY_POINT_GROUP = "quantplug"
-
-
-def _norm(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
-
-
-def _env_list(var: str) -> set[str] | None:
-    raw = os.environ.get(var)
-    if raw is None:
-        return None
-    return {_norm(x) for x in raw.split(",") if x.strip()}
-
-
-@dataclasses.dataclass
-class PluginInfo:
-    """One plugin as quantplug saw it."""
-
-    name: str
-    module: str = ""
-    dist: str | None = None
-    version: str | None = None
-    backends: list[str] = dataclasses.field(default_factory=list)
-    status: str = "loaded"  # loaded | disabled | failed
-    error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """Something wrong with a plugin or backend, and what to do about it."""
-
-    plugin: str
-    problem: str
-    fix: str
-    backend: str | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.plugin}" + (f" (backend {self.backend!r})" if self.backend else "")
-        return f"{where}: {self.problem}\n    fix: {self.fix}"
 
 
 class Registry:
@@ -80,6 +49,8 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.trace = os.environ.get("QUANTPLUG_TRACE_PLUGINS", "") not in ("", "0")
         self.backends: dict[str, Backend] = {}
+        #: backend name -> every (plugin, backend) registering it, when more than one does
+        self.ambiguous: dict[str, list[tuple[PluginInfo, Backend]]] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.problems: list[Problem] = []
 
@@ -94,9 +65,8 @@ class Registry:
     def load_entry_points(self) -> None:
         from importlib.metadata import entry_points
 
-        allow = _env_list("QUANTPLUG_PLUGINS")
-        deny = _env_list("QUANTPLUG_DISABLE_PLUGINS") or set()
-        seen = set()
+        chosen = PluginFilter.from_env()
+        seen, installed = set(), []
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else None
@@ -105,36 +75,32 @@ class Registry:
             if key in seen:  # the same distribution found twice on sys.path
                 continue
             seen.add(key)
-            names = {_norm(ep.name)} | ({_norm(dist_name)} if dist_name else set())
-            if (allow is not None and not names & allow) or names & deny:
-                why = "QUANTPLUG_DISABLE_PLUGINS" if names & deny else "QUANTPLUG_PLUGINS"
-                self.plugins.setdefault(
-                    ep.name,
-                    PluginInfo(
-                        ep.name,
-                        ep.value,
-                        dist_name,
-                        dist_version,
-                        status="disabled",
-                        error=f"disabled by {why}",
-                    ),
-                )
+            installed.append((ep.name, dist_name))
+            info = PluginInfo(ep.name, ep.value, dist_name, dist_version, from_entry_point=True)
+            why = chosen.disabled_by({_norm(ep.name)} | ({_norm(dist_name)} if dist_name else set()))
+            if why is not None:
+                info.status, info.error = "disabled", f"disabled by {why}"
+                self.plugins.setdefault(ep.name, info)
                 self._log(f"plugin {ep.name!r} disabled by {why}")
                 continue
             self._log(f"loading plugin {ep.name!r} ({dist_name} {dist_version}) from {ep.value}")
+            t0 = time.perf_counter()
             try:
                 obj = ep.load()
             except BaseException as exc:  # noqa: BLE001 - a plugin must never take the others down
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 self._fail(
-                    PluginInfo(ep.name, ep.value, dist_name, dist_version),
+                    info,
                     f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}",
                     f"reinstall it (pip install --force-reinstall {dist_name or ep.name}) or disable it "
                     f"with QUANTPLUG_DISABLE_PLUGINS={ep.name}",
                 )
                 continue
-            self.add_plugin(obj, name=ep.name, module=ep.value, dist=dist_name, version=dist_version)
+            info.import_seconds = time.perf_counter() - t0
+            self._log(f"plugin {ep.name!r} imported in {info.import_seconds * 1e3:.1f} ms")
+            self._register(obj, info)
+        self.problems += [Problem(var, problem, fix) for var, problem, fix in chosen.unknown_names(installed)]
 
     def add_plugin(
         self,
@@ -147,8 +113,10 @@ class Registry:
     ) -> PluginInfo:
         """Register one plugin object (a module or any object with hookimpls) and collect its backends."""
         name = name or getattr(obj, "__name__", None) or repr(obj)
-        info = PluginInfo(name, module or getattr(obj, "__name__", ""), dist, version)
-        label = dist or name
+        return self._register(obj, PluginInfo(name, module or getattr(obj, "__name__", ""), dist, version))
+
+    def _register(self, obj: Any, info: PluginInfo) -> PluginInfo:
+        name, label = info.name, info.dist or info.name
         if name in self.plugins and self.plugins[name].status != "disabled":
             return self._fail(
                 info,
@@ -166,16 +134,12 @@ class Registry:
             )
         self.plugins[name] = info
         staged = []
-
-        def register(backend: Backend) -> None:
-            staged.append(backend)
-
         for impl in self.pm.hook.register_backends.get_hookimpls():
             if impl.plugin is not obj:
                 continue
             t0 = time.perf_counter()
             try:
-                impl.function(**{a: register for a in impl.argnames})
+                impl.function(**{a: staged.append for a in impl.argnames})
             except BaseException as exc:  # noqa: BLE001
                 if isinstance(exc, KeyboardInterrupt):
                     raise
@@ -185,6 +149,8 @@ class Registry:
                     f"register_backends raised {type(exc).__name__}: {exc}",
                     f"report this to the maintainers of {label}; disable it with QUANTPLUG_DISABLE_PLUGINS={name}",
                 )
+            finally:
+                info.hook_seconds += time.perf_counter() - t0
             self._log(
                 f"{name}.register_backends(register) -> {[getattr(b, 'name', b) for b in staged]} "
                 f"[{(time.perf_counter() - t0) * 1e3:.1f} ms]"
@@ -194,35 +160,47 @@ class Registry:
         return info
 
     def refusal(self, backend: Any, label: str) -> tuple[str, str | None] | None:
-        """Why ``backend``, registered by ``label``, cannot be registered (not a ``Backend``, an
-        invalid descriptor, a name another plugin owns) and, for a taken name, the fix; ``None``
-        when it can be."""
+        """Why ``backend``, registered by ``label``, cannot be registered at all (not a ``Backend``,
+        an invalid descriptor); ``None`` when it can be. A taken name is not a refusal: the name
+        becomes ambiguous (see ``accept``); ``owners`` says who holds a name."""
         if not isinstance(backend, Backend):
             return f"registered {type(backend).__name__!r}, not a quantplug.Backend", None
         bad = backend.problems()
         if bad:
             return "invalid backend descriptor: " + "; ".join(bad), None
-        owner = self.backends.get(backend.name)
-        if owner is not None:
-            return (
-                f"backend name {backend.name!r} is already registered by {owner.plugin or 'another plugin'}; "
-                f"this one is ignored",
-                f"uninstall one of {owner.plugin} and {label}, or disable one with QUANTPLUG_DISABLE_PLUGINS",
-            )
         return None
 
+    def owners(self, name: str) -> list[str]:
+        """The plugins (distribution or plugin names) registering backend ``name``: none, one, or
+        more when it is ambiguous."""
+        if name in self.ambiguous:
+            return [b.plugin or info.name for info, b in self.ambiguous[name]]
+        return [self.backends[name].plugin or "another plugin"] if name in self.backends else []
+
     def accept(self, info: PluginInfo, backend: Backend) -> None:
-        """Register ``backend`` (already checked by ``refusal``) as ``info``'s."""
+        """Register ``backend`` (already checked by ``refusal``) as ``info``'s. When another plugin
+        already registered that name, the name becomes ambiguous: no plugin gets it."""
         label = info.dist or info.name
         backend = dataclasses.replace(
             backend, plugin=label, plugin_version=info.version or backend.plugin_version
         )
-        self.backends[backend.name] = backend
+        if backend.name in self.backends:
+            self.ambiguous[backend.name] = [(self._owner(backend.name), self.backends.pop(backend.name))]
         info.backends.append(backend.name)
+        if backend.name in self.ambiguous:
+            self.ambiguous[backend.name].append((info, backend))
+            self._log(f"backend {backend.name!r} is ambiguous: {', '.join(self.owners(backend.name))}")
+            return
+        self.backends[backend.name] = backend
         self._log(f"backend {backend.name!r} registered by {label}")
+
+    def _owner(self, name: str) -> PluginInfo:
+        return next(p for p in self.plugins.values() if p.status != "disabled" and name in p.backends)
 
     def _add_backend(self, info: PluginInfo, backend: Any) -> None:
         refused = self.refusal(backend, info.dist or info.name)
+        if refused is None and backend.name in info.backends:
+            refused = (f"registers backend name {backend.name!r} twice; the second one is ignored", None)
         if refused is None:
             self.accept(info, backend)
             return
@@ -243,7 +221,13 @@ class Registry:
         if self.pm.has_plugin(name):
             self.pm.unregister(name=name)
         for backend in info.backends:
-            self.backends.pop(backend, None)
+            claims = [c for c in self.ambiguous.pop(backend, []) if c[0] is not info]
+            if len(claims) == 1:  # the one left owns the name again
+                self.backends[backend] = claims[0][1]
+            elif claims:
+                self.ambiguous[backend] = claims
+            else:
+                self.backends.pop(backend, None)
         self.problems = [p for p in self.problems if p.plugin not in (name, info.dist)]
 
     def _fail(self, info: PluginInfo, problem: str, fix: str) -> PluginInfo:
@@ -258,9 +242,16 @@ class Registry:
 
     # -- queries ------------------------------------------------------------------------------
 
+    def plugin_problems(self) -> list[Problem]:
+        """What went wrong loading plugins, ambiguous backend names, and slow plugins."""
+        out = list(self.problems)
+        for name in sorted(self.ambiguous):
+            out += ambiguity_problems(name, self.ambiguous[name])
+        return out + [p for k in sorted(self.plugins) for p in slow_problems(self.plugins[k])]
+
     def all_problems(self) -> list[Problem]:
         """Plugin problems plus every registered backend that cannot run here."""
-        out = list(self.problems)
+        out = self.plugin_problems()
         for b in self.sorted_backends():
             if not b.available:
                 out.append(Problem(b.plugin or "?", b.status.reason, b.status.fix, backend=b.name))
@@ -317,7 +308,13 @@ def register_backend(backend: Backend) -> None:
         reg = registry()
         refused = reg.refusal(backend, name)
         if refused is not None:
-            raise PluginError(refused[0])
+            raise PluginError(f"{refused[0]}; fix the descriptor and register it again")
+        owners = reg.owners(backend.name)
+        if owners:
+            raise PluginError(
+                f"backend name {backend.name!r} is already registered by {' and '.join(owners)}; "
+                f"register yours under another name, or unregister that plugin first"
+            )
         info = PluginInfo(name)
         reg.plugins[name] = info
         reg.accept(info, backend)

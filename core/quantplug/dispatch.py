@@ -10,8 +10,16 @@ from typing import Any
 from .backend import Backend, Quantizer
 from .config import QuantConfig
 from .discovery import _norm, registry
-from .errors import ConfigError, UnknownMethodError
+from .errors import ConfigError, PluginError, UnknownMethodError
 from .hints import PLUGIN_FOR_METHOD, install_hint
+from .plugin_problems import ambiguity_message
+
+
+class AmbiguousBackendError(UnknownMethodError, PluginError):
+    """More than one installed plugin registers this ``quant_method``, so none is used; the
+    message names them and how to choose one. An ``UnknownMethodError`` (no backend resolves the
+    method: every caller that handles that handles this, e.g. ``load`` prefixes the config file)
+    and a ``PluginError`` (plugins broke the rule that a backend name is unique)."""
 
 
 def backends() -> list[Backend]:
@@ -20,13 +28,16 @@ def backends() -> list[Backend]:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend that owns ``quant_method`` ``name``; ``UnknownMethodError`` says what to install."""
+    """The backend that owns ``quant_method`` ``name``; ``UnknownMethodError`` says what to install,
+    ``AmbiguousBackendError`` (one) how to choose between plugins that all register ``name``."""
     reg = registry()
     if not isinstance(name, str):
         raise UnknownMethodError(f"quant_method must be a string, got {name!r}", method=str(name))
     backend = reg.backends.get(name)
     if backend is not None:
         return backend
+    if name in reg.ambiguous:
+        raise AmbiguousBackendError(ambiguity_message(name, reg.ambiguous[name]), method=name)
     installed = ", ".join(sorted(reg.backends)) or "none"
     parts = [f"No installed backend owns quant_method {name!r} (installed backends: {installed})."]
     near = [b for b in reg.backends if _norm(b) == _norm(name)]
