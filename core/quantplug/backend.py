@@ -162,35 +162,103 @@ class BackendStatus:
 
 
 def check_requirements(backend: Backend) -> BackendStatus:
-    """Check ``backend.requires`` against installed distributions, without importing them."""
+    """Check ``backend.requires`` against installed distributions, without importing them. A fix
+    never asks for a version quantplug's own requirements exclude: when the plugin's range and
+    quantplug's cannot both hold, it says the plugin is incompatible instead of a breaking pip line."""
     from packaging.requirements import Requirement
     from packaging.version import InvalidVersion, Version
 
     versions: dict[str, str | None] = {}
     problems, fixes = [], []
+    who = backend.plugin or backend.name
     for text in backend.requires:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate():
             continue
         installed = installed_version(req.name)
         versions[req.name] = installed
-        quoted = f"'{req.name}{req.specifier}'" if req.specifier else req.name
-        if installed is None:
-            problems.append(f"{req.name} is not installed")
-            fixes.append(f"pip install {quoted}")
-            continue
-        try:
-            ok = req.specifier.contains(Version(installed), prereleases=True)
-        except InvalidVersion:
-            ok = False
-        if not ok:
+        if installed is not None:
+            try:
+                if req.specifier.contains(Version(installed), prereleases=True):
+                    continue
+            except InvalidVersion:
+                pass
             problems.append(
-                f"{req.name} {installed} is installed, but {backend.plugin or backend.name} supports {req.specifier}"
+                f"{req.name} {installed} is installed, but {who} supports {spec_text(req.specifier)}"
             )
-            fixes.append(f"pip install {quoted}")
+        else:
+            problems.append(f"{req.name} is not installed")
+        fixes.append(_requirement_fix(who, req))
     if problems:
         return BackendStatus(False, "; ".join(problems), " && ".join(fixes), versions)
     return BackendStatus(True, "", "", versions)
+
+
+_LOWER_FIRST = {"===": 0, "==": 0, "~=": 1, ">=": 1, ">": 1, "<=": 2, "<": 2, "!=": 3}
+
+
+def spec_text(specifier: Any) -> str:
+    """A ``SpecifierSet`` as a person writes it: lower bounds first (packaging's ``str`` may print
+    ``<0.2,>=0.1``, which reads as a reversed range)."""
+    return ",".join(
+        str(s) for s in sorted(specifier, key=lambda s: (_LOWER_FIRST.get(s.operator, 4), s.version))
+    )
+
+
+def _core_specifier(dist: str) -> tuple[Any, str] | None:
+    """quantplug's own requirement on ``dist`` (from its installed metadata, extras included) as
+    (SpecifierSet, "quantplug X.Y"), or ``None`` when quantplug does not constrain it."""
+    from importlib.metadata import PackageNotFoundError, metadata, requires
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
+
+    try:
+        texts, meta = requires("quantplug") or [], metadata("quantplug")
+    except PackageNotFoundError:
+        return None
+    extras = [""] + list(meta.get_all("Provides-Extra") or [])
+    spec, via = SpecifierSet(), set()
+    for text in texts:
+        req = Requirement(text)
+        if canonicalize_name(req.name) != canonicalize_name(dist) or not req.specifier:
+            continue
+        holds = [e for e in extras if req.marker is None or req.marker.evaluate({"extra": e})]
+        if holds:
+            spec &= req.specifier
+            via.add("" if "" in holds else f"[{','.join(holds)}]")
+    label = f"quantplug{''.join(sorted(via)) if '' not in via else ''} {meta['Version']}"
+    return (spec, label) if spec else None
+
+
+def _satisfiable(specifier: Any) -> bool:
+    """Whether some version satisfies ``specifier``: tries each bound and a version just above it
+    (a non-empty range of versions contains one of them)."""
+    from packaging.version import InvalidVersion, Version
+
+    candidates = [Version("0")]
+    for s in specifier:
+        try:
+            v = Version(s.version.removesuffix(".*"))
+        except InvalidVersion:
+            continue
+        candidates += [v, Version(f"{v.base_version}.0.0.0.0.1")]
+    return any(specifier.contains(v, prereleases=True) for v in candidates)
+
+
+def _requirement_fix(who: str, req: Any) -> str:
+    """How to meet ``req`` without breaking quantplug's own requirement on the same distribution."""
+    core = _core_specifier(req.name)
+    wanted = req.specifier & core[0] if core else req.specifier
+    if core and not _satisfiable(wanted):
+        mine, theirs = f"{req.name}{spec_text(req.specifier)}", f"{req.name}{spec_text(core[0])}"
+        return (
+            f"{who} is incompatible with this quantplug: it needs {mine}, but {core[1]} requires {theirs}. "
+            f"Upgrade {who} to a release that supports {theirs}, or replace it with another plugin "
+            f"(`quantplug select`); do not pip install {mine}, which would break quantplug"
+        )
+    return f"pip install '{req.name}{spec_text(wanted)}'" if wanted else f"pip install {req.name}"
 
 
 class Quantizer:
