@@ -176,6 +176,50 @@ def test_a_subclass_without_quant_method_cannot_be_instantiated():
         NoMethod()
 
 
+def test_unknown_keyword_raises_config_error_for_subclasses_of_subclasses_too():
+    @dataclasses.dataclass(frozen=True)
+    class Child(DemoConfig):
+        extra: int = 1
+
+    @dataclasses.dataclass(frozen=True)
+    class Grandchild(Child):
+        more: int = 2
+
+    for cls in (DemoConfig, Child, Grandchild):
+        with pytest.raises(ConfigError) as info:
+            cls(bitz=4)
+        err = info.value
+        assert (err.field, err.value) == ("bitz", 4)
+        assert set(err.allowed) == {f.name for f in dataclasses.fields(cls)}
+        assert f"{cls.__name__}: unknown key(s) 'bitz'; allowed keys: " in str(err)
+    assert Grandchild(bits=4, extra=3, more=5).more == 5  # known keys and positional order still work
+    with pytest.raises(ConfigError, match="positional values given, but it takes at most"):
+        RangeConfig(1, 2, 3, 4)
+
+
+def test_init_var_and_hand_written_init_keywords_are_not_refused():
+    @dataclasses.dataclass(frozen=True)
+    class WithInitVar(QuantConfig):
+        quant_method = "initvar"
+        scale: dataclasses.InitVar[int] = 1
+
+        def __post_init__(self, scale):
+            super().__post_init__()
+
+    assert WithInitVar(scale=3).to_dict() == {"quant_method": "initvar", "modules_to_not_convert": None}
+
+
+def test_a_bare_string_for_a_list_of_strings_says_give_a_list():
+    with pytest.raises(ConfigError) as info:
+        DemoConfig(modules_to_not_convert="lm_head")
+    assert str(info.value) == (
+        "DemoConfig: modules_to_not_convert='lm_head' is invalid (a single string; give a list: ['lm_head']); "
+        "allowed: a list of strings (module names), or null."
+    )
+    with pytest.raises(ConfigError, match=r"allowed: a list of integers\.$"):
+        DemoConfig(layers="1")
+
+
 # -- from_dict / to_dict / JSON ----------------------------------------------------------------------
 
 

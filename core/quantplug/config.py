@@ -29,19 +29,41 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
+_PLURAL = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+
+
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        some = " or ".join(_describe(a) for a in args if a is not type(None))
+        return some + ", or null" if type(None) in args else some
     if origin is tuple:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
+        (item, *_) = typing.get_args(tp)
+        return f"a list of {_PLURAL.get(item) or _describe(item)}"
     if origin is dict:
         return "a mapping with string keys (a JSON object)"
     if tp is type(None):
         return "null"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+_INIT_NAMES: dict[type, tuple[str, ...] | None] = {}
+
+
+def _init_names(cls: type) -> tuple[str, ...] | None:
+    """The keyword arguments ``cls.__init__`` takes (dataclass fields and ``InitVar``s); ``None``
+    when it takes ``*args`` or ``**kwargs`` (then it checks its own arguments)."""
+    if cls not in _INIT_NAMES:
+        import inspect
+
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        named = tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        hand_written = any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+        _INIT_NAMES[cls] = None if hand_written else named
+    return _INIT_NAMES[cls]
 
 
 class _Mismatch(Exception):
@@ -124,6 +146,27 @@ class QuantConfig:
     """Module names (or name suffixes, matched per dotted component) left in full precision.
     ``None`` means the default: keep the output head (``lm_head``) unquantized."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> QuantConfig:
+        # the dataclass __init__ would raise a bare TypeError for an unknown keyword; the dict form
+        # (from_dict) raises ConfigError, and so must keyword construction, for every subclass
+        names = _init_names(cls)
+        if names is None:
+            return super().__new__(cls)
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown or len(args) > len(names):
+            what = (
+                f"unknown key(s) {', '.join(map(repr, unknown))}"
+                if unknown
+                else f"{len(args)} positional values given, but it takes at most {len(names)}"
+            )
+            raise ConfigError(
+                f"{cls.__name__}: {what}; allowed keys: {', '.join(sorted(names))} (pass them by name).",
+                field=unknown[0] if unknown else None,
+                value=kwargs[unknown[0]] if unknown else args,
+                allowed=sorted(names),
+            )
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         cls = type(self)
         if not cls.quant_method:
@@ -134,7 +177,7 @@ class QuantConfig:
             try:
                 coerced = _coerce(value, tp)
             except _Mismatch:
-                raise self.invalid(f.name, _describe(tp)) from None
+                raise self._mismatch(f.name, tp) from None
             if coerced is not value:
                 object.__setattr__(self, f.name, coerced)
         try:
@@ -150,6 +193,15 @@ class QuantConfig:
                 value=self,
                 allowed=f"see {cls.__name__}",
             ) from exc
+
+    def _mismatch(self, field: str, tp: Any) -> ConfigError:
+        allowed = _describe(tp)
+        if field == "modules_to_not_convert" or field in self.skip_aliases:
+            allowed = allowed.replace("a list of strings", "a list of strings (module names)")
+        value = getattr(self, field)
+        if isinstance(value, str) and "a list of strings" in allowed:
+            return self.invalid(field, allowed, f"a single string; give a list: [{value!r}]")
+        return self.invalid(field, allowed)
 
     def validate(self) -> None:
         """Check rules that involve more than one field. Raise ``self.invalid(...)`` on failure."""
