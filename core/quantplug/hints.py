@@ -71,8 +71,9 @@ def install_hint(method: str) -> str:
         return f"quant_method {method!r} is provided by the plugin {dist}: pip install {dist}"
     if key in transformers_methods():
         return (
-            f"quant_method {method!r} is a method Transformers implements, but no quantplug plugin exists "
-            f"for it yet: load it with transformers directly, or write a plugin (see CONTRIBUTING.md)"
+            f"quant_method {method!r} is a method Transformers implements; no installed quantplug plugin "
+            f"provides it and quantplug knows of none that does: load the model with transformers directly, "
+            f"install a third-party quantplug plugin for it if you know one, or write one (see CONTRIBUTING.md)"
         )
     return (
         f"no known plugin provides quant_method {method!r}; if a third-party plugin does, install it, "

@@ -156,7 +156,15 @@ class BackendConformance:
         )
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+        imported = json.loads(proc.stdout.strip().splitlines()[-1])
+        roots = sorted({h for h in heavy for m in imported if m == h or m.startswith(h + ".")})
+        assert not imported, (
+            f"listing backends and validating a {self.backend_name!r} config imported heavy module(s): "
+            f"{', '.join(roots)} ({len(imported)} modules: {', '.join(imported[:8])}"
+            f"{', ...' if len(imported) > 8 else ''}). Fix: import them only in the quantizer's module "
+            f"({backend.quantizer}) or inside functions, never at the top of the plugin's package or "
+            f"config module (`python -X importtime -c 'import quantplug; quantplug.backends()'` shows who)."
+        )
 
     # -- configs ------------------------------------------------------------------------------
 

@@ -94,3 +94,31 @@ def test_an_unknown_keyword_raises_config_error_as_the_readme_promises():
         "(pass them by name)."
     )
     assert (info.value.field, info.value.value) == ("bit", 4)
+
+
+def test_a_transformers_method_without_a_plugin_is_described_neutrally(rtn_only):
+    with pytest.raises(UnknownMethodError) as info:
+        quantplug.get_backend("gptq")
+    msg = str(info.value)
+    assert (
+        "quant_method 'gptq' is a method Transformers implements; no installed quantplug plugin provides it "
+        "and quantplug knows of none that does: load the model with transformers directly"
+    ) in msg
+    assert "exists" not in msg and "pip install" not in msg
+
+
+# -- the conformance kit ------------------------------------------------------------------------------
+
+
+def test_kit_import_lightness_failure_names_the_heavy_modules(rtn_only):
+    from quantplug.testing import BackendConformance
+
+    class Kit(BackendConformance):
+        backend_name = "rtn"
+        library_modules = ("json",)  # the check's own script imports json: a stand-in for a heavy library
+
+    with pytest.raises(AssertionError) as info:
+        Kit().test_listing_and_config_validation_import_nothing_heavy(({"bits": 4}, 4))
+    msg = str(info.value)
+    assert "listing backends and validating a 'rtn' config imported heavy module(s): json (" in msg
+    assert "Fix: import them only in the quantizer's module (quantplug_rtn." in msg
