@@ -243,3 +243,16 @@ def test_backend_warnings_and_log_records_are_collected_once_per_row(rtn_only, c
     assert row.warnings.count("UserWarning: slow path") == 1
     err = capfd.readouterr().err
     assert err.count("casting torch.float32 to float16") == 1  # once in the progress, not per forward
+
+
+def test_progress_inside_a_candidate_names_each_step(rtn_only):
+    # a candidate was silent for up to 15 minutes on a slow CPU (issue 18 item 9)
+    lines: list[str] = []
+    compare(tiny_llama(), ["rtn:int8"], log=lines.append, **SMALL)
+    candidate = lines[lines.index(next(x for x in lines if x.startswith("[1/1] rtn:int8"))) :]
+    assert any(x.startswith("    quantized 14 layer(s) in ") for x in candidate), candidate
+    assert (
+        "    perplexity: window 1/3 of 32 tokens" in candidate
+        and "    perplexity: window 3/3 of 32 tokens" in candidate
+    )
+    assert any(x.startswith("    latency: prefill and decode, 1 run(s)") for x in candidate)

@@ -307,7 +307,7 @@ def _measure_all(model: nn.Module, specs: list[Spec], bench: Bench, say: Callabl
     baseline.model_bytes = model_bytes(model)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     say(f"[0/{len(specs)}] unquantized ({dtype}): measuring")
-    reference = measure(baseline, model, bench, None)
+    reference = measure(baseline, model, bench, None, say)
     say(f"    {summary(baseline)}")
     rows = [baseline]
     for i, spec in enumerate(specs, 1):
@@ -329,11 +329,12 @@ def _measure_candidate(
 
         with captured_warnings() as caught:
             work = copy.deepcopy(model)
-            report = quantize(work, spec.config, device=bench.device, progress=False)
+            report = quantize(work, spec.config, device=bench.device, progress=True)  # a bar on a terminal
+            say(f"    quantized {len(report.converted)} layer(s) in {report.seconds:.1f} s; measuring")
             row.quantize_seconds = report.seconds
             row.weight_bytes = report.bytes_after
             row.model_bytes = model_bytes(work)
-            measure(row, work, bench, reference)
+            measure(row, work, bench, reference, say)
         row.warnings = list(dict.fromkeys(caught))
         say(f"    {summary(row)}")
         for w in row.warnings:

@@ -151,15 +151,30 @@ class Bench:
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def measure(row: Row, model: nn.Module, bench: Bench, reference: torch.Tensor | None) -> torch.Tensor:
+def measure(
+    row: Row,
+    model: nn.Module,
+    bench: Bench,
+    reference: torch.Tensor | None,
+    say: Callable[[str], None] = lambda msg: None,
+) -> torch.Tensor:
     """Fill ``row``'s quality and latency figures for ``model``; returns its output on the probe
-    (the reference for the candidates when ``model`` is the unquantized one)."""
+    (the reference for the candidates when ``model`` is the unquantized one). ``say`` gets a line
+    per step (each perplexity window, the latency runs): a slow CPU is never silent for long."""
     dev = bench.device
     out = _output(model, bench.probe)
     if reference is not None:
         row.output_rel_error = ((out - reference).norm() / reference.norm()).item()
     if bench.causal:
-        row.perplexity = perplexity(model, bench.eval_ids, bench.window, dev)
+        windows = max(1, -(-(bench.eval_ids.numel() - 1) // bench.window))
+        row.perplexity = perplexity(
+            model,
+            bench.eval_ids,
+            bench.window,
+            dev,
+            on_window=lambda i: say(f"    perplexity: window {i}/{windows} of {bench.window} tokens"),
+        )
+    say(f"    latency: prefill and decode, {bench.repeats} run(s) each")
     with torch.no_grad():
         run_batch(model, bench.warm)  # warm-up: first calls pick kernels and allocate
         if bench.causal:
@@ -174,14 +189,23 @@ def measure(row: Row, model: nn.Module, bench: Bench, reference: torch.Tensor | 
     return out
 
 
-def perplexity(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device) -> float:
-    """exp(mean next-token loss) over non-overlapping ``window``-token windows of ``ids``."""
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    window: int,
+    device: torch.device,
+    on_window: Callable[[int], None] | None = None,
+) -> float:
+    """exp(mean next-token loss) over non-overlapping ``window``-token windows of ``ids``;
+    ``on_window(i)`` is called before window ``i`` (1-based)."""
     nll, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, ids.numel() - 1, window):
+        for i, start in enumerate(range(0, ids.numel() - 1, window), 1):
             chunk = ids[start : start + window].unsqueeze(0).to(device)
             if chunk.shape[1] < 2:
                 break
+            if on_window is not None:
+                on_window(i)
             loss = model(chunk, labels=chunk).loss.float().item()
             n = chunk.shape[1] - 1
             nll += loss * n
