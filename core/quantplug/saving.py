@@ -3,6 +3,8 @@
 The write is atomic: it goes into a temporary folder beside the target, which is swapped in with
 one rename only once every file is complete and fsynced, so a crash mid-save leaves the previous
 checkpoint intact; other files already in the target folder (a tokenizer, a README) are carried over.
+A killed save's temporary folder is removed by the next successful save to the same path, once its
+process (named in the folder's name) no longer exists.
 """
 
 from __future__ import annotations
@@ -98,11 +100,36 @@ def _swap_in(tmp: Path, final: Path) -> None:
     elif _rename_exchange(tmp, final):
         shutil.rmtree(tmp)  # now holds the previous checkpoint
     else:  # no atomic exchange here: a crash between the two renames leaves the old one at `old`
-        old = final.with_name(f".{final.name}.quantplug-old-{uuid.uuid4().hex[:8]}")
+        old = final.with_name(f".{final.name}.quantplug-old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old)
     _fsync_dir(final.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process; or not a pid
+        return pid > 0
+    return True
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove the temporary folders (``.{name}.quantplug-tmp-{pid}-{hex}``, ``...-old-{pid}-{hex}``)
+    that saves to ``final`` left when their process was killed. A folder whose process still runs
+    (a concurrent save) is never touched; nor is one without a pid in its name (a legacy ``old``)."""
+    prefix = f".{final.name}.quantplug-"
+    with contextlib.suppress(OSError):
+        for entry in final.parent.iterdir():
+            kind, _, rest = entry.name.removeprefix(prefix).partition("-")
+            pid, _, token = rest.partition("-")
+            if not entry.name.startswith(prefix) or kind not in ("tmp", "old") or not token:
+                continue
+            if pid.isdigit() and not _pid_alive(int(pid)) and not entry.is_symlink() and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _carry_over(old: Path, new: Path) -> None:
@@ -184,6 +211,7 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_stale(final)  # after the swap: a save that fails leaves what it found
     return final
 
 

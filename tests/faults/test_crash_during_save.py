@@ -158,6 +158,37 @@ CRASH_SERVER = textwrap.dedent(
 )
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_next_save_removes_a_killed_saves_temp_folders_but_not_a_live_ones(tmp_path):
+    model = _big_mlp(0)
+    path = quantplug.save(model, tmp_path / "ckpt", max_shard_size="1500KB")
+    dead = _dead_pid()
+    stale = [
+        tmp_path / f".ckpt.quantplug-tmp-{dead}-0badc0de",
+        tmp_path / f".ckpt.quantplug-old-{dead}-0badc0de",
+    ]
+    live_saver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".ckpt.quantplug-tmp-{live_saver.pid}-0badc0de"  # a concurrent save, mid-write
+        legacy = tmp_path / ".ckpt.quantplug-old-0badc0de"  # no pid in its name: cannot tell, kept
+        other = (
+            tmp_path / f".other.quantplug-tmp-{dead}-0badc0de"
+        )  # another target's: not this save's business
+        for folder in (*stale, live, legacy, other):
+            folder.mkdir()
+            (folder / "model-00001-of-00008.safetensors").write_bytes(b"half")
+        quantplug.save(model, path, max_shard_size="1500KB")
+        assert siblings(path) == sorted(["ckpt", live.name, legacy.name, other.name])
+    finally:
+        live_saver.kill()
+        live_saver.wait()
+
+
 def _big_mlp(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).eval()
@@ -224,7 +255,7 @@ def test_sigkill_during_save_leaves_the_old_or_the_new_checkpoint(tmp_path, subp
     half_written_refused = complete_leftovers = 0
     try:
         assert line() == "ready"
-        for _ in range(KILLS):
+        for kill in range(KILLS):
             server.stdin.write("go\n")
             server.stdin.flush()
             pid = int(line())
@@ -255,7 +286,8 @@ def test_sigkill_during_save_leaves_the_old_or_the_new_checkpoint(tmp_path, subp
                         got = partial(x)
                     assert any(torch.equal(got, ref) for ref in refs.values()), f"{left.name} loads wrong"
                     complete_leftovers += 1
-                shutil.rmtree(left)
+                if kill < KILLS - 1:  # the last kill's are left for the save below to remove
+                    shutil.rmtree(left)
     finally:
         watchdog.cancel()
         if pid is not None:
@@ -267,6 +299,9 @@ def test_sigkill_during_save_leaves_the_old_or_the_new_checkpoint(tmp_path, subp
         server.stdin.close()
         server.stdout.close()
     assert len(seen) == KILLS
+    leftovers = len(_leftovers(ckpt.parent))
+    quantplug.save(a, ckpt, max_shard_size="1500KB")  # the killed savers' pids no longer exist
+    assert _leftovers(ckpt.parent) == []
     record(
         "sigkill-during-save",
         kills=KILLS,
@@ -275,4 +310,5 @@ def test_sigkill_during_save_leaves_the_old_or_the_new_checkpoint(tmp_path, subp
         found_model_b=seen.count("b"),
         half_written_leftovers_refused=half_written_refused,
         complete_leftovers=complete_leftovers,
+        last_kill_leftovers_removed_by_next_save=leftovers,
     )
