@@ -61,8 +61,7 @@ class PluginFilter:
                 out.append(
                     (
                         var,
-                        f"{var} names {name!r}, which matches no installed plugin, so it has no effect "
-                        f"(installed plugins: {shown})",
+                        f"{name!r} matches no installed plugin, so it has no effect (installed plugins: {shown})",
                         f"correct or remove {name!r} in {var}{hint}: use an entry point or distribution "
                         f"name of an installed plugin",
                     )

@@ -5,7 +5,11 @@ are pip-installed into a temporary directory, and fresh ``python`` processes wit
 The six faults: an import error, an exception in ``register_backends``, an invalid descriptor, a
 duplicate backend name, a missing backend library, and a library outside the supported version range.
 For each, ``quantplug doctor`` names the plugin, the problem and the fix, ``quantplug list`` still
-runs, and every other installed backend keeps working (bitwise as without the broken plugins).
+runs, and every other installed backend keeps working (bitwise as without the broken plugins). The
+duplicate name ('rtn') is ambiguous: neither claimant is used until one is disabled, as the fix says.
+
+``install_plugins`` builds and pip-installs such distributions; tests/faults/test_discovery_trust.py
+uses it too.
 """
 
 from __future__ import annotations
@@ -24,8 +28,6 @@ import torch
 
 from ._support import CHEAP_CONFIGS, installed_methods
 
-# Every broken plugin's entry point name sorts after "rtn", and the backend-name conflict is
-# resolved in entry-point-name order (first loaded wins), so the real rtn keeps its name.
 CONFIG_SOURCE = """
 import dataclasses
 import quantplug
@@ -123,8 +125,8 @@ EXPECTED = {
         "report this to the maintainers of quantplug-test-baddescriptor",
     ),
     "test-duprtn": (
-        "backend name 'rtn' is already registered by quantplug-rtn",
-        "uninstall one of quantplug-rtn and quantplug-test-duprtn",
+        "registers backend 'rtn', which quantplug-rtn (plugin rtn) also registers: the name is ambiguous",
+        "to use quantplug-rtn's, set QUANTPLUG_DISABLE_PLUGINS=test-duprtn",
     ),
     "test-missinglib": (
         "quantplug-test-no-such-library is not installed",
@@ -146,12 +148,13 @@ def _installed(dist: str) -> bool:
 
 
 def _module_name(ep_name: str) -> str:
-    return "qpt_" + ep_name.removeprefix("test-")
+    return "qpt_" + ep_name.removeprefix("test-").replace("-", "_")
 
 
-@pytest.fixture(scope="module")
-def broken_site(tmp_path_factory) -> Path:
-    """A directory holding the six broken plugins, pip-installed (built once per module)."""
+def install_plugins(root: Path, plugins: dict[str, tuple[str, str]]) -> Path:
+    """pip-install into ``root/site`` one distribution per ``plugins`` entry (entry point name:
+    (distribution name, source of its one module, ``qpt_<name>``)); returns that directory, to put
+    on PYTHONPATH. Skips the test when pip or setuptools is missing."""
     # importlib.metadata, not importlib.util.find_spec: finding "pip" makes setuptools' distutils shim
     # step aside for the rest of the process, and a later `import setuptools` (optimum-quanto's
     # import does one) then fails its assertion about which distutils was imported
@@ -161,9 +164,8 @@ def broken_site(tmp_path_factory) -> Path:
             f"{' and '.join(missing)} not importable in {sys.executable}: cannot pip-install the broken "
             f"test plugins (add {', '.join(missing)} to this environment's dependencies to run these tests)"
         )
-    root = tmp_path_factory.mktemp("broken_plugins")
     sources = []
-    for ep_name, (dist, source) in BROKEN.items():
+    for ep_name, (dist, source) in plugins.items():
         module = _module_name(ep_name)
         src = root / "src" / dist
         src.mkdir(parents=True)
@@ -202,12 +204,16 @@ def broken_site(tmp_path_factory) -> Path:
     ]
     cmd += ["--disable-pip-version-check", "--target", str(target), *sources]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (
-        f"pip install of the broken test plugins failed:\n{proc.stdout}\n{proc.stderr}"
-    )
-    for dist in (d for d, _ in BROKEN.values()):
+    assert proc.returncode == 0, f"pip install of the test plugins failed:\n{proc.stdout}\n{proc.stderr}"
+    for dist in (d for d, _ in plugins.values()):
         assert list(target.glob(f"{dist.replace('-', '_')}-0.0.1.dist-info")), f"{dist} was not installed"
     return target
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory) -> Path:
+    """A directory holding the six broken plugins, pip-installed (built once per module)."""
+    return install_plugins(tmp_path_factory.mktemp("broken_plugins"), BROKEN)
 
 
 @pytest.fixture
@@ -254,7 +260,12 @@ def test_doctor_names_each_broken_plugin_its_problem_and_a_fix(run):
         assert fix_text in fix, out
         assert f"plugin {ep_name} [{dist} 0.0.1]" in out
     assert len([p for p, _ in blocks if p.startswith("quantplug-test-")]) == len(BROKEN)
-    assert "plugin rtn [quantplug-rtn" in out and "loaded -> backends: rtn" in out
+    assert "plugin rtn [quantplug-rtn" in out and "loaded -> backends: rtn (ambiguous)" in out
+    (rtn_problem,) = [(p, f) for p, f in blocks if p.startswith("quantplug-rtn")]
+    assert (
+        "registers backend 'rtn', which quantplug-test-duprtn (plugin test-duprtn) also registers"
+        in rtn_problem[0]
+    )
 
 
 def test_doctor_statuses_per_plugin(run):
@@ -278,11 +289,15 @@ def test_doctor_statuses_per_plugin(run):
     ), statuses
 
 
-def test_list_still_works_and_shows_rtn_available(run):
+def test_list_still_works_and_shows_rtn_ambiguous(run):
     proc = run(["-m", "quantplug.cli", "list"])
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()}
-    assert "available" in rows["rtn"] and "quantplug-rtn" in rows["rtn"] and "unavailable" not in rows["rtn"]
+    assert "rtn" not in rows  # neither claimant of the name is usable
+    assert (
+        "ambiguous: rtn is registered by quantplug-rtn and quantplug-test-duprtn; neither is used"
+        in proc.stdout
+    )
     assert "unavailable: quantplug-test-no-such-library is not installed" in rows["test-missinglib"]
     assert "unavailable: pluggy" in rows["test-outofrange"]
     assert "test-hookraises" not in rows and "Bad" not in proc.stdout
@@ -295,9 +310,9 @@ def test_list_json_with_broken_plugins(run):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     by_name = {b["name"]: b for b in data["backends"]}
-    assert {"rtn", "test-missinglib", "test-outofrange"} <= set(by_name)
-    assert not {"test-hookraises", "Bad Descriptor"} & set(by_name)
-    assert by_name["rtn"]["available"] is True and by_name["rtn"]["plugin"] == "quantplug-rtn"
+    assert {"test-missinglib", "test-outofrange"} <= set(by_name)
+    assert not {"rtn", "test-hookraises", "Bad Descriptor"} & set(by_name)
+    assert data["ambiguous_backends"] == {"rtn": ["quantplug-rtn", "quantplug-test-duprtn"]}
     assert by_name["test-missinglib"]["available"] is False
     assert by_name["test-missinglib"]["fix"] == "pip install 'quantplug-test-no-such-library>=1.0'"
     assert by_name["test-outofrange"]["libraries"] == {"pluggy": version("pluggy")}
@@ -327,14 +342,18 @@ print(json.dumps({"err": err, "type": type(q).__name__, "plugin": backend.plugin
 """
 
 
-def test_rtn_still_quantizes_with_broken_plugins_installed(run):
+def test_rtn_still_quantizes_with_broken_plugins_installed_once_the_impostor_is_disabled(run):
     proc = run(["-c", QUANTIZE])
+    assert proc.returncode == 1
+    assert "AmbiguousBackendError: quant_method 'rtn' is ambiguous" in proc.stderr
+    proc = run(["-c", QUANTIZE], QUANTPLUG_DISABLE_PLUGINS="test-duprtn")  # doctor's fix
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["plugin"] == "quantplug-rtn"
     assert result["type"] == "RtnLinear"
     assert 0 < result["err"] < result["bound"]
-    assert {dist for dist, _ in BROKEN.values()} <= set(result["problems"])
+    assert {dist for dist, _ in BROKEN.values()} - {"quantplug-test-duprtn"} <= set(result["problems"])
+    assert "quantplug-test-duprtn" not in result["problems"]
 
 
 EVERY_BACKEND = """
@@ -345,7 +364,11 @@ lin = torch.nn.Linear(128, 64)
 x = torch.randn(4, 128)
 out, status = {}, {}
 for method, config in json.loads(sys.argv[1]).items():
-    backend = quantplug.get_backend(method)
+    try:
+        backend = quantplug.get_backend(method)
+    except quantplug.dispatch.AmbiguousBackendError as exc:
+        status[method] = ["ambiguous", str(exc)]
+        continue
     status[method] = [backend.available, backend.plugin]
     quantizer = quantplug.AutoQuantizer.from_config({"quant_method": method, **config})
     with torch.no_grad():
@@ -357,7 +380,8 @@ print(json.dumps({"status": status, "problems": sorted({p.plugin for p in quantp
 
 def test_every_installed_backend_works_the_same_with_broken_plugins_installed(run, tmp_path):
     """Not just rtn: each backend installed here (all five in the integration env) is available and
-    quantizes a layer bitwise as it does without the broken plugins."""
+    quantizes a layer bitwise as it does without the broken plugins, except rtn, whose name the
+    impostor made ambiguous (rtn with the impostor disabled: the test above)."""
     from safetensors.torch import load_file
 
     configs = json.dumps({m: CHEAP_CONFIGS.get(m, {}) for m in installed_methods()})
@@ -368,10 +392,14 @@ def test_every_installed_backend_works_the_same_with_broken_plugins_installed(ru
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[with_broken] = json.loads(proc.stdout.strip().splitlines()[-1]), load_file(out)
     (clean, clean_out), (broken, broken_out) = results[False], results[True]
+    ambiguous = broken["status"].pop("rtn")
+    assert ambiguous[0] == "ambiguous" and "quantplug-test-duprtn (plugin test-duprtn)" in ambiguous[1]
+    assert clean["status"].pop("rtn") == [True, "quantplug-rtn"]
     assert clean["status"] == broken["status"]
     assert all(available for available, _ in broken["status"].values()), broken["status"]
-    assert sorted(broken_out) == installed_methods()
-    for method in installed_methods():
+    others = [m for m in installed_methods() if m != "rtn"]
+    assert sorted(broken_out) == others and sorted(clean_out) == installed_methods()
+    for method in others:
         assert torch.equal(broken_out[method], clean_out[method]), method
     assert not [p for p in clean["problems"] if p.startswith("quantplug-test-")]
     assert {dist for dist, _ in BROKEN.values()} <= set(broken["problems"])
@@ -420,7 +448,8 @@ print(json.dumps({"before": before, "after": after}))
 
 @pytest.mark.parametrize("with_broken", [False, True], ids=["clean", "with-broken-plugins"])
 def test_listing_and_validating_never_import_torch_or_the_quantizer(run, with_broken):
-    proc = run(["-c", LAZY], with_broken=with_broken)
+    # the impostor makes 'rtn' ambiguous; the error path is torch-free too (test_discovery_trust)
+    proc = run(["-c", LAZY], with_broken=with_broken, QUANTPLUG_DISABLE_PLUGINS="test-duprtn")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["before"] == {"torch": False, "quantplug_rtn": True, "quantplug_rtn.quantizer": False}
@@ -441,6 +470,7 @@ def test_trace_in_a_fresh_process_shows_every_plugin(run):
     for ep_name in ["rtn", *BROKEN]:
         assert f"quantplug: loading plugin '{ep_name}'" in proc.stderr
     assert "problem in test-importerror" in proc.stderr
+    assert "quantplug: plugin 'rtn' imported in " in proc.stderr
 
 
 def test_pythonpath_is_what_installs_the_broken_plugins(run):
