@@ -134,7 +134,7 @@ EXPECTED = {
     ),
     "test-outofrange": (
         f"pluggy {version('pluggy')} is installed, but quantplug-test-outofrange supports <0.1",
-        "pip install 'pluggy<0.1'",
+        "quantplug-test-outofrange is incompatible with this quantplug: it needs pluggy<0.1",
     ),
 }
 
