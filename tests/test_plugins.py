@@ -16,6 +16,7 @@ import pytest
 
 import quantplug
 from quantplug import (
+    AmbiguousBackendError,
     AutoQuantizer,
     BackendUnavailableError,
     Capabilities,
@@ -23,7 +24,6 @@ from quantplug import (
     PluginError,
     UnknownMethodError,
 )
-from quantplug.dispatch import AmbiguousBackendError
 from quantplug_rtn import RtnConfig
 
 RTN_VERSION = version("quantplug-rtn")

@@ -22,6 +22,7 @@ from .discovery import (
 )
 from .dispatch import AutoQuantizer, backends, config_from_dict, get_backend
 from .errors import (
+    AmbiguousBackendError,
     BackendUnavailableError,
     CheckpointError,
     ConfigError,
@@ -59,6 +60,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AmbiguousBackendError",
     "AutoQuantizer",
     "Backend",
     "BackendStatus",

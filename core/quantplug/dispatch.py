@@ -10,16 +10,9 @@ from typing import Any
 from .backend import Backend, Quantizer
 from .config import QuantConfig
 from .discovery import _norm, registry
-from .errors import ConfigError, PluginError, UnknownMethodError
+from .errors import AmbiguousBackendError, ConfigError, UnknownMethodError
 from .hints import PLUGIN_FOR_METHOD, install_hint
 from .plugin_problems import ambiguity_message
-
-
-class AmbiguousBackendError(UnknownMethodError, PluginError):
-    """More than one installed plugin registers this ``quant_method``, so none is used; the
-    message names them and how to choose one. An ``UnknownMethodError`` (no backend resolves the
-    method: every caller that handles that handles this, e.g. ``load`` prefixes the config file)
-    and a ``PluginError`` (plugins broke the rule that a backend name is unique)."""
 
 
 def backends() -> list[Backend]:

@@ -45,3 +45,10 @@ class PluginError(QuantplugError):
 
 class CheckpointError(QuantplugError):
     """A checkpoint is missing, corrupt, or does not match what its config implies."""
+
+
+class AmbiguousBackendError(UnknownMethodError, PluginError):
+    """More than one installed plugin registers this ``quant_method``, so none is used; the
+    message names them and how to choose one. An ``UnknownMethodError`` (no backend resolves the
+    method: every caller that handles that handles this, e.g. ``load`` prefixes the config file)
+    and a ``PluginError`` (plugins broke the rule that a backend name is unique)."""

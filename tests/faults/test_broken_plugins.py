@@ -366,7 +366,7 @@ out, status = {}, {}
 for method, config in json.loads(sys.argv[1]).items():
     try:
         backend = quantplug.get_backend(method)
-    except quantplug.dispatch.AmbiguousBackendError as exc:
+    except quantplug.AmbiguousBackendError as exc:
         status[method] = ["ambiguous", str(exc)]
         continue
     status[method] = [backend.available, backend.plugin]

@@ -82,7 +82,7 @@ def run(trust_site, subprocess_env):
 
 USE_RTN = """
 import json, sys, quantplug
-from quantplug.dispatch import AmbiguousBackendError
+from quantplug import AmbiguousBackendError
 out = {}
 calls = {
     "get_backend": lambda: quantplug.get_backend("rtn"),
