@@ -219,3 +219,51 @@ def test_unknown_command_fails():
     result = runner.invoke(main, ["no-such-command"])
     assert result.exit_code == 2
     assert "No such command" in result.output
+
+
+def test_compare_refuses_a_plot_it_cannot_draw_before_measuring(cli, monkeypatch, tmp_path, rtn_only):
+    # issue 18 item 9: without matplotlib, compare measured for minutes and then failed on --plot
+    import importlib.util
+
+    import quantplug.comparison
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    )
+
+    def never(*args, **kwargs):
+        raise AssertionError("compare must not start")
+
+    monkeypatch.setattr(quantplug.comparison, "compare", never)
+    result = cli("compare", str(tmp_path), "--plot", str(tmp_path / "p.png"))
+    assert result.exit_code == 2
+    assert "--plot needs matplotlib, which is not installed" in result.output
+    assert "nothing was measured" in result.output
+
+
+def test_compare_writes_what_it_measured_before_the_plot_can_fail(cli, monkeypatch, tmp_path, rtn_only):
+    from quantplug.report import Comparison
+    from quantplug.testing import tiny_llama
+
+    folder = quantplug.save(tiny_llama(), tmp_path / "fp")
+
+    def broken_plot(self, path):
+        raise quantplug.ConfigError("simulated plot failure", field="plot")
+
+    monkeypatch.setattr(Comparison, "plot", broken_plot)
+    args = ["--tokens", "64", "--decode-tokens", "1", "--repeats", "1", "--prefill-tokens", "8"]
+    result = cli(
+        "compare",
+        str(folder),
+        "-c",
+        "rtn:int8",
+        *args,
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--plot",
+        str(tmp_path / "p.png"),
+    )
+    assert result.exit_code == 1 and "simulated plot failure" in result.output
+    assert (tmp_path / "out" / "comparison.json").exists() and (tmp_path / "out" / "comparison.md").exists()
+    assert "| rtn:int8 |" in result.output  # the table was printed before the plot was tried

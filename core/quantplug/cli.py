@@ -331,8 +331,9 @@ def compare_cmd(
 
     from .errors import QuantplugError
 
+    _check_outputs(out_dir, plot)  # before minutes of measuring, not after
     try:
-        from .comparison import compare, to_markdown
+        from .comparison import compare
 
         text = Path(text_file).read_text(encoding="utf-8", errors="replace") if text_file else None
         result = compare(
@@ -350,21 +351,41 @@ def compare_cmd(
             priority=priority,
             max_quality_loss=max_quality_loss,
         )
-        if plot:
-            result.plot(plot)
     except QuantplugError as exc:
         raise click.ClickException(str(exc)) from None
+    # what was measured is out before the plot, which can still fail
     if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "comparison.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        (out / "comparison.md").write_text(to_markdown(result))
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        click.echo(result.table())
+        result.write(out_dir)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
     if plot:
+        try:
+            result.plot(plot)
+        except QuantplugError as exc:
+            raise click.ClickException(str(exc)) from None
         click.echo(f"plot: {plot}", err=True)
+
+
+def _check_outputs(out_dir, plot) -> None:
+    """Refuse, before measuring, outputs that cannot be written: a plot without matplotlib, an
+    output folder that cannot be created."""
+    import importlib.util
+    from pathlib import Path
+
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise click.UsageError(
+            "--plot needs matplotlib, which is not installed: pip install 'quantplug[plot]' (or drop --plot); "
+            "nothing was measured"
+        )
+    folders = [Path(out_dir)] if out_dir else []
+    if plot:
+        folders.append(Path(plot).parent)
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.UsageError(
+                f"cannot create {folder} for the results: {exc}; nothing was measured"
+            ) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

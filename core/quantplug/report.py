@@ -51,6 +51,15 @@ class Comparison:
         """A markdown table of the rows, then the recommendation."""
         return _table(self)
 
+    def write(self, folder: str | os.PathLike) -> None:
+        """Write ``comparison.json`` (``to_dict``) and ``comparison.md`` (``to_markdown``) into ``folder``."""
+        import json
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (out / "comparison.md").write_text(to_markdown(self))
+
     def plot(self, path: str | os.PathLike) -> Path:
         """Weight bytes vs quality, one marker per backend, decode latency written by each point."""
         return _plot(self, path)
