@@ -281,3 +281,11 @@ def test_a_device_name_that_is_no_device_type_is_refused_with_a_hint(rtn_only):
         select(7e9, device="gpu")
     assert err.value.field == "device" and "cuda" in err.value.allowed
     assert select(7e9, device="xpu").hardware.device == "xpu"  # a real type no backend declares: fine
+
+
+def test_a_given_device_says_what_was_given_and_what_was_read(rtn_only):
+    # `select --device cpu` printed "memory (given, not detected)" when no memory was given (issue 18)
+    cpu = select(7e9, device="cpu").hardware.describe()
+    assert "given, not detected" not in cpu
+    assert cpu.endswith("(device given; details read from this machine)") or cpu == "cpu (given)"
+    assert Hardware("cuda", "", None, None, False).describe() == "cuda (given)"

@@ -33,7 +33,13 @@ class Hardware:
             bits.append(f"compute capability {self.cuda_capability[0]}.{self.cuda_capability[1]}")
         if self.memory_bytes:
             bits.append(f"{fmt_bytes(self.memory_bytes)} memory")
-        return ", ".join(bits) + ("" if self.detected else " (given, not detected)")
+        if self.detected:
+            return ", ".join(bits)
+        # the device type was given; any name or memory shown was read from this machine
+        details = self.name or self.memory_bytes or self.cuda_capability
+        return ", ".join(bits) + (
+            " (device given; details read from this machine)" if details else " (given)"
+        )
 
 
 def detect_hardware(device: Hardware | str | None = None) -> Hardware:
