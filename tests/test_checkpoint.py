@@ -541,7 +541,7 @@ def test_quantize_on_load_of_a_tied_head(tmp_path):
 
 
 def test_quantize_on_load_of_a_quantized_checkpoint_is_refused(rtn_checkpoint):
-    with pytest.raises(quantplug.ConfigError, match="already quantized") as err:
+    with pytest.raises(quantplug.AlreadyQuantizedError, match="already quantized") as err:
         quantplug.load(rtn_checkpoint[0], config=RtnConfig(bits=8), progress=False)
     assert err.value.value == "rtn"
 

@@ -267,3 +267,17 @@ def test_compare_writes_what_it_measured_before_the_plot_can_fail(cli, monkeypat
     assert result.exit_code == 1 and "simulated plot failure" in result.output
     assert (tmp_path / "out" / "comparison.json").exists() and (tmp_path / "out" / "comparison.md").exists()
     assert "| rtn:int8 |" in result.output  # the table was printed before the plot was tried
+
+
+def test_quantize_of_an_already_quantized_folder_speaks_cli_not_python(
+    cli, rtn_only, rtn_checkpoint, tmp_path
+):
+    # it said "load it without config=" (issue 18 item 6)
+    result = cli("quantize", str(rtn_checkpoint[0]), "-m", "rtn", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert (
+        "is already quantized (quant_method 'rtn'): `quantplug quantize` needs a full-precision checkpoint"
+        in result.output
+    )
+    assert "config=" not in result.output
+    assert not (tmp_path / "out").exists()

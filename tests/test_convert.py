@@ -204,7 +204,7 @@ def test_quantizing_twice_raises_config_error():
     quantplug.quantize(model, RtnConfig(bits=4), progress=False)
     before = snapshot(model)
     types_before = module_types(model)
-    with pytest.raises(quantplug.ConfigError, match="already quantized") as err:
+    with pytest.raises(quantplug.AlreadyQuantizedError, match="already quantized") as err:
         quantplug.quantize(model, RtnConfig(bits=8), progress=False)
     assert "'rtn'" in str(err.value)
     assert err.value.field == "quant_method"

@@ -22,6 +22,7 @@ from .discovery import (
 )
 from .dispatch import AutoQuantizer, backends, config_from_dict, get_backend
 from .errors import (
+    AlreadyQuantizedError,
     AmbiguousBackendError,
     BackendUnavailableError,
     CheckpointError,
@@ -60,6 +61,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AlreadyQuantizedError",
     "AmbiguousBackendError",
     "AutoQuantizer",
     "Backend",

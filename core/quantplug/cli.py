@@ -174,7 +174,7 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
     from pathlib import Path
 
     from .checkpoint import non_checkpoint_files
-    from .errors import QuantplugError
+    from .errors import AlreadyQuantizedError, QuantplugError
     from .loading import load
     from .saving import save
     from .walk import quantized_info
@@ -198,6 +198,11 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
         out = save(
             model, output, max_shard_size=max_shard_size, extra_files=non_checkpoint_files(Path(model_dir))
         )
+    except AlreadyQuantizedError as exc:
+        raise click.ClickException(
+            f"{model_dir} is already quantized (quant_method {exc.value!r}): `quantplug quantize` needs a "
+            f"full-precision checkpoint. Quantize its full-precision original; this folder is usable as it is."
+        ) from None
     except QuantplugError as exc:
         raise click.ClickException(str(exc)) from None
     info = quantized_info(model)

@@ -15,7 +15,7 @@ from torch import nn
 from .config import QuantConfig
 from .devices import model_device, to_device
 from .dispatch import AutoQuantizer
-from .errors import ConfigError
+from .errors import AlreadyQuantizedError, ConfigError
 from .integrations import register_if_transformers_loaded
 from .layers import as_linear, tensor_bytes
 from .walk import LayerWalk, quantized_info, release_freed_memory
@@ -126,7 +126,7 @@ def quantize(
     config = quantizer.config
     done = quantized_info(model)
     if done is not None:
-        raise ConfigError(
+        raise AlreadyQuantizedError(
             f"this model is already quantized with {done.config.quant_method!r}; quantize a fresh full-precision model instead",
             field="quant_method",
             value=config.quant_method,

@@ -23,6 +23,11 @@ class ConfigError(QuantplugError, ValueError):
         self.allowed = allowed
 
 
+class AlreadyQuantizedError(ConfigError):
+    """A model or checkpoint that is already quantized was given where a full-precision one is
+    needed (``value`` is its ``quant_method``)."""
+
+
 class UnknownMethodError(QuantplugError, LookupError):
     """No installed backend owns the requested ``quant_method``."""
 

@@ -24,7 +24,13 @@ from torch import nn
 from .checkpoint import CONFIG_NAME, PICKLE_FILES, Checkpoint, read_json
 from .config import QuantConfig
 from .dispatch import AutoQuantizer, config_from_dict
-from .errors import BackendUnavailableError, CheckpointError, ConfigError, UnknownMethodError
+from .errors import (
+    AlreadyQuantizedError,
+    BackendUnavailableError,
+    CheckpointError,
+    ConfigError,
+    UnknownMethodError,
+)
 from .integrations import register_if_transformers_loaded
 from .layers import as_linear, owner_of, transformers_tied_keys
 from .naming import adapt
@@ -115,9 +121,10 @@ def _quantizer(folder: Path, config_json: dict, config: Any) -> tuple[Any, bool]
     saved_qc = config_json.get("quantization_config")
     if config is not None and saved_qc is not None:
         method = saved_qc.get("quant_method") if isinstance(saved_qc, dict) else saved_qc
-        raise ConfigError(
-            f"{folder} is already quantized (quant_method {method!r}); load it without config=, or "
-            f"quantize its full-precision original",
+        raise AlreadyQuantizedError(
+            f"{folder} is already quantized (quant_method {method!r}): quantize its full-precision "
+            f"original instead; this checkpoint loads as it is without a quantization config "
+            f"(quantplug.load(path))",
             field="quant_method",
             value=method,
             allowed="a full-precision checkpoint",
