@@ -256,3 +256,17 @@ def test_progress_inside_a_candidate_names_each_step(rtn_only):
         and "    perplexity: window 3/3 of 32 tokens" in candidate
     )
     assert any(x.startswith("    latency: prefill and decode, 1 run(s)") for x in candidate)
+
+
+def test_a_misnamed_candidate_fails_before_the_model_is_loaded(rtn_only, monkeypatch, model_dir):
+    # `compare -c absmax:int3` spent 14 s loading before saying so (issue 18 item 6)
+    import quantplug.comparison
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a candidate that does not exist")
+
+    monkeypatch.setattr(quantplug.comparison, "_prepare_model", never)
+    with pytest.raises(quantplug.UnknownMethodError, match="absmax"):
+        compare(model_dir, ["absmax:int3"], **SMALL)
+    with pytest.raises(quantplug.ConfigError, match="int3"):
+        compare(model_dir, ["rtn:int3"], **SMALL)

@@ -104,11 +104,12 @@ def compare(
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     _check_arguments(top, per_backend, tokens, window, decode_tokens, repeats, max_quality_loss)
-    # prepare
+    # prepare: named candidates are resolved first, so a typo fails before the model is loaded
+    given = _given_specs(candidates)
     dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, model_name = _prepare_model(model, dev, dtype, tokenizer, say)
     selection = select(model, device=dev.type, workload=workload, priority=priority)
-    specs = _specs(candidates, selection, top, per_backend)
+    specs = _specs(given, selection, top, per_backend)
     bench, encoding = _bench(
         model, dev, text, tokenizer, inputs, tokens, window, prefill_tokens, decode_tokens, repeats
     )
@@ -218,9 +219,26 @@ def _load_model(path: Path, device: torch.device, dtype: torch.dtype | None) -> 
     return model, tokenizer
 
 
-def _specs(candidates: Any, selection: Selection, top: int | None, per_backend: int | None) -> list[Spec]:
-    """The candidates to measure: the given ones, or ``select``'s (``per_backend`` then ``top``)."""
+def _given_specs(candidates: Any) -> list[Spec] | None:
+    """The candidates the caller named, resolved (``None``: let ``select`` choose)."""
     if candidates is None:
+        return None
+    if isinstance(candidates, (str, QuantConfig)) or not isinstance(candidates, Iterable):
+        candidates = [candidates]
+    specs = [resolve(c) for c in candidates]
+    if not specs:
+        raise ConfigError(
+            "candidates is empty; pass None to compare every installed backend", field="candidates"
+        )
+    return specs
+
+
+def _specs(
+    given: list[Spec] | None, selection: Selection, top: int | None, per_backend: int | None
+) -> list[Spec]:
+    """The candidates to measure: the given ones (with select's ranks), or ``select``'s
+    (``per_backend`` then ``top``)."""
+    if given is None:
         specs, taken = [], {}
         for c in selection.candidates:
             if per_backend is not None and taken.get(c.backend, 0) >= per_backend:
@@ -239,17 +257,10 @@ def _specs(candidates: Any, selection: Selection, top: int | None, per_backend: 
                 field="candidates",
             )
         return specs
-    if isinstance(candidates, (str, QuantConfig)) or not isinstance(candidates, Iterable):
-        candidates = [candidates]
-    specs = [resolve(c) for c in candidates]
     ranks = {c.label: c.rank for c in selection.candidates}
-    for s in specs:
-        s.select_rank = ranks.get(s.label)
-    if not specs:
-        raise ConfigError(
-            "candidates is empty; pass None to compare every installed backend", field="candidates"
-        )
-    return specs
+    for spec in given:
+        spec.select_rank = ranks.get(spec.label)
+    return given
 
 
 def _bench(
