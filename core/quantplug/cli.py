@@ -109,7 +109,11 @@ def _no_backends_text(reg) -> str:
         return plugin_env.all_disabled_message(disabled)
     if reg.ambiguous:
         return "No usable backends: every registered backend name is ambiguous (see below)."
-    return "No backends installed. Install one, e.g.: pip install quantplug-rtn"
+    from .hints import install_command
+
+    return (
+        f"No backends installed. Install one, e.g. the reference backend: {install_command('quantplug-rtn')}"
+    )
 
 
 @main.command()

@@ -7,6 +7,9 @@ registered plugins, first- and third-party alike. This is data a hint may quote.
 from __future__ import annotations
 
 import functools
+import json
+import shlex
+from pathlib import Path
 
 #: quant_method -> the distribution that provides it (first-party plugins; hints only)
 PLUGIN_FOR_METHOD: dict[str, str] = {
@@ -63,12 +66,39 @@ def transformers_methods() -> frozenset[str]:
     return frozenset(m.value for m in QuantizationMethod)
 
 
+def install_command(dist: str) -> str:
+    """A command that installs the first-party plugin ``dist``. The plugins are not on the package
+    index yet, so where quantplug was installed from a checkout (pip records its folder in
+    ``direct_url.json``; editable installs too), it is that checkout's ``plugins/<name>`` folder."""
+    name = dist.removeprefix("quantplug-")
+    root = _source_checkout()
+    if root is not None and (root / "plugins" / name / "pyproject.toml").is_file():
+        return f"pip install {shlex.quote(str(root / 'plugins' / name))}"
+    return (
+        f"pip install ./plugins/{name} from a quantplug source checkout ({dist} is not on the package "
+        f"index yet)"
+    )
+
+
+def _source_checkout() -> Path | None:
+    """The folder quantplug was pip-installed from, when it was a local folder."""
+    from importlib.metadata import PackageNotFoundError, distribution
+    from urllib.parse import unquote, urlparse
+
+    try:
+        data = json.loads(distribution("quantplug").read_text("direct_url.json") or "{}")
+    except (PackageNotFoundError, json.JSONDecodeError, OSError):
+        return None
+    url = urlparse(str(data.get("url", "")))
+    return Path(unquote(url.path)) if url.scheme == "file" and "dir_info" in data else None
+
+
 def install_hint(method: str) -> str:
     """One sentence on how to get a backend for ``method``."""
     key = method.strip().lower()
     if key in PLUGIN_FOR_METHOD:
         dist = PLUGIN_FOR_METHOD[key]
-        return f"quant_method {method!r} is provided by the plugin {dist}: pip install {dist}"
+        return f"quant_method {method!r} is provided by the plugin {dist}: {install_command(dist)}"
     if key in transformers_methods():
         return (
             f"quant_method {method!r} is a method Transformers implements; no installed quantplug plugin "
