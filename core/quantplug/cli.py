@@ -12,6 +12,7 @@ import sys
 import click
 
 from . import __version__, discovery, dispatch, plugin_env
+from .hints import install_command
 
 
 def _library_text(backend) -> str:
@@ -109,8 +110,6 @@ def _no_backends_text(reg) -> str:
         return plugin_env.all_disabled_message(disabled)
     if reg.ambiguous:
         return "No usable backends: every registered backend name is ambiguous (see below)."
-    from .hints import install_command
-
     return (
         f"No backends installed. Install one, e.g. the reference backend: {install_command('quantplug-rtn')}"
     )
@@ -375,8 +374,7 @@ def compare_cmd(
 
 
 def _check_outputs(out_dir, plot) -> None:
-    """Refuse, before measuring, outputs that cannot be written: a plot without matplotlib, an
-    output folder that cannot be created."""
+    """Refuse, before measuring, outputs that cannot be written (no matplotlib, no folder)."""
     import importlib.util
     from pathlib import Path
 
