@@ -9,9 +9,10 @@ from typing import Any
 
 from .backend import Backend, Quantizer
 from .config import QuantConfig
-from .discovery import _norm, registry
+from .discovery import registry
 from .errors import AmbiguousBackendError, ConfigError, UnknownMethodError
 from .hints import PLUGIN_FOR_METHOD, install_hint
+from .plugin_env import norm
 from .plugin_problems import ambiguity_message
 
 
@@ -33,7 +34,7 @@ def get_backend(name: str) -> Backend:
         raise AmbiguousBackendError(ambiguity_message(name, reg.ambiguous[name]), method=name)
     installed = ", ".join(sorted(reg.backends)) or "none"
     parts = [f"No installed backend owns quant_method {name!r} (installed backends: {installed})."]
-    near = [b for b in reg.backends if _norm(b) == _norm(name)]
+    near = [b for b in reg.backends if norm(b) == norm(name)]
     if near:  # installed under another spelling: installing would be the wrong advice
         parts.append(
             f"Did you mean {near[0]!r}? quant_method is matched exactly (as Transformers does): "
@@ -50,7 +51,7 @@ def get_backend(name: str) -> Backend:
         (
             p
             for p in reg.plugins.values()
-            if p.status == "disabled" and p.dist and provider and _norm(p.dist) == provider
+            if p.status == "disabled" and p.dist and provider and norm(p.dist) == provider
         ),
         None,
     )

@@ -98,17 +98,15 @@ def plan(model: nn.Module, config: QuantConfig, quantizer: Any) -> tuple[list[st
     for name, module in model.named_modules():
         if not name or not is_eligible(module):
             continue
-        listed = listed_reason(name, config)
-        if name in skips:
-            skipped[name] = skips[name]
-        elif listed:
-            skipped[name] = listed
+        why = (
+            skips.get(name)
+            or listed_reason(name, config)
+            or quantizer.skip_reason(name, as_linear_meta(module))
+        )
+        if why:
+            skipped[name] = why
         else:
-            why = quantizer.skip_reason(name, as_linear_meta(module))
-            if why:
-                skipped[name] = why
-            else:
-                convert.append(name)
+            convert.append(name)
     return convert, skipped
 
 
