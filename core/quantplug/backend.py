@@ -65,6 +65,11 @@ class Backend:
     presets: tuple[Preset, ...] = ()
     """The configs the plugin recommends; ``select`` ranks them and ``compare`` measures them.
     Empty: ``select`` derives one per bit width from ``config.for_bits``."""
+    transformers_format: bool = False
+    """True when this backend's checkpoints are in Transformers' own format for ``name`` (its own
+    integration loads them, as for bitsandbytes and torchao). False when the plugin has its own
+    format: if Transformers implements a method of the same name, a plain ``from_pretrained`` of
+    such a checkpoint is refused with a pointer to ``quantplug.load`` (``integrations.guard``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requires", str_tuple(self.requires))
@@ -88,6 +93,8 @@ class Backend:
             out.extend(_skip_declaration_problems(self.config))
         if not isinstance(self.quantizer, str) or not _TARGET_RE.match(self.quantizer):
             out.append(f"quantizer must be a 'module:Class' string, got {self.quantizer!r}")
+        if not isinstance(self.transformers_format, bool):
+            out.append(f"transformers_format must be True or False, got {self.transformers_format!r}")
         if not isinstance(self.capabilities, Capabilities):
             out.append(
                 f"capabilities must be a quantplug.Capabilities, got {type(self.capabilities).__name__}"

@@ -16,10 +16,12 @@ runs the core's one layer walk (``quantplug.walk.LayerWalk``: the plan, the back
 either way is the same and the checkpoints are interchangeable. This module holds the config view
 (``QuantplugHfConfig``) and the registration.
 
-Transformers (5.24) offers no plugin or entry-point hook that runs on ``import transformers``, so
-registration is explicit: call ``register_with_transformers()``; ``quantplug.quantize`` and
-``quantplug.load`` call it as their last step when Transformers' quantizer registry is already
-imported (``quantplug.integrations.register_if_transformers_loaded``; then it costs microseconds). Importing this
+Transformers (5.24) offers no plugin or entry-point hook that runs on ``import transformers``.
+quantplug's start-up hook (``_quantplug_hook``, see ``quantplug.integrations.guard``) registers
+the bridge when ``from_pretrained`` meets a checkpoint whose method a quantplug backend provides;
+otherwise call ``register_with_transformers()``. ``quantplug.quantize`` and ``quantplug.load``
+call it as their last step when Transformers' quantizer registry is already imported
+(``quantplug.integrations.register_if_transformers_loaded``; then it costs microseconds). Importing this
 module imports Transformers (seconds: Transformers imports its quantizer roster eagerly); nothing
 in ``import quantplug`` imports it.
 """
@@ -38,6 +40,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     raise ImportError(
         f"the quantplug Transformers bridge needs transformers ({exc}): pip install 'quantplug[transformers]'"
     ) from exc
+
+import _quantplug_hook
 
 from ..config import QuantConfig
 from ..dispatch import as_config, backends, get_backend
@@ -236,6 +240,7 @@ def register_with_transformers() -> list[str]:
     bridged name always dispatches to whichever backend owns it in quantplug's registry at the time.
     """
     with _lock:
+        _quantplug_hook.guard(_hf_auto)  # for processes started with the start-up hook off
         known = transformers_methods()
         added = []
         for backend in backends():

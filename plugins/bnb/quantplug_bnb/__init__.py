@@ -67,6 +67,7 @@ def register_backends(register):
     register(
         quantplug.Backend(
             name="bitsandbytes",
+            transformers_format=True,  # Transformers' bitsandbytes checkpoints, both ways
             config=BnbConfig,
             quantizer="quantplug_bnb.quantizer:BnbQuantizer",
             capabilities=quantplug.Capabilities(

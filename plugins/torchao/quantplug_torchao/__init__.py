@@ -89,6 +89,7 @@ def register_backends(register):
     register(
         quantplug.Backend(
             name="torchao",
+            transformers_format=True,  # Transformers' torchao checkpoints, both ways
             config=TorchaoConfig,
             quantizer="quantplug_torchao.quantizer:TorchaoQuantizer",
             capabilities=quantplug.Capabilities(

@@ -1,0 +1,144 @@
+"""``quantplug compare``: quantize a model with each candidate and measure it (and the options it
+shares with ``select``). The command group is in ``quantplug.cli``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+workload_option = click.option(
+    "--workload",
+    type=click.Choice(["decode", "prefill", "mixed"]),
+    default="decode",
+    show_default=True,
+    help="decode: token by token; prefill: long prompts; mixed: both.",
+)
+priority_option = click.option(
+    "--priority",
+    type=click.Choice(["balanced", "quality", "size", "speed"]),
+    default="balanced",
+    show_default=True,
+)
+
+
+@click.command("compare")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-c",
+    "--candidate",
+    "candidates",
+    multiple=True,
+    metavar="BACKEND[:PRESET]",
+    help="A candidate (repeatable), e.g. bitsandbytes:nf4; default: every one `select` ranks.",
+)
+@click.option("--top", type=click.IntRange(min=1), help="Measure only select's first N candidates.")
+@click.option(
+    "--per-backend",
+    type=click.IntRange(min=1),
+    help="Measure at most each backend's N best-ranked candidates.",
+)
+@click.option("--device", help="cpu, cuda, ... (default: cuda when available, else cpu).")
+@click.option(
+    "--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Text for perplexity."
+)
+@click.option(
+    "--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Perplexity tokens."
+)
+@click.option(
+    "--prefill-tokens", type=click.IntRange(min=1), help="Prompt length (default 256 CPU, 2048 GPU)."
+)
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@workload_option
+@priority_option
+@click.option(
+    "--max-quality-loss",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    help="Largest acceptable relative perplexity increase (or output error).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (progress stays on stderr).")
+@click.option(
+    "--out-dir", type=click.Path(file_okay=False), help="Write comparison.json and comparison.md here."
+)
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a size vs quality plot (PNG).")
+def compare_cmd(
+    model,
+    candidates,
+    top,
+    per_backend,
+    device,
+    text_file,
+    tokens,
+    prefill_tokens,
+    decode_tokens,
+    repeats,
+    workload,
+    priority,
+    max_quality_loss,
+    as_json,
+    out_dir,
+    plot,
+):
+    """Quantize MODEL (a full-precision checkpoint folder) with each candidate and measure weight
+    bytes, quality, quantize time and decode / prefill latency on this machine."""
+    from pathlib import Path
+
+    from .errors import QuantplugError
+
+    _check_outputs(out_dir, plot)  # before minutes of measuring, not after
+    try:
+        from .comparison import compare
+
+        text = Path(text_file).read_text(encoding="utf-8", errors="replace") if text_file else None
+        result = compare(
+            model,
+            list(candidates) or None,
+            text=text,
+            device=device,
+            tokens=tokens,
+            prefill_tokens=prefill_tokens,
+            decode_tokens=decode_tokens,
+            repeats=repeats,
+            top=top,
+            per_backend=per_backend,
+            workload=workload,
+            priority=priority,
+            max_quality_loss=max_quality_loss,
+        )
+    except QuantplugError as exc:
+        raise click.ClickException(str(exc)) from None
+    # what was measured is out before the plot, which can still fail
+    if out_dir:
+        result.write(out_dir)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+    if plot:
+        try:
+            result.plot(plot)
+        except QuantplugError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"plot: {plot}", err=True)
+
+
+def _check_outputs(out_dir, plot) -> None:
+    """Refuse, before measuring, outputs that cannot be written (no matplotlib, no folder)."""
+    import importlib.util
+    from pathlib import Path
+
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise click.UsageError(
+            "--plot needs matplotlib, which is not installed: pip install 'quantplug[plot]' (or drop --plot); "
+            "nothing was measured"
+        )
+    folders = [Path(out_dir)] if out_dir else []
+    if plot:
+        folders.append(Path(plot).parent)
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.UsageError(
+                f"cannot create {folder} for the results: {exc}; nothing was measured"
+            ) from None
