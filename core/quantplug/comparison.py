@@ -131,11 +131,12 @@ def compare(
         "quality": "perplexity" if bench.causal else "output relative error vs unquantized",
     }
     # measure
+    on_import = _import_libraries(specs, say)
     rows = _measure_all(model, specs, bench, say)
     # recommend
     judge(rows, max_quality_loss)
     recommended, text_out = recommend(rows, selection, priority, workload, max_quality_loss)
-    return Comparison(rows, selection, text_out, recommended, settings, environment(dev))
+    return Comparison(rows, selection, text_out, recommended, settings, environment(dev), on_import)
 
 
 # -- prepare --------------------------------------------------------------------------------------
@@ -307,6 +308,26 @@ def _bench(
 
 
 # -- measure --------------------------------------------------------------------------------------
+
+
+def _import_libraries(specs: list[Spec], say: Callable[[str], None]) -> dict[str, list[str]]:
+    """Import each candidate backend's library before measuring, so what a library warns on import
+    (once per process) is reported as its own and not as the first candidate's that ran. A failing
+    import is left to that backend's candidates, which record it as their error."""
+    from .dispatch import get_backend
+
+    out: dict[str, list[str]] = {}
+    for method in dict.fromkeys(spec.config.quant_method for spec in specs):
+        with captured_warnings() as caught:
+            try:
+                get_backend(method).quantizer_class()
+            except Exception:
+                continue
+        if caught:
+            out[method] = list(dict.fromkeys(caught))
+            for w in out[method]:
+                say(f"warning on importing {method}: {w.splitlines()[0][:200]}")
+    return out
 
 
 def _measure_all(model: nn.Module, specs: list[Spec], bench: Bench, say: Callable[[str], None]) -> list[Row]:

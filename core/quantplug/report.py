@@ -32,6 +32,9 @@ class Comparison:
     recommended: str | None
     settings: dict[str, Any]
     environment: dict[str, Any]
+    import_warnings: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """What each backend's library warned when imported (once per process, before any candidate
+    ran), by backend name; what a candidate's own run raised is in its row's ``warnings``."""
 
     @property
     def baseline(self) -> Row:
@@ -45,6 +48,7 @@ class Comparison:
             "select_ranking": [c.label for c in self.selection.candidates] if self.selection else None,
             "settings": self.settings,
             "environment": self.environment,
+            "import_warnings": self.import_warnings,
         }
 
     def table(self) -> str:
@@ -120,6 +124,12 @@ def to_markdown(result: Comparison) -> str:
     warned = [(r.label, w) for r in result.rows for w in r.warnings]
     if warned:
         lines.append("- Warnings raised by backends: " + "; ".join(f"{lbl}: {_clip(w)}" for lbl, w in warned))
+    on_import = [(name, w) for name, ws in result.import_warnings.items() for w in ws]
+    if on_import:
+        lines.append(
+            "- Warnings of backend libraries on import (not tied to a candidate): "
+            + "; ".join(f"{name}: {_clip(w)}" for name, w in on_import)
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ a misspelt quant_method, fix hints that would break quantplug, config errors, st
 from __future__ import annotations
 
 import pytest
+import torch
 
 import quantplug
 from quantplug import UnknownMethodError
@@ -122,3 +123,130 @@ def test_kit_import_lightness_failure_names_the_heavy_modules(rtn_only):
     msg = str(info.value)
     assert "listing backends and validating a 'rtn' config imported heavy module(s): json (" in msg
     assert "Fix: import them only in the quantizer's module (quantplug_rtn." in msg
+
+
+# -- a bitsandbytes 4-bit checkpoint saved after bitsandbytes repacked it for its CPU kernel ------
+
+
+def _avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def _assert_repack_message(exc: Exception) -> None:
+    msg = str(exc)
+    assert isinstance(exc, quantplug.CheckpointError), msg
+    assert "weight.absmax is a [" in msg and "bfloat16 tensor" in msg
+    assert "saved after a forward pass on a CPU with AVX512-BF16" in msg
+    assert "quantize the full-precision model again" in msg
+
+
+def test_an_nf4_checkpoint_with_cpu_repacked_scales_says_why(tmp_path):
+    """bitsandbytes 0.50 repacks 4-bit layers on the first eval forward on AVX512-BF16 CPUs and its
+    state_dict() then writes transposed bfloat16 scales. Rewritten here the way it writes them, so
+    the test runs on any CPU; the real path is below."""
+    pytest.importorskip("quantplug_bnb", reason="quantplug-bnb is not installed in this env")
+    from safetensors.torch import load_file, save_file
+
+    from quantplug.testing import tiny_llama
+
+    model = tiny_llama()
+    nf4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    quantplug.quantize(model, nf4, progress=False)
+    quantplug.save(model, tmp_path)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    for key in [k for k in tensors if k.endswith(".weight.absmax")]:
+        layer = model.get_submodule(key.removesuffix(".weight.absmax"))
+        by_row = tensors[key].reshape(layer.out_features, layer.in_features // 64)  # blocks of 64
+        tensors[key] = by_row.t().contiguous().to(torch.bfloat16)  # the codes give nothing away
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(quantplug.CheckpointError) as info:
+        quantplug.load(tmp_path, progress=False)
+    _assert_repack_message(info.value)
+
+
+@pytest.mark.skipif(not _avx512_bf16(), reason="bitsandbytes repacks only on CPUs with AVX512-BF16")
+def test_a_transformers_saved_nf4_checkpoint_repacked_by_a_forward_says_why(tmp_path):
+    pytest.importorskip("quantplug_bnb", reason="quantplug-bnb is not installed in this env")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from quantplug.testing import tiny_llama, token_ids
+
+    tiny_llama().save_pretrained(tmp_path / "fp")
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config).eval()
+    with torch.no_grad():
+        model(token_ids())
+    model.save_pretrained(tmp_path / "nf4")
+    with pytest.raises(quantplug.CheckpointError) as info:
+        quantplug.load(tmp_path / "nf4", progress=False)
+    _assert_repack_message(info.value)
+
+
+# -- compare: what a library warns on import is its own, not the first candidate's -----------------
+
+NOISY_MODULE = """
+import logging
+from torch import nn
+import quantplug
+
+logging.getLogger("{name}.kernels").warning("optional 4-bit kernel not found; using the slow path")
+
+
+class Half(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().half())
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+class NoisyQuantizer(quantplug.Quantizer):
+    def quantize_module(self, name, module):
+        return Half(module)
+
+    empty_module = quantize_module
+"""
+
+
+def test_compare_reports_a_library_import_warning_as_the_librarys(rtn_only, tmp_path, monkeypatch):
+    import dataclasses
+    import uuid
+
+    from quantplug.comparison import compare, to_markdown
+    from quantplug.testing import tiny_llama
+
+    module = f"tp_noisy_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(NOISY_MODULE.replace("{name}", module))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    @dataclasses.dataclass(frozen=True)
+    class NoisyConfig(quantplug.QuantConfig):
+        quant_method = "tp-noisy"
+        bits: int = 16
+
+    quantplug.register_backend(
+        quantplug.Backend(
+            name="tp-noisy",
+            config=NoisyConfig,
+            quantizer=f"{module}:NoisyQuantizer",
+            capabilities=quantplug.Capabilities(bits=(16,), devices=("cpu",)),
+            presets=(quantplug.Preset("fp16", {"bits": 16}, bits=16, bits_per_weight=16),),
+        )
+    )
+    small = {"tokens": 96, "window": 32, "decode_tokens": 2, "repeats": 1}
+    result = compare(tiny_llama(), ["tp-noisy:fp16", "rtn:int8"], **small)
+    noisy = f"{module}.kernels: optional 4-bit kernel not found; using the slow path"
+    assert result.import_warnings == {"tp-noisy": [noisy]}
+    assert all(noisy not in row.warnings for row in result.rows)
+    assert result.to_dict()["import_warnings"] == {"tp-noisy": [noisy]}
+    md = to_markdown(result)
+    assert f"- Warnings of backend libraries on import (not tied to a candidate): tp-noisy: {noisy}" in md

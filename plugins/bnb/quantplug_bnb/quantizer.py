@@ -33,6 +33,26 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _check_absmax(name: str, absmax: torch.Tensor, nested: bool) -> None:
+    """absmax is float32 (uint8 with double quantization). A 2-D bfloat16 one is bitsandbytes' CPU
+    kernel layout: saved from a model that had run a forward on an AVX512-BF16 CPU (bitsandbytes
+    0.50 repacks 4-bit layers on the first eval forward and its state_dict() then writes the repacked
+    scales, rounded to bfloat16); nobody can read such a file back faithfully."""
+    expected = torch.uint8 if nested else torch.float32
+    if absmax.dtype == expected:
+        return
+    if absmax.dtype == torch.bfloat16 and absmax.dim() == 2:
+        raise quantplug.CheckpointError(
+            f"{name}.weight.absmax is a {list(absmax.shape)} bfloat16 tensor, not the [{absmax.numel()}] "
+            f"{expected} bitsandbytes stores: this 4-bit checkpoint was saved after a forward pass on a CPU "
+            f"with AVX512-BF16, where bitsandbytes repacks 4-bit layers for its CPU kernel and then saves "
+            f"the repacked, bfloat16-rounded scales (a bitsandbytes 0.50 bug; Transformers' save_pretrained "
+            f"writes them too). The original scales are lost, so it cannot be loaded faithfully: quantize the "
+            f"full-precision model again (quantplug.save writes the original quant state even after forwards)"
+        )
+    raise quantplug.CheckpointError(f"{name}.weight.absmax has dtype {absmax.dtype}, expected {expected}")
+
+
 def _state_tensors(state: bnb_functional.QuantState) -> dict[str, torch.Tensor]:
     """A 4-bit layer's quant state as its checkpoint entries (``QuantState.as_dict(packed=True)``)."""
     if state.nested and state.offset.is_meta:
@@ -88,11 +108,14 @@ class BnbQuantizer(quantplug.Quantizer):
         self, name: str, module: nn.Linear
     ) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]]:
         # read off empty_module (the default), except: the bias may be stored in any float dtype
-        # (it is cast), and the stored quant state sets the sizes of its own entries
+        # (it is cast), the stored quant state sets the sizes of its own entries, and absmax's
+        # dtype is checked by load_module (which recognises bitsandbytes' CPU-repacked layout)
         spec = super().expected_tensors(name, module)
         for key, (shape, dtype) in spec.items():
             if key == "bias":
                 spec[key] = (shape, None)
+            elif key == "weight.absmax":
+                spec[key] = (None, None)
             elif key.startswith(_STATE_SIZED):
                 spec[key] = (None, dtype)
         return spec
@@ -145,6 +168,7 @@ class BnbQuantizer(quantplug.Quantizer):
             device="meta",
         )
         data = tensors["weight"]
+        _check_absmax(name, tensors["weight.absmax"], c.bnb_4bit_use_double_quant)
         stats = {k: v for k, v in tensors.items() if k.startswith("weight.")}
         try:
             weight = bnb.nn.Params4bit.from_prequantized(

@@ -1,10 +1,15 @@
 """quantplug-torchao: torchao's quantization (int8, int4, intx, float8) behind quantplug's API.
 
 This module is what the ``quantplug`` entry point names. It only registers a descriptor: torch and
-torchao are imported when the quantizer (``quantplug_torchao.quantizer``) is first used.
+torchao are imported when the quantizer (``quantplug_torchao.quantizer``) is first used. Importing
+it quiets torchao's import (``quiet_torchao_import``), which Transformers triggers whenever it loads
+a model, so every quantplug process that loaded its plugins prints no torchao noise.
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import quantplug
 
@@ -12,6 +17,7 @@ from .config import MODE_DEVICES, MODE_REQUIREMENTS, MODES, TorchaoConfig
 
 __all__ = [
     "PRESETS",
+    "quiet_torchao_import",
     "MODES",
     "MODE_DEVICES",
     "MODE_REQUIREMENTS",
@@ -82,6 +88,37 @@ PRESETS = (
         note="stored one value per byte: no smaller than int8",
     ),
 )
+
+
+class _KnownImportNoise(logging.Filter):
+    """Two log lines of torchao's import that nobody can act on: that it skipped its C++ extensions
+    because TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1 (which this package or the user set to skip them),
+    and torch's deprecation notice for the enums torchao registers with register_constant()."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (
+            msg.startswith("Skipping import of cpp extensions due to TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1")
+            or ("Calling register_constant() on Enum subclasses is deprecated" in msg and "Enum" in msg)
+        )
+
+
+_NOISE = _KnownImportNoise()
+
+
+def quiet_torchao_import() -> None:
+    """Filter torchao's two known import lines (``_KnownImportNoise``; every other torchao log line
+    still shows) and, on a machine without an NVIDIA driver, set TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
+    unless the user set it: the published torchao wheel's C++ extensions are CUDA builds that cannot
+    load there (two "Failed to load ... .so" lines otherwise) and no CPU mode uses them. Idempotent;
+    imports nothing."""
+    if "TORCHAO_FORCE_SKIP_LOADING_SO_FILES" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+        os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).addFilter(_NOISE)  # a no-op when already there
+
+
+quiet_torchao_import()
 
 
 @quantplug.hookimpl

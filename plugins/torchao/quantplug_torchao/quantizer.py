@@ -12,7 +12,9 @@ rebuilds it with torchao's ``unflatten_tensor_state_dict``, taking the subclass 
 ``TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1`` is set before torchao is imported when it is not set and
 torch has no CUDA: the published torchao wheel is a CUDA build whose C++ extensions fail to load on
 a CPU-only torch (two "Failed to load ... .so" lines on every import); none of the modes this plugin
-runs on CPU needs them. It has no effect if torchao was imported earlier.
+runs on CPU needs them. It has no effect if torchao was imported earlier; so importing this
+package already sets it on machines without an NVIDIA driver, before Transformers (which imports
+torchao with its model classes) can import torchao (``quantplug_torchao.quiet_torchao_import``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import quantplug
 from .config import INT4_GROUP_SIZES, INT4_PACKING_FORMATS, INTX_BITS, MODE_REQUIREMENTS, TorchaoConfig
 
 if "TORCHAO_FORCE_SKIP_LOADING_SO_FILES" not in os.environ and not torch.cuda.is_available():
-    os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
+    os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"  # (this package's import did it without NVIDIA)
 
 import torchao  # noqa: E402
 from torchao.core.config import config_from_dict  # noqa: E402

@@ -281,3 +281,24 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SKIP" in proc.stdout
     assert json.loads(out.read_text())["skipped"]
+
+
+@pytest.mark.parametrize("preset_variable", [None, "1"], ids=["unset", "set-by-user"])
+def test_torchao_import_prints_no_noise_once_quantplug_loaded_its_plugins(preset_variable):
+    """Transformers imports torchao with its model classes; after quantplug loaded its plugins (as
+    every CLI command does first), that import prints neither "Skipping import of cpp extensions"
+    (issue 18: it showed although demo/run sets the variable) nor torch's Enum deprecation lines."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUANTPLUG_", "TORCHAO_"))}
+    if preset_variable is not None:
+        env["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = preset_variable
+    code = (
+        "import sys, quantplug; quantplug.backends()\n"
+        "import transformers.modeling_utils\n"
+        "assert 'torchao' in sys.modules, 'Transformers no longer imports torchao: rewrite this test'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Skipping import of cpp extensions" not in proc.stderr
+    assert "register_constant() on Enum" not in proc.stderr
+    if not Path("/dev/nvidiactl").exists():
+        assert "Failed to load" not in proc.stderr  # the CUDA-built extensions were not tried
