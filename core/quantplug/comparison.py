@@ -29,24 +29,22 @@ from .candidates import Spec, resolve
 from .config import QuantConfig
 from .devices import to_device
 from .errors import ConfigError
+from .footprint import checkpoint_bytes, model_bytes
 from .measure import (
     Bench,
     Row,
     captured_warnings,
     decode_ms,
-    default_text,
-    encode,
     environment,
     is_causal_lm,
     max_positions,
     measure,
-    model_bytes,
-    perplexity,
     vocab_size,
 )
 from .recommendation import judge, recommend
 from .report import Comparison, summary, to_markdown
 from .selection import Selection, select
+from .text_quality import default_text, encode, framing, perplexity
 from .walk import quantized_info
 
 __all__ = [
@@ -301,10 +299,25 @@ def _bench(
         prefill_in = ids[:prefill_n].unsqueeze(0).to(dev)
         probe = ids[: min(window, ids.numel())].unsqueeze(0).to(dev)
         warm = prefill_in[:, :8]
+    frame = framing(tokenizer if inputs is None else None)
+    if causal and len(frame.prefix) >= window:
+        raise ConfigError(f"window {window} leaves no room for text after the BOS", field="window")
+    if causal:  # one window when the text is shorter: the report then states the true window
+        window = min(window, len(frame.prefix) + max(2, min(tokens, ids.numel())))
     bench = Bench(
-        dev, causal, ids[:tokens], window, probe, prefill_in, warm, ids[:32], decode_tokens, repeats
+        dev,
+        causal,
+        ids[:tokens],
+        window,
+        frame.prefix if causal else (),
+        probe,
+        prefill_in,
+        warm,
+        ids[:32],
+        decode_tokens,
+        repeats,
     )
-    return bench, encoding
+    return bench, f"{encoding}; {frame.description}" if causal else encoding
 
 
 # -- measure --------------------------------------------------------------------------------------
@@ -337,6 +350,7 @@ def _measure_all(model: nn.Module, specs: list[Spec], bench: Bench, say: Callabl
     baseline = Row("unquantized", None, None)
     baseline.weight_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in default_targets(model))
     baseline.model_bytes = model_bytes(model)
+    baseline.checkpoint_bytes = checkpoint_bytes(model)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     say(f"[0/{len(specs)}] unquantized ({dtype}): measuring")
     reference = measure(baseline, model, bench, None, say)
@@ -366,6 +380,7 @@ def _measure_candidate(
             row.quantize_seconds = report.seconds
             row.weight_bytes = report.bytes_after
             row.model_bytes = model_bytes(work)
+            row.checkpoint_bytes = checkpoint_bytes(work)
             measure(row, work, bench, reference, say)
         row.warnings = list(dict.fromkeys(caught))
         say(f"    {summary(row)}")

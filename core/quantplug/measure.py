@@ -13,7 +13,6 @@ import dataclasses
 import datetime as dt
 import inspect
 import logging
-import math
 import os
 import platform
 import statistics
@@ -27,8 +26,8 @@ from torch import nn
 
 from . import __version__
 from .devices import run_batch
-from .errors import ConfigError
 from .hardware import cpu_hardware, detect_hardware
+from .text_quality import perplexity, windows
 from .versions import installed_version
 
 
@@ -41,10 +40,18 @@ class Row:
     weight_bytes: int | None = None
     """Bytes of the layers quantize converted (full precision for the baseline row)."""
     model_bytes: int | None = None
+    """Bytes of every tensor the loaded model holds (``footprint.model_bytes``): parameters, buffers
+    and the tensors backends keep elsewhere (scales, zeros, quant states)."""
+    checkpoint_bytes: int | None = None
+    """Bytes of the tensors ``quantplug.save`` would write: the cross-check of ``model_bytes``."""
     quantize_seconds: float | None = None
     perplexity: float | None = None
     output_rel_error: float | None = None
     """``||y_q - y|| / ||y||`` of the model's output (logits) against the unquantized model's."""
+    output_cosine: float | None = None
+    """Cosine similarity of the model's output (flattened) with the unquantized model's."""
+    collapsed: bool | None = None
+    """Quality beyond usefulness (``recommendation.COLLAPSED``): never recommended, kept off the plot."""
     prefill_ms: float | None = None
     decode_ms: float | None = None
     error: str | None = None
@@ -56,44 +63,7 @@ class Row:
         return dataclasses.asdict(self)
 
 
-# -- sizes ----------------------------------------------------------------------------------------
-
-
-def _plain_tensors(t: torch.Tensor):
-    """``t``, or the plain tensors inside a wrapper tensor subclass (torchao's, which has no storage
-    of its own), found through ``__tensor_flatten__``."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        for name in names:
-            yield from _plain_tensors(getattr(t, name))
-    else:
-        yield t
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, each storage counted once (tied embeddings)."""
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for p in [*model.parameters(), *model.buffers()]:
-        for t in _plain_tensors(p):
-            if t.device.type == "meta":
-                continue
-            key = (t.device.type, t.untyped_storage().data_ptr())
-            if key in seen:
-                continue
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 # -- the inputs -----------------------------------------------------------------------------------
-
-
-def default_text() -> str:
-    """The Python docs' topic texts that ship with the standard library (``pydoc_data.topics``)."""
-    import pydoc_data.topics as topics
-
-    return "\n\n".join(topics.topics[k].strip() for k in sorted(topics.topics))
 
 
 def vocab_size(model: nn.Module) -> int | None:
@@ -116,19 +86,6 @@ def is_causal_lm(model: nn.Module) -> bool:
     )
 
 
-def encode(text: str, tokenizer: Any, vocab: int | None, limit: int) -> tuple[torch.Tensor, str]:
-    """Token ids of ``text`` (at most ``limit``) and how they were made."""
-    if tokenizer is not None:
-        ids = tokenizer(text[: limit * 12], add_special_tokens=False, return_tensors="pt").input_ids[0]
-        return ids[:limit], f"{type(tokenizer).__name__}"
-    if not vocab:
-        raise ConfigError(
-            "the model has no tokenizer and no config.vocab_size: pass tokenizer=", field="tokenizer"
-        )
-    raw = torch.tensor(list(text.encode("utf-8")[:limit]), dtype=torch.long)
-    return raw % vocab, f"no tokenizer: UTF-8 bytes modulo the vocabulary ({vocab})"
-
-
 @dataclasses.dataclass
 class Bench:
     """What each model is measured on, on ``device``."""
@@ -137,8 +94,10 @@ class Bench:
     causal: bool
     """A causal LM fed token ids: perplexity and decode latency are measured too."""
     eval_ids: torch.Tensor
-    """Token ids for perplexity (empty when the caller gave inputs)."""
+    """Token ids for perplexity (empty when the caller gave inputs), without special tokens."""
     window: int
+    prefix: tuple[int, ...]
+    """Token ids before every perplexity window (the tokenizer's BOS), not scored: ``text_quality``."""
     probe: Any
     """Inputs whose output is compared with the unquantized model's."""
     prefill_in: Any
@@ -165,14 +124,17 @@ def measure(
     out = _output(model, bench.probe)
     if reference is not None:
         row.output_rel_error = ((out - reference).norm() / reference.norm()).item()
+        cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
+        row.output_cosine = cosine.item()
     if bench.causal:
-        windows = max(1, -(-(bench.eval_ids.numel() - 1) // bench.window))
+        n = windows(bench.eval_ids.numel(), bench.window, bench.prefix)
         row.perplexity = perplexity(
             model,
             bench.eval_ids,
             bench.window,
             dev,
-            on_window=lambda i: say(f"    perplexity: window {i}/{windows} of {bench.window} tokens"),
+            on_window=lambda i: say(f"    perplexity: window {i}/{n} of {bench.window} tokens"),
+            prefix=bench.prefix,
         )
     say(f"    latency: prefill and decode, {bench.repeats} run(s) each")
     with torch.no_grad():
@@ -187,30 +149,6 @@ def measure(
             decode_ms(model, bench.prompt, bench.decode_tokens, dev) for _ in range(bench.repeats)
         )
     return out
-
-
-def perplexity(
-    model: nn.Module,
-    ids: torch.Tensor,
-    window: int,
-    device: torch.device,
-    on_window: Callable[[int], None] | None = None,
-) -> float:
-    """exp(mean next-token loss) over non-overlapping ``window``-token windows of ``ids``;
-    ``on_window(i)`` is called before window ``i`` (1-based)."""
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for i, start in enumerate(range(0, ids.numel() - 1, window), 1):
-            chunk = ids[start : start + window].unsqueeze(0).to(device)
-            if chunk.shape[1] < 2:
-                break
-            if on_window is not None:
-                on_window(i)
-            loss = model(chunk, labels=chunk).loss.float().item()
-            n = chunk.shape[1] - 1
-            nll += loss * n
-            count += n
-    return math.exp(nll / count) if count else float("nan")
 
 
 def _output(model: nn.Module, inputs: Any) -> torch.Tensor:

@@ -14,13 +14,31 @@ if TYPE_CHECKING:
     from .selection import Selection
 
 
+#: A candidate is "collapsed" (beyond usefulness, whatever the limit) when its perplexity is over
+#: this many times the unquantized model's, or its output's cosine with the unquantized output is
+#: under COLLAPSED_COSINE (for models compared by output). Its figures are not comparable with the
+#: others': the report says "collapsed" and the plot keeps it off the scale.
+COLLAPSED_PERPLEXITY_RATIO = 10.0
+COLLAPSED_COSINE = 0.5
+
+
 def judge(rows: list[Row], limit: float) -> None:
-    """Mark each candidate row acceptable when its quality loss is within ``limit``."""
+    """Mark each candidate row acceptable when its quality loss is within ``limit``, and collapsed
+    when its quality is beyond usefulness (``COLLAPSED_*``; never acceptable)."""
     base = rows[0]
-    base.acceptable = True
+    base.acceptable, base.collapsed = True, False
     for r in rows[1:]:
         loss = None if r.error else loss_of(r, base)
-        r.acceptable = loss is not None and loss <= limit
+        r.collapsed = None if r.error else is_collapsed(r, base)
+        r.acceptable = loss is not None and loss <= limit and not r.collapsed
+
+
+def is_collapsed(row: Row, base: Row) -> bool:
+    if base.perplexity is not None and row.perplexity is not None:
+        return (
+            not math.isfinite(row.perplexity) or row.perplexity > COLLAPSED_PERPLEXITY_RATIO * base.perplexity
+        )
+    return row.output_cosine is not None and not row.output_cosine >= COLLAPSED_COSINE
 
 
 def loss_of(row: Row, base: Row) -> float | None:

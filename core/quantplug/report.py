@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .recommendation import COLLAPSED_COSINE, COLLAPSED_PERPLEXITY_RATIO
 from .sizes import fmt_bytes
 
 if TYPE_CHECKING:
@@ -84,7 +85,9 @@ def _table(result: Comparison) -> str:
                 f"| {r.label} | {r.select_rank or '-'} | | | | | | | failed: {r.error.splitlines()[0][:160]} |"
             )
             continue
-        if base.perplexity is not None and r.perplexity is not None:
+        if r.collapsed:
+            q = f"collapsed ({r.perplexity:.3g})" if r.perplexity is not None else "collapsed"
+        elif base.perplexity is not None and r.perplexity is not None:
             q = f"{r.perplexity:.2f}"
             if r is not base and base.perplexity:
                 q += f" ({(r.perplexity / base.perplexity - 1) * 100:+.1f}%)"
@@ -94,6 +97,8 @@ def _table(result: Comparison) -> str:
         if r is not base and r.weight_bytes and base.weight_bytes:
             w += f" ({base.weight_bytes / r.weight_bytes:.1f}x smaller)"
         note = "baseline" if r is base else ("" if r.acceptable else "quality loss over the limit")
+        if r.collapsed:
+            note = "collapsed: quality beyond use"
         lines.append(
             f"| {r.label} | {r.select_rank or '-'} | {w} | {fmt_bytes(r.model_bytes)} | "
             f"{_f(r.quantize_seconds, 1)} | {q} | {_f(r.prefill_ms, 0)} | {_f(r.decode_ms, 1)} | {note} |"
@@ -121,6 +126,14 @@ def to_markdown(result: Comparison) -> str:
         f"- Acceptable: quality loss within {st['max_quality_loss']:.0%}; recommendation for "
         f"priority={st['priority']}, workload={st['workload']}.",
     ]
+    lines += _size_lines(result)
+    collapsed = [r.label for r in result.rows if r.collapsed]
+    if collapsed:
+        lines.append(
+            f"- Collapsed (perplexity over {COLLAPSED_PERPLEXITY_RATIO:g}x the unquantized model's, or output cosine "
+            f"under {COLLAPSED_COSINE:g}): {', '.join(collapsed)}; their figures are not comparable and the plot "
+            f"leaves them out."
+        )
     warned = [(r.label, w) for r in result.rows for w in r.warnings]
     if warned:
         lines.append("- Warnings raised by backends: " + "; ".join(f"{lbl}: {_clip(w)}" for lbl, w in warned))
@@ -131,6 +144,24 @@ def to_markdown(result: Comparison) -> str:
             + "; ".join(f"{name}: {_clip(w)}" for name, w in on_import)
         )
     return "\n".join(lines) + "\n"
+
+
+def _size_lines(result: Comparison) -> list[str]:
+    """What the size columns count, and any row whose in-memory count is below its checkpoint's
+    (something the model holds went uncounted)."""
+    lines = [
+        "- Sizes: weights = the stored tensors of the layers each backend converted (the unquantized model's "
+        "layers for the baseline); model = every tensor the loaded model holds (parameters, buffers and the "
+        "tensors backends keep elsewhere); comparison.json also has each model's checkpoint bytes."
+    ]
+    short = [
+        f"{r.label} ({fmt_bytes(r.model_bytes)} held vs {fmt_bytes(r.checkpoint_bytes)} in its checkpoint)"
+        for r in result.rows
+        if r.model_bytes is not None and r.checkpoint_bytes and r.model_bytes < 0.99 * r.checkpoint_bytes
+    ]
+    if short:
+        lines.append("- Model sizes below the checkpoint's, so undercounted: " + "; ".join(short))
+    return lines
 
 
 def _clip(text: str, limit: int = 160) -> str:
@@ -183,7 +214,16 @@ def _plot(result: Comparison, path: str | os.PathLike) -> Path:
     ax.legend(uniq.values(), uniq.keys(), fontsize=8)
     ax.set_xlabel("weights of the quantized layers (MB)")
     ax.set_ylabel("perplexity (lower is better)" if use_ppl else "output relative error")
-    ys = [r.perplexity for r in result.rows if not r.error and r.perplexity and math.isfinite(r.perplexity)]
+    collapsed = [r.label for r in result.rows if r.collapsed]
+    if collapsed:
+        ax.text(
+            0.01, 0.01, "collapsed, not shown: " + ", ".join(collapsed), transform=ax.transAxes, fontsize=7
+        )
+    ys = [
+        r.perplexity
+        for r in result.rows
+        if not r.error and not r.collapsed and r.perplexity and math.isfinite(r.perplexity)
+    ]
     if use_ppl and ys and max(ys) / min(ys) > 10:  # a broken 2-bit preset next to the rest
         ax.set_yscale("log")
     ax.set_title(
@@ -203,7 +243,7 @@ def _scatter(ax, colors, rows: list[Row], use_ppl: bool) -> None:
     markers = "os^Dv<>pPX*h"
     backends = sorted({r.backend for r in rows[1:] if r.backend})
     for r in rows:
-        if r.error or r.weight_bytes is None:
+        if r.error or r.weight_bytes is None or r.collapsed:
             continue
         y = r.perplexity if use_ppl else r.output_rel_error
         if y is None or not math.isfinite(y) or (not use_ppl and r.backend is None):

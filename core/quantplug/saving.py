@@ -34,7 +34,7 @@ from .sizes import parse_size
 from .walk import QuantizedModelInfo, quantized_info
 
 
-def _checkpoint_tensors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
+def checkpoint_tensors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     """The tensors to store, in model order, and aliases (tied tensors stored once): alias -> kept."""
     info = quantized_info(model)
     qnames = set(info.modules) if info else set()
@@ -192,7 +192,7 @@ def save(
         raise CheckpointError(
             f"backend {info.config.quant_method!r} declares that its models cannot be saved"
         )
-    tensors, aliases = _checkpoint_tensors(model)
+    tensors, aliases = checkpoint_tensors(model)
     meta = _file_metadata(model, info, aliases)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.quantplug-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
