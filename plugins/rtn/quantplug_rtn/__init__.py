@@ -12,7 +12,9 @@ __all__ = ["PRESETS", "RtnConfig", "register_backends"]
 
 
 # rel_error and bits_per_weight: one Linear(2048, 2048), Gaussian weights and inputs, through
-# quantplug (fp32 scales). Speeds vs fp32: SmolLM2-135M on a 2-core EPYC (bench/results/quality.md):
+# quantplug (fp32 scales). bits_per_weight = bits + 32 bits of fp32 scale per group, + 32 more for
+# the fp32 zero (the group minimum) when asymmetric: g32-asym = bits + (32 + 32) / 32; per channel
+# (int8) 8 + 32 / 2048. Speeds vs fp32: SmolLM2-135M on a 2-core EPYC (bench/results/quality.md):
 # the whole weight is dequantized on every forward, so rtn saves memory, not time.
 # cuda: an H200, 4 Llama-7B-sized blocks vs bf16 (bench/results/gpu.json): 15x slower at decode.
 _CPU = {"decode": 0.35, "prefill": 0.75}
@@ -30,8 +32,8 @@ PRESETS = (
         "int4-g32-asym",
         {"bits": 4, "group_size": 32, "symmetric": False},
         bits=4,
-        bits_per_weight=5.25,
-        rel_error=0.080,
+        bits_per_weight=6.0,
+        rel_error=0.078,
         speed={"cpu": {"decode": 0.28, "prefill": 0.75}, "cuda": _CUDA},
     ),
     quantplug.Preset(
@@ -46,8 +48,8 @@ PRESETS = (
         "int2-g32-asym",
         {"bits": 2, "group_size": 32, "symmetric": False},
         bits=2,
-        bits_per_weight=3.25,
-        rel_error=0.40,
+        bits_per_weight=4.0,
+        rel_error=0.39,
         speed={"cpu": {"decode": 0.29, "prefill": 0.75}, "cuda": _CUDA},
     ),
 )

@@ -3,10 +3,23 @@
 Storage of one ``RtnLinear`` (``out`` x ``in`` weight, ``g`` = group size, ``G`` = groups per row):
     qweight  uint8 [out, ceil(G*g*bits/8)]  codes 0..2**bits-1, packed low bits first
     scale    weight dtype [out, G]
-    zero     uint8 [out, G]                 (asymmetric only) the code that dequantizes to 0
+    zero     [out, G]                       asymmetric only, see below
     bias     weight dtype [out]             (if the layer has one)
-The input dimension is zero-padded up to a multiple of ``g``, so every layer shape works.
-Dequantized weight = (code - zero) * scale, with zero = 2**(bits-1) when symmetric.
+The input dimension is padded up to a multiple of ``g``, so every layer shape works.
+
+Dequantized weight, per group:
+- symmetric (no ``zero``): (code - 2**(bits-1)) * scale, codes 1..2**bits-1, scale = absmax / (2**(bits-1) - 1).
+- asymmetric: code * scale + zero, with ``zero`` in the weight dtype: the min/max affine quantizer
+  GGUF's Q4_1 and HQQ's initialisation use. ``zero`` is the group's minimum (the weight code 0
+  dequantizes to, a zero point in the float domain, as torchao's ``ZeroPointDomain.FLOAT``),
+  scale = (max - min) / (2**bits - 1), code = round((w - min) / scale). A group lying on such a grid
+  is reproduced; a constant group has scale 0 and code 0 everywhere, and reproduces exactly.
+- asymmetric, checkpoints written before the min/max layout (``zero`` is uint8): (code - zero) * scale,
+  ``zero`` being the integer code that dequantizes to 0. Such checkpoints still load and compute
+  exactly what they did; quantizing never writes this layout again. The dtype of ``zero`` tells the
+  two apart (the tensor names are the same: the core checks a checkpoint's tensor names against
+  ``expected_tensors``, which cannot see the checkpoint, so a layout with other names would be
+  refused before ``load_module`` could recognise it).
 """
 
 from __future__ import annotations
@@ -63,7 +76,7 @@ class RtnLinear(nn.Module):
         packed = math.ceil(groups * self.group_size * bits / 8)
         self.register_buffer("qweight", torch.empty(out_features, packed, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype, device=device))
-        zero = None if symmetric else torch.empty(out_features, groups, dtype=torch.uint8, device=device)
+        zero = None if symmetric else torch.empty(out_features, groups, dtype=dtype, device=device)
         self.register_buffer("zero", zero)  # None (symmetric) is not part of the state dict
         bias_data = torch.empty(out_features, dtype=dtype, device=device) if bias else None
         self.bias = None if bias_data is None else nn.Parameter(bias_data, requires_grad=False)
@@ -89,22 +102,25 @@ class RtnLinear(nn.Module):
         w = linear.weight.detach()
         out_f, in_f = w.shape
         g, levels = q.group_size, (1 << config.bits) - 1
-        wg = F.pad(w.float(), (0, q.scale.shape[1] * g - in_f)).reshape(out_f, -1, g)
-        if config.symmetric:  # codes 1..levels, centred on zero = 2**(bits-1)
+        pad = q.scale.shape[1] * g - in_f
+        if config.symmetric:  # codes 1..levels, centred on 2**(bits-1); zero padding leaves absmax alone
+            wg = F.pad(w.float(), (0, pad)).reshape(out_f, -1, g)
             qmax = (1 << (config.bits - 1)) - 1
             scale = (wg.abs().amax(dim=-1) / qmax).clamp_min(1e-12).to(w.dtype)
-            zero = torch.full_like(scale, qmax + 1, dtype=torch.float32)
-            lowest = 1
-        else:  # codes 0..levels; the range always includes 0, which ``zero`` encodes exactly
-            wmin, wmax = wg.amin(dim=-1).clamp_max(0), wg.amax(dim=-1).clamp_min(0)
-            scale = ((wmax - wmin) / levels).clamp_min(1e-12).to(w.dtype)
-            zero = torch.round(-wmin / scale.float()).clamp(0, levels)
-            lowest = 0
-        codes = (torch.round(wg / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(lowest, levels)
+            codes = (torch.round(wg / scale.float().unsqueeze(-1)) + (qmax + 1)).clamp(1, levels)
+        else:  # min/max affine, codes 0..levels; padding repeats the row's last weight (min/max unchanged)
+            wg = F.pad(w.float(), (0, pad), mode="replicate").reshape(out_f, -1, g)
+            wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
+            scale = ((wmax - wmin) / levels).to(w.dtype)
+            q.zero.copy_(wmin)  # an element of w: exact in the weight dtype
+            # codes from the stored (weight-dtype) scale and zero, which dequantize() multiplies and
+            # adds; a constant group (scale 0, also one whose step underflows the dtype) is all code 0,
+            # so it dequantizes to exactly its value, with no division by 0
+            step = scale.float().unsqueeze(-1)
+            shifted = wg - q.zero.float().unsqueeze(-1)
+            codes = torch.round(shifted / torch.where(step > 0, step, 1.0)).clamp(0, levels)
         q.qweight.copy_(pack(codes.reshape(out_f, -1).to(torch.uint8), config.bits))
         q.scale.copy_(scale)
-        if q.zero is not None:
-            q.zero.copy_(zero.to(torch.uint8))
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach())
         return q
@@ -115,27 +131,34 @@ class RtnLinear(nn.Module):
         codes = unpack(self.qweight, self.bits, groups * self.group_size).reshape(
             self.out_features, groups, -1
         )
-        zero = (
-            torch.full_like(self.scale, 1 << (self.bits - 1))
-            if self.zero is None
-            else self.zero.to(self.scale.dtype)
-        )
-        w = (codes.to(self.scale.dtype) - zero.unsqueeze(-1)) * self.scale.unsqueeze(-1)
+        codes, scale = codes.to(self.scale.dtype), self.scale.unsqueeze(-1)
+        if self.zero is None:  # symmetric
+            w = (codes - torch.full_like(self.scale, 1 << (self.bits - 1)).unsqueeze(-1)) * scale
+        elif self.integer_zero:  # a checkpoint written before the min/max layout: as it computed then
+            w = (codes - self.zero.to(self.scale.dtype).unsqueeze(-1)) * scale
+        else:
+            w = codes * scale + self.zero.unsqueeze(-1)
         return w.reshape(self.out_features, -1)[:, : self.in_features]
+
+    @property
+    def integer_zero(self) -> bool:
+        """True for an asymmetric layer loaded from a checkpoint written before the min/max layout:
+        ``zero`` is then uint8, the code that dequantizes to 0."""
+        return self.zero is not None and self.zero.dtype == torch.uint8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        kind = "sym" if self.symmetric else "asym"
+        kind = "sym" if self.symmetric else "asym, integer zero point" if self.integer_zero else "asym"
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, {kind}"
 
 
 class RtnQuantizer(quantplug.Quantizer):
-    """The two methods every quantizer writes. The rest are ``quantplug.Quantizer``'s defaults:
-    ``module_tensors`` stores ``state_dict()``, ``expected_tensors`` reads keys, shapes and dtypes
-    off ``empty_module``, and ``load_module`` assigns the checkpoint tensors to ``empty_module``."""
+    """The two methods every quantizer writes, and the two that keep checkpoints written before the
+    min/max layout loading (an asymmetric layer's ``zero`` is then uint8, see the module docstring).
+    ``module_tensors`` is ``quantplug.Quantizer``'s default: it stores ``state_dict()``."""
 
     config: RtnConfig
 
@@ -144,3 +167,25 @@ class RtnQuantizer(quantplug.Quantizer):
 
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         return RtnLinear.like(module, self.config)  # module is on the meta device: so is the result
+
+    def expected_tensors(
+        self, name: str, module: nn.Linear
+    ) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype | None]]:
+        """``empty_module``'s tensors; an asymmetric ``zero``'s dtype is checked by ``load_module``
+        instead (the weight dtype, or uint8 in a checkpoint written before the min/max layout)."""
+        spec = super().expected_tensors(name, module)
+        if "zero" in spec:
+            spec["zero"] = (spec["zero"][0], None)
+        return spec
+
+    def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """``empty_module`` with the checkpoint tensors assigned (a uint8 ``zero`` stays uint8, and
+        the layer computes as before the min/max layout); any other dtype of ``zero`` is refused."""
+        zero, scale = tensors.get("zero"), tensors.get("scale")
+        if zero is not None and scale is not None and zero.dtype not in (scale.dtype, torch.uint8):
+            raise quantplug.CheckpointError(
+                f"tensor {name + '.zero'!r} has dtype {zero.dtype}, expected {scale.dtype} (the dtype "
+                f"of {name + '.scale'!r}: each group's minimum) or torch.uint8 (an integer zero point, "
+                f"written by quantplug-rtn before the min/max layout)"
+            )
+        return super().load_module(name, module, tensors)
