@@ -255,7 +255,10 @@ def test_progress_inside_a_candidate_names_each_step(rtn_only):
         "    perplexity: window 1/3 of 32 tokens" in candidate
         and "    perplexity: window 3/3 of 32 tokens" in candidate
     )
-    assert any(x.startswith("    latency: prefill and decode, 1 run(s)") for x in candidate)
+    assert any(
+        x.startswith("    latency: 1 round(s) of prefill and decode, each next to the unquantized")
+        for x in candidate
+    )
 
 
 def test_a_misnamed_candidate_fails_before_the_model_is_loaded(rtn_only, monkeypatch, model_dir):

@@ -199,3 +199,58 @@ def test_report_and_plot_keep_collapsed_rows_apart(rtn_only, tmp_path):
     plotted = [c.get_offsets()[0][1] for c in ax.collections]
     plt.close(fig)
     assert len(plotted) == 2 and collapsed.perplexity not in plotted  # baseline and int8 only
+
+
+# -- 5. timing robust to drift, and no ranking inside the spread ------------------------------------
+
+
+def test_paired_timing_cancels_a_drifting_machine(monkeypatch):
+    """The machine gets 10x faster during the run (load fading). Timed one after another, the first
+    candidate would look 10x slower than an identical later one; paired with the baseline in every
+    round, identical models get identical figures and a 2x faster one comes out 2x faster."""
+    from quantplug import timing as timing_mod
+    from quantplug.measure import Bench
+
+    speed = {"base": 1.0, "a": 1.0, "b": 1.0, "fast": 0.5}
+    calls = []
+
+    def fake_once(model, bench):
+        calls.append(model)
+        load = 10.0 * 0.9 ** len(calls)  # 10x at the start, fading
+        t = 100.0 * speed[model] * (1 + load)
+        return t, t / 10
+
+    monkeypatch.setattr(timing_mod, "_once", fake_once)
+    monkeypatch.setattr(timing_mod, "warm_up", lambda model, bench: None)
+    bench = Bench(torch.device("cpu"), True, torch.zeros(0), 8, (), None, None, None, None, 1, 3)
+    base = Row("unquantized", None, None)
+    paired = timing_mod.PairedTiming(base, "base", bench)
+    rows = {name: Row(name, "tp", {}) for name in ("a", "b", "fast")}
+    for name, row in rows.items():
+        paired.time(row, name, lambda msg: None)
+    paired.finish(list(rows.values()))
+    a, b, fast = rows["a"], rows["b"], rows["fast"]
+    assert a.decode_ms == pytest.approx(b.decode_ms, rel=0.01)
+    assert a.decode_ms == pytest.approx(base.decode_ms, rel=0.15)
+    assert fast.decode_ms == pytest.approx(0.5 * a.decode_ms, rel=0.1)
+    assert base.decode_spread > 0.5  # the drift shows in the baseline's own spread
+    assert a.decode_spread < 0.1
+
+
+def test_no_ranking_on_a_latency_difference_inside_the_spread():
+    """bitsandbytes:int8 was recommended over torchao int8 (+1.0% vs +0.2% perplexity) on a decode
+    difference smaller than the machine's drift: inside the spread, quality decides."""
+    base = Row("unquantized", None, None, perplexity=10.0, weight_bytes=400, decode_ms=100.0)
+    bnb = Row("bitsandbytes:int8", "bitsandbytes", {}, perplexity=10.10, weight_bytes=100, decode_ms=95.0)
+    tao = Row("torchao:int8", "torchao", {}, perplexity=10.02, weight_bytes=100, decode_ms=99.0)
+    for r in (base, bnb, tao):
+        r.decode_spread = 0.05
+    rows = [base, bnb, tao]
+    judge(rows, 0.05)
+    picked, text = recommend(rows, None, "balanced", "decode", 0.05)
+    assert picked == "torchao:int8"
+    assert "within the timing spread" in text
+    for r in (bnb, tao):  # with a tight spread, the faster one is picked as before
+        r.decode_spread = 0.01
+    picked, _ = recommend(rows, None, "balanced", "decode", 0.05)
+    assert picked == "bitsandbytes:int8"

@@ -13,11 +13,8 @@ reports and plots are rendered by ``report``; the names tests and scripts import
 
 from __future__ import annotations
 
-import copy
-import gc
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,20 +26,19 @@ from .candidates import Spec, resolve
 from .config import QuantConfig
 from .devices import to_device
 from .errors import ConfigError
-from .footprint import checkpoint_bytes, model_bytes
+from .footprint import model_bytes
 from .measure import (
     Bench,
     Row,
-    captured_warnings,
     decode_ms,
     environment,
     is_causal_lm,
     max_positions,
-    measure,
     vocab_size,
 )
 from .recommendation import judge, recommend
-from .report import Comparison, summary, to_markdown
+from .report import Comparison, to_markdown
+from .runs import import_libraries, measure_all
 from .selection import Selection, select
 from .text_quality import default_text, encode, framing, perplexity
 from .walk import quantized_info
@@ -129,8 +125,8 @@ def compare(
         "quality": "perplexity" if bench.causal else "output relative error vs unquantized",
     }
     # measure
-    on_import = _import_libraries(specs, say)
-    rows = _measure_all(model, specs, bench, say)
+    on_import = import_libraries(specs, say)
+    rows = measure_all(model, specs, bench, say)
     # recommend
     judge(rows, max_quality_loss)
     recommended, text_out = recommend(rows, selection, priority, workload, max_quality_loss)
@@ -318,81 +314,3 @@ def _bench(
         repeats,
     )
     return bench, f"{encoding}; {frame.description}" if causal else encoding
-
-
-# -- measure --------------------------------------------------------------------------------------
-
-
-def _import_libraries(specs: list[Spec], say: Callable[[str], None]) -> dict[str, list[str]]:
-    """Import each candidate backend's library before measuring, so what a library warns on import
-    (once per process) is reported as its own and not as the first candidate's that ran. A failing
-    import is left to that backend's candidates, which record it as their error."""
-    from .dispatch import get_backend
-
-    out: dict[str, list[str]] = {}
-    for method in dict.fromkeys(spec.config.quant_method for spec in specs):
-        with captured_warnings() as caught:
-            try:
-                get_backend(method).quantizer_class()
-            except Exception:
-                continue
-        if caught:
-            out[method] = list(dict.fromkeys(caught))
-            for w in out[method]:
-                say(f"warning on importing {method}: {w.splitlines()[0][:200]}")
-    return out
-
-
-def _measure_all(model: nn.Module, specs: list[Spec], bench: Bench, say: Callable[[str], None]) -> list[Row]:
-    """The unquantized baseline's row, then one per candidate, each quantized from a deep copy."""
-    from .layers import default_targets
-
-    baseline = Row("unquantized", None, None)
-    baseline.weight_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in default_targets(model))
-    baseline.model_bytes = model_bytes(model)
-    baseline.checkpoint_bytes = checkpoint_bytes(model)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    say(f"[0/{len(specs)}] unquantized ({dtype}): measuring")
-    reference = measure(baseline, model, bench, None, say)
-    say(f"    {summary(baseline)}")
-    rows = [baseline]
-    for i, spec in enumerate(specs, 1):
-        row = Row(spec.label, spec.config.quant_method, spec.config.to_dict(), spec.select_rank)
-        rows.append(row)
-        say(f"[{i}/{len(specs)}] {spec.label}: quantizing")
-        _measure_candidate(row, model, spec, bench, reference, say)
-    return rows
-
-
-def _measure_candidate(
-    row: Row, model: nn.Module, spec: Spec, bench: Bench, reference: torch.Tensor, say: Callable[[str], None]
-) -> None:
-    """Quantize a copy of ``model`` with ``spec`` and measure it into ``row``; a failure is recorded
-    in ``row.error``, not raised."""
-    work = None
-    try:
-        from .convert import quantize
-
-        with captured_warnings() as caught:
-            work = copy.deepcopy(model)
-            report = quantize(work, spec.config, device=bench.device, progress=True)  # a bar on a terminal
-            say(f"    quantized {len(report.converted)} layer(s) in {report.seconds:.1f} s; measuring")
-            row.quantize_seconds = report.seconds
-            row.weight_bytes = report.bytes_after
-            row.model_bytes = model_bytes(work)
-            row.checkpoint_bytes = checkpoint_bytes(work)
-            measure(row, work, bench, reference, say)
-        row.warnings = list(dict.fromkeys(caught))
-        say(f"    {summary(row)}")
-        for w in row.warnings:
-            say(f"    warning: {w.splitlines()[0][:200]}")
-    except Exception as exc:
-        row.error = f"{type(exc).__name__}: {exc}"
-        say(f"    failed: {row.error.splitlines()[0][:300]}")
-        if os.environ.get("QUANTPLUG_COMPARE_TRACEBACK"):
-            traceback.print_exc()
-    finally:
-        del work
-        gc.collect()
-        if bench.device.type == "cuda":
-            torch.cuda.empty_cache()

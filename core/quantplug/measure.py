@@ -15,7 +15,6 @@ import inspect
 import logging
 import os
 import platform
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -54,6 +53,10 @@ class Row:
     """Quality beyond usefulness (``recommendation.COLLAPSED``): never recommended, kept off the plot."""
     prefill_ms: float | None = None
     decode_ms: float | None = None
+    prefill_spread: float | None = None
+    """Half the range of the timing samples relative to their median (``timing``): differences
+    between rows inside it are noise."""
+    decode_spread: float | None = None
     error: str | None = None
     acceptable: bool | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -117,9 +120,9 @@ def measure(
     reference: torch.Tensor | None,
     say: Callable[[str], None] = lambda msg: None,
 ) -> torch.Tensor:
-    """Fill ``row``'s quality and latency figures for ``model``; returns its output on the probe
-    (the reference for the candidates when ``model`` is the unquantized one). ``say`` gets a line
-    per step (each perplexity window, the latency runs): a slow CPU is never silent for long."""
+    """Fill ``row``'s quality figures for ``model`` (latency: ``timing.PairedTiming``); returns its
+    output on the probe (the reference for the candidates when ``model`` is the unquantized one).
+    ``say`` gets a line per perplexity window: a slow CPU is never silent for long."""
     dev = bench.device
     out = _output(model, bench.probe)
     if reference is not None:
@@ -135,18 +138,6 @@ def measure(
             dev,
             on_window=lambda i: say(f"    perplexity: window {i}/{n} of {bench.window} tokens"),
             prefix=bench.prefix,
-        )
-    say(f"    latency: prefill and decode, {bench.repeats} run(s) each")
-    with torch.no_grad():
-        run_batch(model, bench.warm)  # warm-up: first calls pick kernels and allocate
-        if bench.causal:
-            prefill = lambda: run_batch(model, bench.prefill_in, use_cache=False)  # noqa: E731
-        else:
-            prefill = lambda: run_batch(model, bench.prefill_in)  # noqa: E731
-        row.prefill_ms = statistics.median(_timed(prefill, dev) for _ in range(bench.repeats))
-    if bench.causal:
-        row.decode_ms = statistics.median(
-            decode_ms(model, bench.prompt, bench.decode_tokens, dev) for _ in range(bench.repeats)
         )
     return out
 

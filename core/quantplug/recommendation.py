@@ -77,7 +77,12 @@ def recommend(
     else:
         key, basis = _ranking(base, priority, workload, measure)
         pick = min(ok, key=key)
+        tied = _within_noise(pick, ok, priority, workload) if priority in ("balanced", "speed") else [pick]
+        if len(tied) > 1:  # the timing cannot tell them apart: the better quality wins
+            pick = min(tied, key=lambda r: (loss_of(r, base), r.weight_bytes or 0))
         lines = _pick_lines(pick, base, cands, ok, basis, workload, limit, measure)
+        if len(tied) > 1:
+            lines.append(_noise_line(pick, tied, workload, measure))
     if selection is not None and selection.candidates and pick is not None:
         lines += _versus_select(pick, cands, selection, priority, workload, limit)
     if failed:
@@ -85,6 +90,37 @@ def recommend(
             "Failed: " + "; ".join(f"{r.label} ({r.error.splitlines()[0][:120]})" for r in failed) + "."
         )
     return (pick.label if pick else None), "\n".join(lines)
+
+
+def spread(row: Row, workload: str) -> float:
+    """The relative timing spread of ``row``'s latency for ``workload`` (0 when unknown)."""
+    parts = {"decode": [row.decode_spread], "prefill": [row.prefill_spread]}.get(
+        workload, [row.decode_spread, row.prefill_spread]
+    )
+    return max((p for p in parts if p is not None), default=0.0)
+
+
+def _within_noise(pick: Row, ok: list[Row], priority: str, workload: str) -> list[Row]:
+    """``pick`` and the acceptable rows whose ranking key (log latency, plus log size when balanced)
+    is worse than ``pick``'s by no more than both rows' timing spreads: measurement cannot order them."""
+
+    def key(r: Row) -> float:
+        lat = math.log(latency(r, workload) or 1.0)
+        return lat if priority == "speed" else lat + math.log(max(r.weight_bytes or 1, 1))
+
+    def noise(r: Row) -> float:
+        return math.log1p(spread(r, workload))
+
+    return [r for r in ok if r is pick or key(r) - key(pick) <= noise(r) + noise(pick)]
+
+
+def _noise_line(pick: Row, tied: list[Row], workload: str, measure: str) -> str:
+    others = [r for r in tied if r is not pick]
+    return (
+        f"{', '.join(r.label for r in others)} measured as good at {workload} within the timing spread "
+        f"({', '.join(f'{r.label} ±{spread(r, workload):.0%}' for r in tied)}): too close to rank on speed, "
+        f"so the lowest {measure} loss among them decides."
+    )
 
 
 def _ranking(base: Row, priority: str, workload: str, measure: str) -> tuple[Callable[[Row], Any], str]:

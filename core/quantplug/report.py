@@ -101,7 +101,8 @@ def _table(result: Comparison) -> str:
             note = "collapsed: quality beyond use"
         lines.append(
             f"| {r.label} | {r.select_rank or '-'} | {w} | {fmt_bytes(r.model_bytes)} | "
-            f"{_f(r.quantize_seconds, 1)} | {q} | {_f(r.prefill_ms, 0)} | {_f(r.decode_ms, 1)} | {note} |"
+            f"{_f(r.quantize_seconds, 1)} | {q} | {_f(r.prefill_ms, 0)}{_pm(r.prefill_spread)} | "
+            f"{_f(r.decode_ms, 1)}{_pm(r.decode_spread)} | {note} |"
         )
     return "\n".join(lines) + "\n\n" + result.recommendation
 
@@ -122,7 +123,11 @@ def to_markdown(result: Comparison) -> str:
         f"- Quality: {st['quality']}; text: {st['text']}, {st['tokens']} tokens in {st['window']}-token windows "
         f"({st['encoding']}).",
         f"- Latency: prefill = one forward over {st['prefill_tokens']} tokens; decode = ms per token over "
-        f"{st['decode_tokens']} greedy tokens with a KV cache; medians of {st['repeats']}.",
+        f"{st['decode_tokens']} greedy tokens with a KV cache. Each candidate is timed in {st['repeats']} "
+        f"round(s), each next to the unquantized model (which stays loaded), so load drifting during the run "
+        f"cancels: its figure is the median ratio to the unquantized model times that model's median over "
+        f"the whole run; ± is half the range of the ratios (for the unquantized model: of its own samples, "
+        f"i.e. how much the machine drifted). Differences inside it are not ranked on.",
         f"- Acceptable: quality loss within {st['max_quality_loss']:.0%}; recommendation for "
         f"priority={st['priority']}, workload={st['workload']}.",
     ]
@@ -188,6 +193,10 @@ def summary(row: Row) -> str:
     if row.decode_ms is not None:
         parts.append(f"decode {row.decode_ms:.1f} ms/token")
     return ", ".join(parts)
+
+
+def _pm(spread: float | None) -> str:
+    return f" ±{spread:.0%}" if spread is not None else ""
 
 
 def _f(v: float | None, digits: int) -> str:

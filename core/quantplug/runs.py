@@ -1,0 +1,108 @@
+"""Running a comparison's measurements: each candidate backend's library imported first (its
+import warnings kept apart), the unquantized baseline measured, then each candidate quantized from
+a deep copy and measured, a failure recorded in its row and the run going on. ``comparison``
+prepares the inputs and recommends; ``measure``, ``text_quality``, ``timing`` and ``footprint``
+measure one model."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import traceback
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .candidates import Spec
+from .footprint import checkpoint_bytes, model_bytes
+from .measure import Bench, Row, captured_warnings, measure
+from .report import summary
+from .timing import PairedTiming
+
+__all__ = ["import_libraries", "measure_all"]
+
+
+def import_libraries(specs: list[Spec], say: Callable[[str], None]) -> dict[str, list[str]]:
+    """Import each candidate backend's library before measuring, so what a library warns on import
+    (once per process) is reported as its own and not as the first candidate's that ran. A failing
+    import is left to that backend's candidates, which record it as their error."""
+    from .dispatch import get_backend
+
+    out: dict[str, list[str]] = {}
+    for method in dict.fromkeys(spec.config.quant_method for spec in specs):
+        with captured_warnings() as caught:
+            try:
+                get_backend(method).quantizer_class()
+            except Exception:
+                continue
+        if caught:
+            out[method] = list(dict.fromkeys(caught))
+            for w in out[method]:
+                say(f"warning on importing {method}: {w.splitlines()[0][:200]}")
+    return out
+
+
+def measure_all(model: nn.Module, specs: list[Spec], bench: Bench, say: Callable[[str], None]) -> list[Row]:
+    """The unquantized baseline's row, then one per candidate, each quantized from a deep copy."""
+    from .layers import default_targets
+
+    baseline = Row("unquantized", None, None)
+    baseline.weight_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in default_targets(model))
+    baseline.model_bytes = model_bytes(model)
+    baseline.checkpoint_bytes = checkpoint_bytes(model)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    say(f"[0/{len(specs)}] unquantized ({dtype}): measuring")
+    reference = measure(baseline, model, bench, None, say)
+    timing = PairedTiming(baseline, model, bench)  # the baseline is timed in every candidate's rounds
+    say(f"    {summary(baseline)}")
+    rows = [baseline]
+    for i, spec in enumerate(specs, 1):
+        row = Row(spec.label, spec.config.quant_method, spec.config.to_dict(), spec.select_rank)
+        rows.append(row)
+        say(f"[{i}/{len(specs)}] {spec.label}: quantizing")
+        _measure_candidate(row, model, spec, bench, reference, timing, say)
+        timing.finish(rows[1:])  # every row against the baseline's samples so far
+    return rows
+
+
+def _measure_candidate(
+    row: Row,
+    model: nn.Module,
+    spec: Spec,
+    bench: Bench,
+    reference: torch.Tensor,
+    timing: PairedTiming,
+    say: Callable[[str], None],
+) -> None:
+    """Quantize a copy of ``model`` with ``spec`` and measure it into ``row``; a failure is recorded
+    in ``row.error``, not raised."""
+    work = None
+    try:
+        from .convert import quantize
+
+        with captured_warnings() as caught:
+            work = copy.deepcopy(model)
+            report = quantize(work, spec.config, device=bench.device, progress=True)  # a bar on a terminal
+            say(f"    quantized {len(report.converted)} layer(s) in {report.seconds:.1f} s; measuring")
+            row.quantize_seconds = report.seconds
+            row.weight_bytes = report.bytes_after
+            row.model_bytes = model_bytes(work)
+            row.checkpoint_bytes = checkpoint_bytes(work)
+            measure(row, work, bench, reference, say)
+            timing.time(row, work, say)
+        row.warnings = list(dict.fromkeys(caught))
+        say(f"    {summary(row)}")
+        for w in row.warnings:
+            say(f"    warning: {w.splitlines()[0][:200]}")
+    except Exception as exc:
+        row.error = f"{type(exc).__name__}: {exc}"
+        say(f"    failed: {row.error.splitlines()[0][:300]}")
+        if os.environ.get("QUANTPLUG_COMPARE_TRACEBACK"):
+            traceback.print_exc()
+    finally:
+        del work
+        gc.collect()
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
