@@ -272,15 +272,16 @@ def test_bf16_and_asymmetric_round_trip(fp_dir, ids, tmp_path):
     config = RtnConfig(bits=4, group_size=32, symmetric=False)
     model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=config, dtype=torch.bfloat16)
     layer = model.model.layers[0].self_attn.k_proj
+    # the asymmetric zero is the group minimum, stored in the weight dtype (issue 20 item 6)
     assert (layer.scale.dtype, layer.zero.dtype, layer.bias.dtype) == (
         torch.bfloat16,
-        torch.uint8,
+        torch.bfloat16,
         torch.bfloat16,
     )
     model.save_pretrained(tmp_path / "q")
     expected = logits(model, ids)
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    assert again.model.layers[0].self_attn.k_proj.zero.dtype == torch.uint8
+    assert again.model.layers[0].self_attn.k_proj.zero.dtype == torch.bfloat16
     assert torch.equal(logits(again, ids), expected)
     assert torch.equal(logits(quantplug.load(tmp_path / "q", progress=False), ids), expected)
 
