@@ -57,9 +57,15 @@ def test_cli_select_7b_in_5gb_on_cpu(subprocess_env):
     assert [c["rank"] for c in cands] == list(range(1, len(cands) + 1))
     assert cands and all(c["predicted_bytes"] <= 5e9 and c["fits"] for c in cands)
     assert all(c["reasons"] and c["backend"] == "rtn" for c in cands)
-    assert {c["preset"] for c in cands} == {"int4-g32-asym", "int4-g128", "int2-g32-asym"}
+    from quantplug_rtn import PRESETS
+
+    # every rtn preset is ranked or over budget (which of the 4-bit ones fit follows the declared
+    # bits per weight); int8 does not fit, the 4-bit g128 and 2-bit ones do
+    assert {c["preset"] for c in cands} >= {"int4-g128", "int2-g32-asym"}
     rejected = {(r["backend"], r["preset"]): r for r in out["rejected"]}
-    assert rejected[("rtn", "int8")]["reason"].startswith("over budget")
+    assert {c["preset"] for c in cands} | {p for _, p in rejected} == {p.name for p in PRESETS}
+    assert all(r["reason"].startswith("over budget") for r in rejected.values())
+    assert ("rtn", "int8") in rejected
     # only registered backends are reported on: no rejection is invented for a plugin that is not
     # installed (the first-party ones are hidden here), first- or third-party alike
     assert {r["backend"] for r in out["rejected"]} == {"rtn"}
@@ -289,3 +295,103 @@ def test_a_given_device_says_what_was_given_and_what_was_read(rtn_only):
     assert "given, not detected" not in cpu
     assert cpu.endswith("(device given; details read from this machine)") or cpu == "cpu (given)"
     assert Hardware("cuda", "", None, None, False).describe() == "cuda (given)"
+
+
+# -- dominated presets (issue 20 item 3) ----------------------------------------------------------
+
+
+@pytest.fixture
+def dominance(make_backend, rtn_only):
+    """A backend whose `bloated` preset is larger and worse than `small` (and not faster), `near`
+    is as large within 1% and worse (and trainable), `fast` is larger and worse but declared faster on cpu at
+    decode, `nofig` declares no bits per weight, and `gpu` (cuda only) beats `small` on cuda."""
+    P = quantplug.Preset
+    backend = make_backend(
+        "tp-dom",
+        capabilities=quantplug.Capabilities(bits=(4, 8), devices=("cpu", "cuda")),
+        presets=(
+            P("small", {"bits": 4}, bits=4, bits_per_weight=4.5, rel_error=0.08, speed={"cpu": {"decode": 1.0}}),
+            P("bloated", {"bits": 4}, bits=4, bits_per_weight=6.0, rel_error=0.30, speed={"cpu": {"decode": 0.5}}),
+            P("near", {"bits": 4}, bits=4, bits_per_weight=4.48, rel_error=0.09, trainable=True),
+            P("fast", {"bits": 8}, bits=8, bits_per_weight=8.5, rel_error=0.2, speed={"cpu": {"decode": 3.0}}),
+            P("nofig", {"bits": 8}, bits=8, rel_error=0.5),
+            P("gpu", {"bits": 4}, bits=4, bits_per_weight=4.25, rel_error=0.05, devices=("cuda",)),
+        ),
+    )  # fmt: skip
+    quantplug.register_backend(backend)
+    return backend
+
+
+def test_a_dominated_preset_is_rejected_naming_what_beats_it(dominance):
+    sel = select(7e9, device="cpu")
+    labels = [c.label for c in sel.candidates]
+    assert "tp-dom:small" in labels and "tp-dom:bloated" not in labels and "tp-dom:near" not in labels
+    reasons = {(r.backend, r.preset): r.reason for r in sel.rejected}
+    assert reasons[("tp-dom", "bloated")] == (
+        "dominated by tp-dom:small: 4.5 vs 6.0 bits per weight, declared error 0.08 vs 0.3, "
+        "declared speed on cpu at decode 1x vs 0.5x"
+    )
+    # 4.48 vs 4.5 bits per weight is the same size: the smaller error decides, and the reason says so
+    assert reasons[("tp-dom", "near")].startswith("dominated by tp-dom:small: 4.5 vs 4.48 bits per weight")
+    assert reasons[("tp-dom", "near")].endswith("(sizes within 1% count as equal)")
+    # a preset without both figures is neither dominated (its assumed 8.5 bits and 0.5 error would be)
+    # nor dominating; one declared faster for this device and workload is kept
+    assert "tp-dom:nofig" in labels and "tp-dom:fast" in labels
+    assert not any(r.reason.startswith("dominated") for r in sel.rejected if r.backend == "rtn")
+    # the JSON and the table carry it
+    as_json = {(r["backend"], r["preset"]): r["reason"] for r in sel.to_dict()["rejected"]}
+    assert as_json[("tp-dom", "bloated")].startswith("dominated by tp-dom:small")
+    assert "  tp-dom:bloated: dominated by tp-dom:small: 4.5 vs 6.0 bits per weight" in sel.table()
+
+
+def test_speed_keeps_a_preset_only_where_it_is_declared_faster(dominance):
+    prefill = select(7e9, device="cpu", workload="prefill")  # no prefill figures: size and error decide
+    reasons = {r.preset: r.reason for r in prefill.rejected if r.backend == "tp-dom"}
+    assert (
+        reasons["fast"] == "dominated by tp-dom:small: 4.5 vs 8.5 bits per weight, declared error 0.08 vs 0.2"
+    )
+    assert "tp-dom:fast" not in [c.label for c in prefill.candidates]
+
+
+def test_a_preset_beaten_only_by_one_ineligible_here_stays_ranked(dominance):
+    # `gpu` beats `small` but runs on cuda only: on cpu `small` is ranked (tested above); on cuda it
+    # is dominated, and the reason names the best preset still ranked
+    gpu = Hardware("cuda", "test GPU", (9, 0), None)
+    sel = select(7e9, device=gpu)
+    labels = [c.label for c in sel.candidates]
+    assert "tp-dom:gpu" in labels and "tp-dom:small" not in labels
+    reasons = {r.preset: r.reason for r in sel.rejected if r.backend == "tp-dom"}
+    assert reasons["small"].startswith("dominated by tp-dom:gpu: 4.25 vs 4.5 bits per weight")
+    assert reasons["bloated"].startswith("dominated by tp-dom:gpu:")
+    # the same for the other rules: fine-tuning leaves `near` alone, so nothing dominates it
+    tuned = select(7e9, device="cpu", finetune=True)
+    assert [c.label for c in tuned.candidates] == ["tp-dom:near"]
+    assert not any(r.reason.startswith("dominated") for r in tuned.rejected)
+
+
+def test_presets_of_another_backend_never_dominate(dominance, make_backend):
+    other = make_backend(
+        "tp-other",
+        presets=(quantplug.Preset("tiny", {"bits": 4}, bits=4, bits_per_weight=2.0, rel_error=0.01),),
+    )
+    quantplug.register_backend(other)
+    labels = [c.label for c in select(7e9, device="cpu").candidates]
+    assert "tp-other:tiny" in labels and "tp-dom:small" in labels and "rtn:int8" in labels
+
+
+def test_installed_hqq_and_torchao_do_not_rank_their_dominated_presets():
+    # measured (issue 20): hqq 2bit-g16 stores 6.0 bits per weight on a float32 model, more than
+    # 4bit-g64's 5.0, and collapses the model; torchao intx4-g32 stores 9.25 (one byte per code),
+    # more than int8's 8.02, at +38-70% perplexity
+    expected = {"hqq": ("2bit-g16", "hqq:4bit-g64"), "torchao": ("intx4-g32", "torchao:int8-weight-only")}
+    installed = {b.name for b in quantplug.backends() if b.available}
+    present = {name: v for name, v in expected.items() if name in installed}
+    if not present:
+        pytest.skip("neither quantplug-hqq nor quantplug-torchao (with its library) is installed")
+    sel = select(7e9, device="cpu")
+    labels = [c.label for c in sel.candidates]
+    reasons = {(r.backend, r.preset): r.reason for r in sel.rejected}
+    for name, (preset, winner) in present.items():
+        assert f"{name}:{preset}" not in labels
+        assert reasons[(name, preset)].startswith(f"dominated by {winner}: "), reasons[(name, preset)]
+        assert winner in labels

@@ -1,6 +1,6 @@
-"""``select``'s second and third steps: score the presets that passed the filter (``eligibility``)
-for a priority and workload, ranking them as ``Candidate``s, and explain each place and the
-selection as a whole.
+"""``select``'s second and third steps: set aside the dominated presets among those that passed
+the filter (``eligibility``), score the others for a priority and workload, ranking them as
+``Candidate``s, and explain each place and the selection as a whole.
 
 Scores come from the plugins' declarations only: the typical one-layer error, the stored bits per
 weight and the measured speed per device and workload (``compare`` measures them for real).
@@ -14,12 +14,16 @@ from typing import Any
 
 from .capabilities import WORKLOADS, Preset
 from .config import QuantConfig
-from .eligibility import Eligible, Request
+from .eligibility import Eligible, Rejection, Request
 from .sizes import fmt_bytes
 
 #: Relative errors below this are treated as equal when ranking: differences between 8-bit methods
 #: (0.004 vs 0.01) do not show in a model's output, those between 4- and 2-bit methods do.
 ERROR_FLOOR = 0.01
+
+#: Bits per weight within this fraction of each other count as equal when presets are compared for
+#: dominance: 8.016 vs 8.02 is a rounding of the same size, not a smaller model.
+SIZE_TOLERANCE = 0.01
 
 QUALITY_WORDS = ((0.02, "near-lossless"), (0.07, "small loss"), (0.15, "noticeable loss"))
 
@@ -61,6 +65,92 @@ class Candidate:
             "score": round(self.score, 4),
             "reasons": list(self.reasons),
         }
+
+
+# -- set aside the dominated ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Figures:
+    """What dominance compares: declared figures only (nothing assumed or guessed)."""
+
+    label: str
+    bits_per_weight: float
+    rel_error: float
+    speed: float | None
+    may_dominate: bool
+    """False when its eligibility is unsure (a CUDA capability that could not be checked)."""
+
+
+def undominated(
+    passed: list[Eligible], request: Request, workload: str
+) -> tuple[list[Eligible], list[Rejection]]:
+    """The presets worth ranking, and a ``Rejection`` for each dominated one.
+
+    A preset is dominated when another preset of the same backend, also in ``passed`` (so eligible
+    for the same device, budget, calibration data and fine-tuning), declares no more bits per weight
+    and no more typical error, one of the two smaller, and is not declared slower on this device
+    and workload. Sizes within ``SIZE_TOLERANCE`` and errors below ``ERROR_FLOOR`` count as equal,
+    as in the ranking. Speed takes part because a bigger, less accurate preset can still be the
+    fast one (torchao's float8-dynamic vs int8-weight-only on CUDA). Presets that do not declare
+    both ``bits_per_weight`` and ``rel_error`` are never dominated and never dominate.
+    """
+    dev = request.hardware.device
+    figures = [_figures(option, request, workload) for option in passed]
+    same = [[option.backend.name == other.backend.name for other in passed] for option in passed]
+    beaten = [
+        [j for j, w in enumerate(figures) if j != i and same[i][j] and _dominates(w, d)]
+        for i, d in enumerate(figures)
+    ]
+    kept, rejected = [], []
+    for option, d, rivals in zip(passed, figures, beaten):
+        if not rivals:
+            kept.append(option)
+            continue
+        # name an undominated rival when there is one: the one the user sees ranked
+        top = [j for j in rivals if not beaten[j]] or rivals
+        w = min((figures[j] for j in top), key=lambda f: (f.rel_error, f.bits_per_weight, f.label))
+        reason = _dominated_reason(w, d, dev, workload)
+        rejected.append(
+            Rejection(option.backend.name, option.preset.name, reason, "", option.predicted_bytes)
+        )
+    return kept, rejected
+
+
+def _figures(option: Eligible, request: Request, workload: str) -> _Figures | None:
+    preset, hw = option.preset, request.hardware
+    if preset.bits_per_weight is None or preset.rel_error is None:
+        return None
+    unsure = hw.device == "cuda" and preset.min_cuda_capability is not None and hw.cuda_capability is None
+    speed = _speed_for(preset, hw.device, workload)
+    label = f"{option.backend.name}:{preset.name}"
+    return _Figures(label, float(preset.bits_per_weight), float(preset.rel_error), speed, not unsure)
+
+
+def _dominates(w: _Figures | None, d: _Figures | None) -> bool:
+    """Whether ``w`` dominates ``d``, two presets of one backend (see ``undominated``)."""
+    if w is None or d is None or not w.may_dominate:
+        return False
+    ew, ed = max(w.rel_error, ERROR_FLOOR), max(d.rel_error, ERROR_FLOOR)
+    size_le = w.bits_per_weight <= d.bits_per_weight * (1 + SIZE_TOLERANCE)
+    size_lt = w.bits_per_weight * (1 + SIZE_TOLERANCE) < d.bits_per_weight
+    d_faster = d.speed is not None and (w.speed is None or w.speed < d.speed)
+    return size_le and ew <= ed and (size_lt or ew < ed) and not d_faster
+
+
+def _dominated_reason(w: _Figures, d: _Figures, dev: str, workload: str) -> str:
+    reason = (
+        f"dominated by {w.label}: {w.bits_per_weight!r} vs {d.bits_per_weight!r} bits per weight, "
+        f"declared error {w.rel_error!r} vs {d.rel_error!r}"
+    )
+    if d.speed is not None:
+        reason += f", declared speed on {dev} at {workload} {w.speed:.2g}x vs {d.speed:.2g}x"
+    equal = []
+    if w.bits_per_weight > d.bits_per_weight:
+        equal.append(f"sizes within {SIZE_TOLERANCE:.0%}")
+    if w.rel_error > d.rel_error:
+        equal.append(f"errors below {ERROR_FLOOR}")
+    return reason + (f" ({' and '.join(equal)} count as equal)" if equal else "")
 
 
 # -- score ----------------------------------------------------------------------------------------

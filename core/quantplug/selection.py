@@ -8,10 +8,11 @@ as it is installed. No backend library (and, when the device is given, not even 
 ``compare`` then measures what ``select`` can only predict.
 
 ``select`` runs three steps: filter (``eligibility``: which presets may run here, and why not the
-others), score (``ranking.rank``: rank what passed for the priority and workload) and explain
-(``ranking.explain`` and ``ranking.notes``: the reasons for each place, and notes on the whole
-selection). The model's size comes from ``model_size``, the device
-from ``hardware``, and preset names from ``candidates``; their names are re-exported here.
+others), score (``ranking.undominated``: set aside a preset another of its backend beats on
+declared size and error without being declared slower; ``ranking.rank``: rank the rest for the
+priority and workload) and explain (``ranking.explain`` and ``ranking.notes``: the reasons for
+each place, and notes on the whole selection). The model's size comes from ``model_size``, the
+device from ``hardware``, and preset names from ``candidates``; their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .eligibility import ASSUMED_GROUP_OVERHEAD_BITS, Rejection, Request, eligib
 from .errors import ConfigError
 from .hardware import Hardware, detect_hardware
 from .model_size import ASSUMED_UNQUANTIZED_SHARE, ModelSize, model_size
-from .ranking import ERROR_FLOOR, Candidate, explain, notes, rank
+from .ranking import ERROR_FLOOR, SIZE_TOLERANCE, Candidate, explain, notes, rank, undominated
 from .sizes import fmt_bytes, parse_size
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ASSUMED_UNQUANTIZED_SHARE",
     "ERROR_FLOOR",
     "PRIORITIES",
+    "SIZE_TOLERANCE",
     "Candidate",
     "Hardware",
     "ModelSize",
@@ -163,6 +165,8 @@ def select(
     budget = _budget(memory_budget)
     request = Request(model_size(model), detect_hardware(device), budget, finetune, calibration_data)
     passed, rejected, filter_notes = eligible(request)
+    passed, dominated = undominated(passed, request, workload)
+    rejected += dominated
     ranked = rank(passed, request.hardware.device, workload, priority)
     candidates = [explain(c, option, request, workload, priority, len(ranked)) for c, option in ranked]
     all_notes = notes(request, candidates, workload, filter_notes)
