@@ -25,6 +25,7 @@ from torch import nn
 from .candidates import Spec, resolve
 from .config import QuantConfig
 from .devices import to_device
+from .dispatch import backends
 from .errors import ConfigError
 from .footprint import model_bytes
 from .measure import (
@@ -100,6 +101,9 @@ def compare(
     _check_arguments(top, per_backend, tokens, window, decode_tokens, repeats, max_quality_loss)
     # prepare: named candidates are resolved first, so a typo fails before the model is loaded
     given = _given_specs(candidates)
+    # plugins load before the model: loading imports Transformers, which imports backend libraries
+    # (torchao) that plugins prepare first (quantplug-torchao quiets torchao's import)
+    backends()
     dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, model_name = _prepare_model(model, dev, dtype, tokenizer, say)
     selection = select(model, device=dev.type, workload=workload, priority=priority)

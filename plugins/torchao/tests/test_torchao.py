@@ -302,3 +302,19 @@ def test_torchao_import_prints_no_noise_once_quantplug_loaded_its_plugins(preset
     assert "register_constant() on Enum" not in proc.stderr
     if not Path("/dev/nvidiactl").exists():
         assert "Failed to load" not in proc.stderr  # the CUDA-built extensions were not tried
+
+
+def test_compare_of_a_model_folder_prints_no_torchao_noise(tmp_path):
+    """The demo's path: `compare` on a folder, select choosing the candidates. Loading the folder
+    imports Transformers (and with it torchao), so quantplug loads its plugins first."""
+    tiny_llama().save_pretrained(tmp_path / "tiny")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUANTPLUG_", "TORCHAO_"))}
+    env["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"  # as demo/run sets it
+    code = (
+        "import sys\nfrom quantplug.comparison import compare\n"
+        f"compare({str(tmp_path / 'tiny')!r}, top=1, tokens=32, window=16, decode_tokens=1, repeats=1)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Skipping import of cpp extensions" not in proc.stderr
+    assert "register_constant() on Enum" not in proc.stderr
