@@ -20,6 +20,7 @@ __all__ = ["checkpoint_bytes", "held_tensors", "model_bytes"]
 
 _DEPTH = 4  # attribute levels followed below a module (module.meta["scale"] is 2)
 _SCALARS = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
+_HOOKS = ("_forward", "_backward", "_state_dict", "_load_state_dict")
 _OPAQUE = (nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
 
 
@@ -68,10 +69,8 @@ def held_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
                 if t is not None:
                     yield from _tensors_in(t, _DEPTH, seen)
         for key, value in vars(module).items():
-            if key.startswith("_") and key in ("_parameters", "_buffers", "_modules"):
-                continue
-            if key.startswith(("_forward", "_backward", "_state_dict", "_load_state_dict")):
-                continue  # hook registries
+            if key in ("_parameters", "_buffers", "_modules") or key.startswith(_HOOKS):
+                continue  # visited above / by model.modules(), or hook registries
             yield from _tensors_in(value, _DEPTH, seen)
 
 
