@@ -13,31 +13,21 @@ reported with each figure, and the recommendation does not rank on differences i
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .devices import run_batch
-from .measure import Bench, Row, decode_ms
+from .measure import Bench, Row, decode_ms, timed_ms
 
 __all__ = ["PairedTiming"]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _prefill_ms(model: nn.Module, bench: Bench) -> float:
     kwargs = {"use_cache": False} if bench.causal else {}
-    _sync(bench.device)
-    t0 = time.perf_counter()
     with torch.no_grad():
-        run_batch(model, bench.prefill_in, **kwargs)
-    _sync(bench.device)
-    return (time.perf_counter() - t0) * 1e3
+        return timed_ms(lambda: run_batch(model, bench.prefill_in, **kwargs), bench.device)
 
 
 def _once(model: nn.Module, bench: Bench) -> tuple[float, float | None]:
