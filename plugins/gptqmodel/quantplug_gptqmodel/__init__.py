@@ -1,0 +1,75 @@
+"""quantplug-gptqmodel: GPTQ through GPTQModel (the library Transformers uses for GPTQ).
+
+This module is what the ``quantplug`` entry point names. It only registers a descriptor: torch and
+gptqmodel (several seconds to import) are imported when the quantizer
+(``quantplug_gptqmodel.quantizer``) is first used.
+"""
+
+import quantplug
+
+from .config import GptqConfig
+
+__all__ = ["PRESETS", "GptqConfig", "SUPPORTED_GPTQMODEL", "register_backends"]
+
+#: GPTQModel 7.7 needs torch >= 2.14.1; 7.6 is the release that runs with torch 2.13
+SUPPORTED_GPTQMODEL = "gptqmodel>=7.6,<7.7"
+
+PRESETS = (
+    quantplug.Preset(
+        "int4-g128",
+        {"bits": 4, "group_size": 128},
+        bits=4,
+        bits_per_weight=4.16,
+        rel_error=0.09,
+        note="the hub's most common GPTQ format",
+    ),
+    quantplug.Preset(
+        "int4-g128-act-order",
+        {"bits": 4, "group_size": 128, "desc_act": True},
+        bits=4,
+        bits_per_weight=4.16,
+        rel_error=0.09,
+        note="act-order (desc_act): columns quantized by decreasing Hessian diagonal",
+    ),
+    quantplug.Preset(
+        "int3-g128",
+        {"bits": 3, "group_size": 128},
+        bits=3,
+        bits_per_weight=3.16,
+        rel_error=0.18,
+    ),
+    quantplug.Preset(
+        "int8-g128",
+        {"bits": 8, "group_size": 128},
+        bits=8,
+        bits_per_weight=8.16,
+        rel_error=0.005,
+    ),
+)
+
+
+@quantplug.hookimpl
+def register_backends(register):
+    register(
+        quantplug.Backend(
+            name="gptq",
+            transformers_format=True,  # Transformers' (optimum + GPTQModel) gptq checkpoints, both ways
+            config=GptqConfig,
+            quantizer="quantplug_gptqmodel.quantizer:GptqQuantizer",
+            capabilities=quantplug.Capabilities(
+                bits=(2, 3, 4, 8),
+                devices=("cpu", "cuda"),
+                needs_calibration=True,
+                trainable=False,  # no PEFT LoRA step on GPTQModel's layers has been tested here
+                serializable=True,
+                weight_dtypes=("int2", "int3", "int4", "int8"),
+                max_rel_error={8: 0.02, 4: 0.15, 3: 0.3, 2: 0.6},
+            ),
+            requires=(SUPPORTED_GPTQMODEL,),
+            presets=PRESETS,
+            description="GPTQ (Hessian-based rounding with error feedback, calibrated) by GPTQModel; "
+            "checkpoints in the gptq format Transformers, vLLM and AutoGPTQ read.",
+            notes="needs calibration data (a few hundred tokens of representative text at least); "
+            "layers run GPTQModel's torch kernel (dequantize + matmul) on every device.",
+        )
+    )

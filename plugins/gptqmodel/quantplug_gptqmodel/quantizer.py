@@ -1,0 +1,168 @@
+"""``GptqQuantizer``: GPTQ through GPTQModel, on quantplug's calibration hook.
+
+``quantize_module`` leaves each layer as it is and notes its name; ``calibrate`` then runs
+GPTQModel's GPTQ on every noted layer (``calibration.calibrate_model`` orders the work) and
+replaces each by a ``GptqLinear`` packed by GPTQModel. Pre-quantized checkpoints (``quant_method:
+gptq``, v1 or v2) load through ``load_module``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+
+import torch  # noqa: E402
+from gptqmodel.quantization.config import QuantizeConfig  # noqa: E402
+from gptqmodel.quantization.gptq import GPTQ  # noqa: E402
+from torch import nn  # noqa: E402
+
+import quantplug  # noqa: E402
+
+from .calibration import calibrate_model, check_batches  # noqa: E402
+from .layers import PACK_MULTIPLE, GptqLinear  # noqa: E402
+
+
+class GptqQuantizer(quantplug.Quantizer):
+    def __init__(self, backend, config):
+        super().__init__(backend, config)
+        self._pending: dict[str, nn.Linear] = {}
+
+    # -- which layers ------------------------------------------------------------------------
+
+    def skip_reason(self, name: str, module: nn.Module) -> str | None:
+        cfg = self.config
+        inner = cfg.modules_in_block_to_quantize
+        if inner is not None and not any(name.endswith("." + n) or name == n for group in inner for n in group):
+            return "not in modules_in_block_to_quantize"
+        in_f, out_f = _features(module)
+        multiple = PACK_MULTIPLE[cfg.bits]
+        if in_f % multiple or out_f % multiple:
+            return (
+                f"{in_f} inputs x {out_f} outputs: GPTQ's int32 packing at {cfg.bits} bits needs both to be "
+                f"multiples of {multiple}"
+            )
+        if cfg.group_size != -1 and in_f % cfg.group_size:
+            return f"{in_f} inputs is not a multiple of group_size {cfg.group_size}"
+        return None
+
+    # -- quantize ----------------------------------------------------------------------------
+
+    def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
+        self._pending[name] = module  # quantized in calibrate(), once the data has flowed through it
+        return module
+
+    def calibrate(self, model: nn.Module, batches: list) -> None:
+        check_batches(model, batches)
+        names, self._pending = list(self._pending), {}
+        calibrate_model(model, names, batches, self.config, lambda subset, run: self._gptq(model, subset, run))
+
+    def _gptq(self, model: nn.Module, names: list[str], run) -> None:
+        """GPTQ on ``names``: gather their input Hessians while ``run()`` feeds data, then round and pack."""
+        cfg = self.config
+        stats, hooks = {}, []
+        for name in names:
+            layer = model.get_submodule(name)
+            stats[name] = GPTQ(layer, qcfg=self._library_config())
+            stats[name].quantizer.configure(bits=cfg.bits, sym=cfg.sym, perchannel=True)
+            hooks.append(layer.register_forward_hook(_collector(stats[name])))
+        try:
+            run()
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in names:
+            layer, gptq = model.get_submodule(name), stats.pop(name)
+            if gptq.nsamples == 0:
+                raise quantplug.PluginError(
+                    f"quantplug-gptqmodel: layer {name!r} received no calibration input (it did not run "
+                    f"when the calibration batches did); add it to modules_to_not_convert"
+                )
+            scale, zero, g_idx, *_ = gptq.hf_quantize(
+                percdamp=cfg.damp_percent,
+                damp_auto_increment=cfg.damp_auto_increment,
+                group_size=cfg.group_size,
+                actorder=cfg.desc_act,
+                static_groups=cfg.static_groups,
+                act_group_aware=cfg.act_group_aware and not cfg.desc_act,
+            )
+            gptq.free()
+            model.set_submodule(name, self._pack(layer, scale, zero, g_idx))
+
+    def _library_config(self):
+        cfg = self.config
+        return QuantizeConfig(
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            sym=cfg.sym,
+            desc_act=cfg.desc_act,
+            act_group_aware=cfg.act_group_aware and not cfg.desc_act,
+            damp_percent=cfg.damp_percent,
+            damp_auto_increment=cfg.damp_auto_increment,
+            static_groups=cfg.static_groups,
+            fallback=None,  # never swap in round-to-nearest quietly
+            offload_to_disk=False,
+        )
+
+    def _pack(self, layer: nn.Linear, scale, zero, g_idx) -> GptqLinear:
+        out = GptqLinear(
+            self.config, layer.in_features, layer.out_features, layer.bias is not None, layer.weight.dtype
+        )
+        device = layer.weight.device
+        cpu = layer.to("cpu")
+        out.pack(cpu, scale.to("cpu"), zero.to("cpu"), g_idx.to("cpu"))  # GPTQModel packs on the CPU
+        if cpu.bias is not None:
+            out.bias.copy_(cpu.bias.detach())
+        out.qzero_format(format=2)  # what pack wrote
+        return out.to(device).finish()
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
+        with torch.device("meta"):
+            return GptqLinear(
+                self.config, module.in_features, module.out_features, module.bias is not None, module.weight.dtype
+            )
+
+    def expected_tensors(self, name: str, module: nn.Linear):
+        out = {k: (tuple(t.shape), t.dtype) for k, t in self.empty_module(name, module).state_dict().items()}
+        # scales and bias are stored in the model's float dtype by some tools, float16 by others
+        out["scales"] = (out["scales"][0], None)
+        if "bias" in out:
+            out["bias"] = (out["bias"][0], None)
+        return out
+
+    def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
+        return qmodule.checkpoint_tensors()
+
+    def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        for key in ("scales", "bias"):
+            t = tensors.get(key)
+            if t is not None and not t.dtype.is_floating_point:
+                raise quantplug.CheckpointError(f"{name}.{key}: expected a float tensor, got {t.dtype}")
+        groups = tensors["scales"].shape[0]
+        g_idx = tensors["g_idx"]
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise quantplug.CheckpointError(
+                f"{name}.g_idx: group indices {int(g_idx.min())}..{int(g_idx.max())} do not fit the {groups} "
+                f"groups of {name}.scales; the checkpoint is corrupt or its group_size ({self.config.group_size}) "
+                f"is not the one it was quantized with"
+            )
+        layer = GptqLinear(
+            self.config, module.in_features, module.out_features, module.bias is not None, module.weight.dtype
+        )
+        return layer.load_checkpoint_tensors(dict(tensors))
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = module.weight  # Transformers' Conv1D stores [in, out]
+    return weight.shape[0], weight.shape[1]
+
+
+def _collector(gptq):
+    def hook(_module, args, output):
+        gptq.add_batch(args[0].data, output.data)
+
+    return hook
