@@ -1,0 +1,166 @@
+"""``AutoRoundConfig``: AutoRound settings, with the keys of Transformers' ``AutoRoundConfig`` and
+every key auto-round itself writes into ``config.json`` (so users' dicts and hub checkpoints
+parse), plus the tuning settings. Light: no torch, no auto_round.
+
+Rules that need a layer's shape (``group_size`` must divide ``in_features``, ...) are applied by the
+quantizer when a model is planned: such a layer stays in full precision and the report says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+import quantplug
+
+#: packing formats this plugin reads and writes (auto-round writes the first for sym, the second for asym)
+PACKING_FORMATS = ("auto_round:auto_gptq", "auto_round")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoRoundConfig(quantplug.QuantConfig):
+    """AutoRound weight-only integer quantization (needs calibration data).
+
+    bits            2, 3, 4, 5, 6, 7 or 8 bits per weight (the CPU kernel runs 2, 4, 8; others
+                    run on auto-round's torch backend)
+    group_size      weights sharing one scale / zero point along the input dimension; -1 = a row
+    sym             symmetric (no zero point stored beyond the fixed midpoint) or asymmetric
+    backend         auto-round's inference backend: "auto" (what Transformers picks) or a name
+                    auto-round knows ("auto_round_kernel", "torch", "gptqmodel", ...)
+    packing_format  "auto_round:auto_gptq" (auto-round's choice when sym) or "auto_round" (asym);
+                    null = auto-round's choice
+    iters           sign-gradient steps per block (auto-round's default 200; 0 = its RTN mode)
+    nsamples        calibration samples used (null = every given sample)
+    seqlen          tokens per sample (null = the shortest given sample; longer ones are cut)
+    lr, minmax_lr   learning rates (null = auto-round's 1 / iters)
+    batch_size, gradient_accumulate_steps, enable_minmax_tuning, enable_quanted_input,
+    enable_norm_bias_tuning, amp, low_gpu_mem_usage, seed: passed to AutoRound as they are
+
+    The remaining fields are what auto-round records in config.json (``autoround_version``,
+    ``data_type``, ``block_name_to_quantize``, ``extra_config``, ``act_*`` ...): read, kept and
+    checked, never needed to quantize.
+    """
+
+    quant_method = "auto-round"
+
+    # Transformers' AutoRoundConfig
+    bits: Literal[2, 3, 4, 5, 6, 7, 8] = 4
+    group_size: int = 128
+    sym: bool = True
+    backend: str = "auto"
+    packing_format: str | None = None
+    # tuning (passed to AutoRound)
+    iters: int = 50
+    nsamples: int | None = None
+    seqlen: int | None = None
+    batch_size: int = 8
+    lr: float | None = None
+    minmax_lr: float | None = None
+    enable_minmax_tuning: bool = True
+    enable_quanted_input: bool = True
+    enable_norm_bias_tuning: bool = False
+    gradient_accumulate_steps: int = 1
+    amp: bool = True
+    low_gpu_mem_usage: bool = False
+    seed: int = 42
+    # what auto-round writes into config.json besides the above
+    autoround_version: str | None = None
+    data_type: str = "int"
+    act_bits: int = 16
+    act_group_size: int | None = None
+    act_sym: bool | None = None
+    act_data_type: str | None = None
+    act_dynamic: bool | None = None
+    super_bits: int | None = None
+    super_group_size: int | None = None
+    scale_dtype: str | None = None
+    dataset: str | None = None
+    block_name_to_quantize: str | tuple[str, ...] | None = None
+    to_quant_block_names: str | tuple[str, ...] | None = None
+    quant_block_list: tuple[Any, ...] | None = None
+    extra_config: dict[str, Any] | None = None
+    regex_config: dict[str, Any] | None = None
+    static_kv_dtype: str | None = None
+    static_attention_dtype: str | None = None
+    static_kv_granularity: str | None = None
+    static_attention_granularity: str | None = None
+    rotation_configs: tuple[Any, ...] | None = None
+
+    def validate(self) -> None:
+        if self.group_size != -1 and self.group_size < 1:
+            raise self.invalid("group_size", "-1 (one group per output row) or a positive integer")
+        if self.packing_format is None:
+            object.__setattr__(self, "packing_format", PACKING_FORMATS[0] if self.sym else PACKING_FORMATS[1])
+        if self.packing_format not in PACKING_FORMATS:
+            raise self.invalid(
+                "packing_format",
+                " or ".join(map(repr, PACKING_FORMATS)),
+                "other auto-round packings (gptq, awq, llm_compressor, gguf) are other checkpoint formats",
+            )
+        if self.data_type != "int":
+            raise self.invalid(
+                "data_type", "'int'", "auto-round's float formats (mx_fp, nv_fp, fp8) are not supported by this plugin"
+            )
+        if self.act_bits < 16:
+            raise self.invalid("act_bits", "16 or more (weight-only quantization)")
+        for name in ("super_bits", "super_group_size"):
+            if getattr(self, name) is not None:
+                raise self.invalid(name, "null", "GGUF double quantization is not supported by this plugin")
+        if self.rotation_configs:
+            raise self.invalid("rotation_configs", "null or []", "rotated checkpoints are not supported by this plugin")
+        if self.iters < 0:
+            raise self.invalid("iters", "0 (auto-round's RTN mode) or a positive integer")
+        for name in ("nsamples", "seqlen"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise self.invalid(name, "null (derived from the calibration data) or a positive integer")
+        for name in ("batch_size", "gradient_accumulate_steps"):
+            if getattr(self, name) < 1:
+                raise self.invalid(name, "a positive integer")
+        for name in ("lr", "minmax_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise self.invalid(name, "null (auto-round's 1 / iters) or a positive number")
+        if self.extra_config is not None:
+            for key, entry in self.extra_config.items():
+                if not isinstance(entry, dict):
+                    raise self.invalid("extra_config", "{layer name or regex: {bits, group_size, sym, ...}}", f"entry {key!r}")
+
+    def __hash__(self) -> int:  # extra_config is a dict
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
+    def layer_bits(self, name: str) -> int | None:
+        """The bits ``extra_config`` gives the layer ``name`` (exact name, else a regex that matches
+        it, as auto-round reads it), or None when it does not list the layer."""
+        if not self.extra_config:
+            return None
+        import re
+
+        entry = self.extra_config.get(name)
+        if entry is None:
+            for pattern, value in self.extra_config.items():
+                try:
+                    if re.search(pattern, name):
+                        entry = value
+                        break
+                except re.error:
+                    continue
+        if entry is None:
+            return None
+        bits = entry.get("bits", self.bits)
+        return int(bits) if isinstance(bits, (int, float)) else self.bits
+
+    def block_names(self) -> list[str] | None:
+        """The block prefixes the checkpoint says were quantized (``block_name_to_quantize``, else
+        ``to_quant_block_names``), or None when it does not say."""
+        value = self.block_name_to_quantize if self.block_name_to_quantize is not None else self.to_quant_block_names
+        if value is None:
+            return None
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [str(i).strip() for i in items if str(i).strip()]
+
+    @classmethod
+    def for_bits(cls, bits: int, **overrides: Any) -> AutoRoundConfig:
+        """``bits`` with groups of 128 (auto-round's default), symmetric."""
+        return cls(**{"bits": bits, "group_size": 128, **overrides})

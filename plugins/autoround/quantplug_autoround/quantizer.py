@@ -1,0 +1,357 @@
+"""``AutoRoundQuantizer``: runs auto-round's ``AutoRound`` on the model in ``calibrate`` and puts
+auto-round's packed ``QuantLinear`` modules (its inference kernels: auto-round-lib's on CPU) in
+place of the layers quantplug's walk chose.
+
+``quantize_module`` returns the layer unchanged and records its name; ``calibrate`` checks the
+calibration data (a ``ConfigError`` before the model is touched), runs AutoRound with those layers
+quantized and every other Linear kept at 16 bits, packs them with auto-round's exporter (the
+``auto_round`` checkpoint format: ``qweight`` / ``qzeros`` / ``scales`` per layer) and rebuilds
+each as the inference module ``load_module`` builds from a checkpoint, so a quantized model and a
+loaded one compute the same.
+
+Checkpoint tensors are exactly auto-round's (read off the packing ``QuantLinear`` built on the meta
+device); the inference module keeps them for ``module_tensors`` (auto-round-lib's kernel repacks
+its weights on load, so they are not its ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+from typing import Any
+
+import torch
+from auto_round import AutoRound
+from auto_round.export.export_to_autoround.export import dynamic_import_quant_linear_for_packing, pack_layer
+from auto_round.inference.backend import find_backend, get_layer_backend
+from auto_round.inference.convert_model import _create_quant_layer
+from auto_round.utils.model import get_block_names
+from torch import nn
+
+import quantplug
+
+#: attribute on an inference module holding the checkpoint tensors it was built from
+CHECKPOINT_ATTR = "_quantplug_checkpoint"
+#: the keyword of the generic wrapper's forward that carries the caller's inputs
+INPUTS_KEY = "quantplug_inputs"
+#: the largest seqlen derived from the data when the config gives none
+MAX_DERIVED_SEQLEN = 2048
+
+
+class AutoRoundQuantizer(quantplug.Quantizer):
+    def __init__(self, backend, config):
+        super().__init__(backend, config)
+        self._pending: dict[int, str] = {}
+        self._device = torch.device("cpu")
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def check_config(self) -> None:
+        c = self.config
+        if c.backend != "auto" and find_backend(c.backend) is None:
+            raise quantplug.ConfigError(
+                f"AutoRoundConfig: backend={c.backend!r} is not an auto-round inference backend; allowed: "
+                f"'auto' or a name auto-round knows (auto_round_kernel, torch, gptqmodel, tritonv2, ...)",
+                field="backend",
+                value=c.backend,
+                allowed="'auto' or an auto-round backend name",
+            )
+
+    def validate_environment(self, device) -> None:
+        super().validate_environment(device)
+        self._device = torch.device(device)
+
+    def skip_reason(self, name: str, module: nn.Linear) -> str | None:
+        c = self.config
+        listed = c.layer_bits(name)
+        if listed is not None and listed >= 16:
+            return f"auto-round's extra_config keeps it at {listed} bits"
+        blocks = c.block_names()
+        if blocks is not None and listed is None and not any(name == b or name.startswith(b + ".") for b in blocks):
+            return f"outside block_name_to_quantize ({', '.join(blocks)}), which auto-round quantizes"
+        bits = listed or c.bits
+        in_f, out_f = module.in_features, module.out_features
+        if (in_f * bits) % 32 or (out_f * bits) % 32:
+            return f"auto-round packs {bits}-bit weights into int32 words: in and out features times bits must be multiples of 32"
+        if c.group_size != -1 and in_f % c.group_size:
+            return f"in_features {in_f} is not a multiple of group_size {c.group_size}"
+        return None
+
+    # -- quantize -----------------------------------------------------------------------------
+
+    def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
+        self._pending[id(module)] = name
+        return module  # replaced in calibrate, once AutoRound has tuned it
+
+    def calibrate(self, model: nn.Module, batches: list[Any]) -> None:
+        pending = {n: m for n, m in model.named_modules() if self._pending.get(id(m)) == n}
+        self._pending.clear()
+        if not pending:
+            return
+        device = next(model.parameters()).device
+        transformers_path = bool(_blocks(model))
+        samples, seqlen = self._samples(batches, transformers_path)
+        nsamples = self.config.nsamples or sum(_count(s) for s in samples)
+        metas = {
+            n: nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=m.weight.dtype)
+            for n, m in pending.items()
+        }
+        others = {n: {"bits": 16} for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in pending}
+        with _restored(model, exclude=set(pending)):
+            target = model if transformers_path else _Wrapped(model)
+            prefix = "" if transformers_path else "inner."
+            layer_config = {prefix + n: v for n, v in others.items()}
+            for n in pending:
+                layer_config[prefix + n] = self._layer_scheme(n)
+            self._run(target, samples, seqlen, nsamples, layer_config, device, batch_size=None if transformers_path else 1)
+            done = {}
+            for name in pending:
+                # auto-round's own packing (what quantize_and_save(format="auto_round") writes)
+                pack_layer(prefix + name, target, self.config.packing_format, device)
+                qmodule = target.get_submodule(prefix + name)
+                if isinstance(qmodule, nn.Linear):
+                    raise quantplug.PluginError(
+                        f"auto-round left {name} unquantized (it found no calibrated inputs for it); "
+                        f"add it to modules_to_not_convert"
+                    )
+                done[name] = {k: v.detach() for k, v in qmodule.state_dict().items()}
+                set_module(model, name, nn.Identity())  # drop auto-round's packing module
+        self._device = device
+        for name, tensors in done.items():
+            set_module(model, name, self.load_module(name, metas[name], tensors))
+
+    def _layer_scheme(self, name: str) -> dict[str, Any]:
+        c = self.config
+        return {"bits": c.layer_bits(name) or c.bits, "group_size": c.group_size, "sym": c.sym, "data_type": "int"}
+
+    def _samples(self, batches: list[Any], token_ids: bool) -> tuple[list[Any], int]:
+        """The calibration batches as AutoRound's dataset, cut to one seqlen; ConfigError for what
+        cannot calibrate (before the model is touched)."""
+        c = self.config
+        prepared = []
+        for i, batch in enumerate(batches):
+            if isinstance(batch, dict):
+                if "input_ids" not in batch:
+                    raise _bad(f"calibration_data batch {i} is a dict without input_ids (keys: {sorted(batch)})")
+                batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+                ids = batch["input_ids"]
+            else:
+                ids = batch
+            if not isinstance(ids, torch.Tensor):
+                raise _bad(f"calibration_data batch {i}: input_ids is a {type(ids).__name__}, not a tensor")
+            if token_ids:
+                if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                    raise _bad(
+                        f"calibration_data batch {i} has dtype {ids.dtype}; a Transformers model calibrates on "
+                        f"token ids (an integer tensor [batch, seq])"
+                    )
+                if ids.dim() == 1:
+                    ids = ids.unsqueeze(0)
+                if ids.dim() != 2 or ids.shape[-1] == 0:
+                    raise _bad(f"calibration_data batch {i} has shape {list(ids.shape)}; token ids are [batch, seq]")
+            elif ids.dim() == 0:
+                raise _bad(f"calibration_data batch {i} is a scalar tensor")
+            prepared.append((batch, ids))
+        lengths = [ids.shape[-1] if token_ids else _rows(ids) for _, ids in prepared]
+        if not token_ids:  # one sample per batch: seqlen is the row count of the model's input
+            if c.seqlen is not None and min(lengths) < c.seqlen:
+                i = lengths.index(min(lengths))
+                raise _bad(
+                    f"calibration_data batch {i} has {lengths[i]} rows; seqlen={c.seqlen} needs at least {c.seqlen}",
+                    field="seqlen",
+                )
+            return [{"input_ids": torch.arange(_rows(ids)).unsqueeze(0), INPUTS_KEY: b} for b, ids in prepared], min(lengths)
+        seqlen = c.seqlen or min(min(lengths), MAX_DERIVED_SEQLEN)
+        short = [(i, n) for i, n in enumerate(lengths) if n < seqlen]
+        if short:
+            listing = ", ".join(f"batch {i}: {n}" for i, n in short[:5])
+            raise _bad(
+                f"calibration_data has samples shorter than seqlen={seqlen} tokens ({listing}); auto-round would "
+                f"silently drop them: give samples of at least {seqlen} tokens or set seqlen<={min(lengths)}",
+                field="seqlen",
+            )
+        out = []
+        for batch, ids in prepared:
+            if isinstance(batch, dict):
+                cut = {"input_ids": ids[..., :seqlen]}
+                if "attention_mask" in batch and batch["attention_mask"] is not None:
+                    cut["attention_mask"] = batch["attention_mask"][..., :seqlen]
+                out.append(cut)
+            else:
+                out.append(ids[..., :seqlen])
+        return out, seqlen
+
+    def _run(self, model, samples, seqlen, nsamples, layer_config, device, batch_size=None) -> None:
+        c = self.config
+        kwargs = dict(
+            bits=c.bits,
+            group_size=c.group_size,
+            sym=c.sym,
+            iters=c.iters,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            batch_size=batch_size or min(c.batch_size, nsamples),
+            gradient_accumulate_steps=c.gradient_accumulate_steps,
+            enable_minmax_tuning=c.enable_minmax_tuning,
+            enable_quanted_input=c.enable_quanted_input,
+            enable_norm_bias_tuning=c.enable_norm_bias_tuning,
+            low_gpu_mem_usage=c.low_gpu_mem_usage,
+            amp=c.amp,
+            seed=c.seed,
+            dataset=samples,
+            layer_config=layer_config,
+            device_map=str(device) if device.type != "cpu" else "cpu",
+            enable_torch_compile=False,  # on by default on Linux CPU: many minutes of compiling
+        )
+        if c.lr is not None:
+            kwargs["lr"] = c.lr
+        if c.minmax_lr is not None:
+            kwargs["minmax_lr"] = c.minmax_lr
+        # No tokenizer: the dataset is token ids already. AutoRound insists on an object; it is
+        # asked only for pad_token_id (None: padding is then detected as trailing repeats).
+        tokenizer = types.SimpleNamespace(pad_token_id=None, pad_token=None)
+        with _quiet_warnings(), torch.enable_grad():
+            ar = AutoRound(model, tokenizer, **kwargs)
+            ar.quantize()
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _packing_module(self, name: str, module: nn.Linear) -> nn.Module:
+        c = self.config
+        bits = c.layer_bits(name) or c.bits
+        cls = dynamic_import_quant_linear_for_packing(c.packing_format, bits, c.group_size, c.sym)
+        with torch.device("meta"):
+            return cls(bits, c.group_size, module.in_features, module.out_features, module.bias is not None,
+                       weight_dtype=module.weight.dtype)
+
+    def expected_tensors(self, name, module):
+        return {k: (tuple(t.shape), t.dtype) for k, t in self._packing_module(name, module).state_dict().items()}
+
+    def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
+        return self._packing_module(name, module)
+
+    def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
+        stored = getattr(qmodule, CHECKPOINT_ATTR, None)
+        return dict(stored) if stored is not None else dict(qmodule.state_dict())
+
+    def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        c = self.config
+        scheme = {
+            "bits": c.layer_bits(name) or c.bits,
+            "group_size": c.group_size,
+            "sym": c.sym,
+            "data_type": "int",
+            "act_bits": 16,
+        }
+        device = self._device.type
+        kind = get_layer_backend(device, c.backend, c.packing_format, scheme, module.in_features, module.out_features)
+        if not kind:
+            raise quantplug.BackendUnavailableError(
+                f"auto-round has no inference backend for {name} ({scheme}, packing {c.packing_format}) on {device} "
+                f"with backend={c.backend!r}; install auto-round-lib (CPU) or set backend='auto'"
+            )
+        with torch.device("meta"):
+            qmodule = _create_quant_layer(module, kind, scheme, module.in_features, module.out_features, c.packing_format)
+        for key, value in tensors.items():
+            setattr(qmodule, key, value)  # the buffers, as stored (the kernel's post_init converts them)
+        post_init = getattr(qmodule, "post_init", None)
+        if callable(post_init):
+            post_init()
+        setattr(qmodule, CHECKPOINT_ATTR, dict(tensors))
+        qmodule.quantplug_backend = kind
+        return qmodule
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _bad(message: str, field: str = "calibration_data") -> quantplug.ConfigError:
+    return quantplug.ConfigError(message, field=field, value=None, allowed="see the message")
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.shape[-2] if x.dim() >= 2 else x.shape[0]
+
+
+def _count(sample: Any) -> int:
+    ids = sample["input_ids"] if isinstance(sample, dict) else sample
+    return ids.shape[0] if ids.dim() > 1 else 1
+
+
+def _blocks(model: nn.Module) -> list:
+    try:
+        return get_block_names(model) if hasattr(model, "config") else []
+    except Exception:
+        return []
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+class _Wrapped(nn.Module):
+    """A model that is not a Transformers decoder, as AutoRound runs one: the whole model is one
+    block, its calibration inputs come in as ``quantplug_inputs`` next to stand-in token ids (one id
+    per input row: auto-round masks its loss by them)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.config = types.SimpleNamespace(architectures=[], model_type="quantplug_wrapped", to_dict=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.inner.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.inner.parameters()).device
+
+    def forward(self, input_ids=None, quantplug_inputs=None, **_):
+        return quantplug.run_batch(self.inner, quantplug_inputs)
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module, exclude: set[str]):
+    """Give every parameter and buffer outside ``exclude`` back its own tensor afterwards: AutoRound
+    casts the whole model to its amp dtype (bf16 on CPU), which would round the layers left in
+    full precision."""
+    keep = []
+    for mod_name, mod in model.named_modules():
+        if any(mod_name == e or mod_name.startswith(e + ".") for e in exclude):
+            continue
+        for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None:
+                keep.append((mod, attr, t, t.data))
+    try:
+        yield
+    finally:
+        for mod, attr, t, data in keep:
+            now = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+            if now is t:
+                t.data = data
+            elif attr in mod._parameters:
+                mod._parameters[attr] = t
+                t.data = data
+            else:
+                mod._buffers[attr] = data
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    """auto-round warns once per argument that passing it directly is "supported"; keep its logs,
+    drop those."""
+    log = logging.getLogger("autoround")
+
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return "directly to AutoRound is supported" not in record.getMessage()
+
+    f = _Drop()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
