@@ -127,6 +127,12 @@ class AutoRoundConfig(quantplug.QuantConfig):
                 if not isinstance(entry, dict):
                     raise self.invalid("extra_config", "{layer name or regex: {bits, group_size, sym, ...}}", f"entry {key!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """As the base class, without the fields left null: auto-round's loader (which Transformers
+        calls) reads a present key as set, e.g. ``extra_config: null`` as a mapping. ``from_dict``
+        gives the missing ones their null default, so the round trip holds."""
+        return {k: v for k, v in super().to_dict().items() if v is not None}
+
     def __hash__(self) -> int:  # extra_config is a dict
         return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
 

@@ -97,10 +97,12 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             n: nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=m.weight.dtype)
             for n, m in pending.items()
         }
+        for name, m in pending.items():  # AutoRound recasts and then releases the layers it packs:
+            set_module(model, name, _shallow_copy(m))  # give it copies, never the caller's modules
         others = {n: {"bits": 16} for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in pending}
         with _restored(model, exclude=set(pending)):
             target = model if transformers_path else _Wrapped(model)
-            prefix = "" if transformers_path else "inner."
+            prefix = "" if transformers_path else "blocks.0."
             layer_config = {prefix + n: v for n, v in others.items()}
             for n in pending:
                 layer_config[prefix + n] = self._layer_scheme(n)
@@ -270,6 +272,15 @@ def _bad(message: str, field: str = "calibration_data") -> quantplug.ConfigError
     return quantplug.ConfigError(message, field=field, value=None, allowed="see the message")
 
 
+def _shallow_copy(linear: nn.Linear) -> nn.Linear:
+    """A new ``nn.Linear`` sharing ``linear``'s tensors (new Parameter objects)."""
+    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    out.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+    if linear.bias is not None:
+        out.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return out
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.shape[-2] if x.dim() >= 2 else x.shape[0]
 
@@ -298,19 +309,19 @@ class _Wrapped(nn.Module):
 
     def __init__(self, inner: nn.Module):
         super().__init__()
-        self.inner = inner
+        self.blocks = nn.ModuleList([inner])  # AutoRound tunes the ModuleLists it finds, block by block
         self.config = types.SimpleNamespace(architectures=[], model_type="quantplug_wrapped", to_dict=dict)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.inner.parameters()).dtype
+        return next(self.blocks.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.inner.parameters()).device
+        return next(self.blocks.parameters()).device
 
     def forward(self, input_ids=None, quantplug_inputs=None, **_):
-        return quantplug.run_batch(self.inner, quantplug_inputs)
+        return quantplug.run_batch(self.blocks[0], quantplug_inputs)
 
 
 @contextlib.contextmanager
