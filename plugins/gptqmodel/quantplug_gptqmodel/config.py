@@ -109,6 +109,11 @@ class GptqConfig(quantplug.QuantConfig):
         """ "gptq" or "gptq_v2": how zero points are stored in the checkpoint."""
         return self.format
 
+    @property
+    def group_aware_order(self) -> bool:
+        """Whether GPTQModel's group-aware reordering runs: asked for, without act-order, with groups."""
+        return self.act_group_aware and not self.desc_act and self.group_size > 0
+
     def validate(self) -> None:
         if self.bits not in GPTQ_BITS:
             raise self.invalid("bits", f"one of {list(GPTQ_BITS)} (GPTQ's packed layout)")

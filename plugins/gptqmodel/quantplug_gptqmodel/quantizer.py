@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+# GPTQModel sizes its worker pools from this; its loader needs 2 even on a machine with fewer cores
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(os.cpu_count() or 1, 8))))
 
 import torch  # noqa: E402
 from gptqmodel.quantization.config import QuantizeConfig  # noqa: E402
@@ -28,12 +29,25 @@ class GptqQuantizer(quantplug.Quantizer):
         super().__init__(backend, config)
         self._pending: dict[str, nn.Linear] = {}
 
+    def check_config(self) -> None:
+        sizes = GptqLinear.SUPPORTS_GROUP_SIZE
+        if self.config.group_size not in sizes:
+            raise quantplug.ConfigError(
+                f"GptqConfig: group_size={self.config.group_size} is not one GPTQModel's kernels run; "
+                f"allowed: {', '.join(map(str, sizes))}",
+                field="group_size",
+                value=self.config.group_size,
+                allowed=list(sizes),
+            )
+
     # -- which layers ------------------------------------------------------------------------
 
     def skip_reason(self, name: str, module: nn.Module) -> str | None:
         cfg = self.config
         inner = cfg.modules_in_block_to_quantize
-        if inner is not None and not any(name.endswith("." + n) or name == n for group in inner for n in group):
+        if inner is not None and not any(
+            name.endswith("." + n) or name == n for group in inner for n in group
+        ):
             return "not in modules_in_block_to_quantize"
         in_f, out_f = _features(module)
         multiple = PACK_MULTIPLE[cfg.bits]
@@ -55,7 +69,9 @@ class GptqQuantizer(quantplug.Quantizer):
     def calibrate(self, model: nn.Module, batches: list) -> None:
         check_batches(model, batches)
         names, self._pending = list(self._pending), {}
-        calibrate_model(model, names, batches, self.config, lambda subset, run: self._gptq(model, subset, run))
+        calibrate_model(
+            model, names, batches, self.config, lambda subset, run: self._gptq(model, subset, run)
+        )
 
     def _gptq(self, model: nn.Module, names: list[str], run) -> None:
         """GPTQ on ``names``: gather their input Hessians while ``run()`` feeds data, then round and pack."""
@@ -84,7 +100,7 @@ class GptqQuantizer(quantplug.Quantizer):
                 group_size=cfg.group_size,
                 actorder=cfg.desc_act,
                 static_groups=cfg.static_groups,
-                act_group_aware=cfg.act_group_aware and not cfg.desc_act,
+                act_group_aware=cfg.group_aware_order,
             )
             gptq.free()
             model.set_submodule(name, self._pack(layer, scale, zero, g_idx))
@@ -96,7 +112,7 @@ class GptqQuantizer(quantplug.Quantizer):
             group_size=cfg.group_size,
             sym=cfg.sym,
             desc_act=cfg.desc_act,
-            act_group_aware=cfg.act_group_aware and not cfg.desc_act,
+            act_group_aware=cfg.group_aware_order,
             damp_percent=cfg.damp_percent,
             damp_auto_increment=cfg.damp_auto_increment,
             static_groups=cfg.static_groups,
@@ -111,8 +127,11 @@ class GptqQuantizer(quantplug.Quantizer):
         device = layer.weight.device
         cpu = layer.to("cpu")
         out.pack(cpu, scale.to("cpu"), zero.to("cpu"), g_idx.to("cpu"))  # GPTQModel packs on the CPU
+        # pack runs under torch.inference_mode: its tensors would refuse in-place updates later
+        for key, t in list(out.named_buffers(recurse=False)):
+            out.register_buffer(key, t.clone(), persistent=key in out.state_dict())
         if cpu.bias is not None:
-            out.bias.copy_(cpu.bias.detach())
+            out.register_buffer("bias", cpu.bias.detach().clone())
         out.qzero_format(format=2)  # what pack wrote
         return out.to(device).finish()
 
@@ -121,7 +140,11 @@ class GptqQuantizer(quantplug.Quantizer):
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         with torch.device("meta"):
             return GptqLinear(
-                self.config, module.in_features, module.out_features, module.bias is not None, module.weight.dtype
+                self.config,
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                module.weight.dtype,
             )
 
     def expected_tensors(self, name: str, module: nn.Linear):
