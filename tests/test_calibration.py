@@ -30,6 +30,10 @@ class ScaledLinear(nn.Module):
         return self.linear(x) * (1 + self.act_scale)
 
 
+#: the batches each CalibQuantizer.calibrate call was given, in order (compare quantizes copies)
+CALIBRATED_ON: list[list] = []
+
+
 class CalibQuantizer(quantplug.Quantizer):
     """Needs calibration when ``config.calibrated``; records the batches it was given."""
 
@@ -41,6 +45,7 @@ class CalibQuantizer(quantplug.Quantizer):
 
     def calibrate(self, model: nn.Module, batches: list) -> None:
         self.batches = batches
+        CALIBRATED_ON.append(batches)
         self.grad_enabled = torch.is_grad_enabled()
         inputs = {}
         hooks = [
@@ -177,3 +182,39 @@ def test_run_batch_passes_a_tensor_positionally_and_a_mapping_as_keywords():
         assert torch.equal(quantplug.run_batch(model, {"input_ids": ids}).logits, expected)
         out = quantplug.run_batch(model, {"input_ids": ids}, output_hidden_states=True)
     assert out.hidden_states is not None  # extra keyword arguments reach the model
+
+
+def test_compare_calibrates_on_text_after_every_token_it_evaluates(calib_backend):
+    from quantplug.testing import tiny_llama
+    from quantplug.report import to_markdown
+    from quantplug.text_quality import default_text, encode
+
+    CALIBRATED_ON.clear()
+    result = quantplug.compare(
+        tiny_llama(),
+        [calib_backend(), "rtn:int8"],
+        tokens=64,
+        window=32,
+        prefill_tokens=16,
+        decode_tokens=2,
+        repeats=1,
+        calibration_tokens=80,
+        log=lambda msg: None,
+    )
+    assert [r.error for r in result.rows] == [None, None, None]
+    assert len(CALIBRATED_ON) == 1  # rtn takes no calibration data, and gets none
+    seen = torch.cat([b.flatten().cpu() for b in CALIBRATED_ON[0]])
+    text_ids, _ = encode(default_text(), None, 384, 65 + 80)
+    assert torch.equal(seen, text_ids[65:145])  # the 80 tokens after the 65 evaluated and timed
+    assert [b.shape[-1] for b in CALIBRATED_ON[0]] == [32, 32, 16]  # window-sized batches
+    assert "tokens 65..144" in result.settings["calibration"]
+    assert "Calibration: candidates that need calibration data got 80 tokens" in to_markdown(result)
+
+
+def test_compare_without_text_gives_calibrating_candidates_an_error_not_their_test_data(calib_backend):
+    model = Model()
+    result = quantplug.compare(
+        model, [calib_backend()], inputs=torch.randn(2, 8), decode_tokens=1, repeats=1, log=lambda msg: None
+    )
+    assert "needs calibration data" in result.rows[1].error
+    assert "inputs= given" in result.rows[1].error

@@ -49,6 +49,13 @@ priority_option = click.option(
     "--prefill-tokens", type=click.IntRange(min=1), help="Prompt length (default 256 CPU, 2048 GPU)."
 )
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--calibration-tokens",
+    type=click.IntRange(min=0),
+    default=2048,
+    show_default=True,
+    help="Tokens of the text after the evaluated ones, for candidates that need calibration (GPTQ).",
+)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @workload_option
 @priority_option
@@ -74,6 +81,7 @@ def compare_cmd(
     tokens,
     prefill_tokens,
     decode_tokens,
+    calibration_tokens,
     repeats,
     workload,
     priority,
@@ -101,6 +109,7 @@ def compare_cmd(
             tokens=tokens,
             prefill_tokens=prefill_tokens,
             decode_tokens=decode_tokens,
+            calibration_tokens=calibration_tokens,
             repeats=repeats,
             top=top,
             per_backend=per_backend,

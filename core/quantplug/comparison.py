@@ -81,6 +81,7 @@ def compare(
     priority: str = "balanced",
     max_quality_loss: float = DEFAULT_MAX_QUALITY_LOSS,
     dtype: torch.dtype | None = None,
+    calibration_tokens: int = 2048,
     log: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Quantize ``model`` with each candidate and measure each on this machine.
@@ -94,11 +95,25 @@ def compare(
     the unquantized model's, on ``inputs`` (a tensor or a dict of keyword arguments; default: token
     ids from the text, for models with a vocabulary). Latency: ``prefill_tokens`` in one forward
     (default 256 on CPU, 2048 on GPU) and ``decode_tokens`` new tokens one at a time with a KV
-    cache; medians of ``repeats``. A candidate that fails is reported with its error, and the run
+    cache; medians of ``repeats``. Candidates that need calibration data (GPTQ, ...) get
+    ``calibration_tokens`` tokens of the text that follow the evaluated ones (never the tokens they
+    are scored on), in ``window``-token batches; with ``inputs=`` there is no text to draw them from,
+    and such candidates are not ranked. A candidate that fails is reported with its error, and the run
     goes on. Returns a ``Comparison`` (``table()``, ``to_dict()``, ``plot(path)``).
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     _check_arguments(top, per_backend, tokens, window, decode_tokens, repeats, max_quality_loss)
+    if (
+        not isinstance(calibration_tokens, int)
+        or isinstance(calibration_tokens, bool)
+        or calibration_tokens < 0
+    ):
+        raise ConfigError(
+            f"calibration_tokens must be an integer >= 0, got {calibration_tokens!r}",
+            field="calibration_tokens",
+            value=calibration_tokens,
+            allowed="an integer >= 0 (0: no calibrating candidates)",
+        )
     # prepare: named candidates are resolved first, so a typo fails before the model is loaded
     given = _given_specs(candidates)
     # plugins load before the model: loading imports Transformers, which imports backend libraries
@@ -106,12 +121,41 @@ def compare(
     backends()
     dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, model_name = _prepare_model(model, dev, dtype, tokenizer, say)
-    selection = select(model, device=dev.type, workload=workload, priority=priority)
+    can_calibrate = inputs is None and calibration_tokens > 0
+    selection = select(
+        model, device=dev.type, workload=workload, priority=priority, calibration_data=can_calibrate
+    )
     specs = _specs(given, selection, top, per_backend)
     bench, encoding = _bench(
-        model, dev, text, tokenizer, inputs, tokens, window, prefill_tokens, decode_tokens, repeats
+        model, dev, text, tokenizer, inputs, tokens, window, prefill_tokens, decode_tokens, repeats,
+        calibration_tokens if can_calibrate else 0,
+    )  # fmt: skip
+    settings = _settings(
+        model_name, dev, bench, text, encoding, decode_tokens, repeats, workload, priority, max_quality_loss
     )
-    settings = {
+    # measure
+    on_import = import_libraries(specs, say)
+    rows = measure_all(model, specs, bench, say)
+    # recommend
+    judge(rows, max_quality_loss)
+    recommended, text_out = recommend(rows, selection, priority, workload, max_quality_loss)
+    return Comparison(rows, selection, text_out, recommended, settings, environment(dev), on_import)
+
+
+def _settings(
+    model_name: str,
+    dev: torch.device,
+    bench: Bench,
+    text: str | None,
+    encoding: str,
+    decode_tokens: int,
+    repeats: int,
+    workload: str,
+    priority: str,
+    max_quality_loss: float,
+) -> dict[str, Any]:
+    """How the comparison was run, as its report and JSON state it."""
+    return {
         "model": model_name,
         "device": str(dev),
         "tokens": int(bench.eval_ids.numel()),
@@ -127,14 +171,8 @@ def compare(
         "priority": priority,
         "max_quality_loss": max_quality_loss,
         "quality": "perplexity" if bench.causal else "output relative error vs unquantized",
+        "calibration": bench.calibration_note,
     }
-    # measure
-    on_import = import_libraries(specs, say)
-    rows = measure_all(model, specs, bench, say)
-    # recommend
-    judge(rows, max_quality_loss)
-    recommended, text_out = recommend(rows, selection, priority, workload, max_quality_loss)
-    return Comparison(rows, selection, text_out, recommended, settings, environment(dev), on_import)
 
 
 # -- prepare --------------------------------------------------------------------------------------
@@ -273,9 +311,11 @@ def _bench(
     prefill_tokens: int | None,
     decode_tokens: int,
     repeats: int,
+    calibration_tokens: int = 0,
 ) -> tuple[Bench, str]:
     """What every model is measured on (token ids from ``text``, or the caller's ``inputs``), and how
-    the ids were made."""
+    the ids were made; calibration batches come from the text after every token the run scores or
+    times."""
     causal = is_causal_lm(model) and inputs is None
     prefill_n = min(prefill_tokens or (2048 if dev.type == "cuda" else 256), max_positions(model))
     window = min(window, max_positions(model))
@@ -285,11 +325,14 @@ def _bench(
             f"of keyword arguments) to measure its output error and latency",
             field="inputs",
         )
+    calibration = None
     if inputs is not None:
         ids, encoding = torch.zeros(0, dtype=torch.long), "inputs given by the caller"
     else:
         source = text if text is not None else default_text()
-        ids, encoding = encode(source, tokenizer, vocab_size(model), max(tokens, prefill_n) + 1)
+        used = max(tokens, prefill_n) + 1
+        ids, encoding = encode(source, tokenizer, vocab_size(model), used + calibration_tokens)
+        ids, calibration = ids[:used], calibration_batches(ids[used:], window)
     if inputs is None and ids.numel() < 2:
         raise ConfigError("the text gives fewer than 2 tokens; pass a longer text", field="text")
     if inputs is not None:
@@ -316,5 +359,25 @@ def _bench(
         ids[:32],
         decode_tokens,
         repeats,
+        calibration=[b.to(dev) for b in calibration] if calibration else None,
+        calibration_note=_calibration_note(calibration, ids.numel(), inputs is not None),
     )
     return bench, f"{encoding}; {frame.description}" if causal else encoding
+
+
+def calibration_batches(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """``ids`` cut into [1, window] batches (the last, shorter one kept when it has 16 tokens or more)."""
+    out = [ids[i : i + window].unsqueeze(0) for i in range(0, ids.numel(), window)]
+    return [b for b in out if b.shape[-1] >= min(16, window)]
+
+
+def _calibration_note(batches: list[torch.Tensor] | None, used: int, given_inputs: bool) -> str:
+    if batches:
+        n = sum(b.shape[-1] for b in batches)
+        return (
+            f"candidates that need calibration data got {n} tokens of the same text in {len(batches)} "
+            f"batch(es): tokens {used}..{used + n - 1}, after the {used} tokens evaluated and timed (0..{used - 1})"
+        )
+    if given_inputs:
+        return "none: with inputs= given there is no text to draw calibration data from"
+    return "none (calibration_tokens=0, or the text ends before the evaluated tokens do)"

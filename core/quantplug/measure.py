@@ -108,6 +108,9 @@ class Bench:
     prompt: torch.Tensor
     decode_tokens: int
     repeats: int
+    calibration: list[torch.Tensor] | None = None
+    """Token-id batches for candidates that need calibration data: text disjoint from ``eval_ids``."""
+    calibration_note: str = ""
 
 
 # -- measuring ------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ def to_markdown(result: Comparison) -> str:
         f"- Versions: {versions}",
         f"- Quality: {st['quality']}; text: {st['text']}, {st['tokens']} tokens in {st['window']}-token windows "
         f"({st['encoding']}).",
+        f"- Calibration: {st.get('calibration') or 'none'}.",
         f"- Latency: prefill = one forward over {st['prefill_tokens']} tokens; decode = ms per token over "
         f"{st['decode_tokens']} greedy tokens with a KV cache. Each candidate is timed in {st['repeats']} "
         f"round(s), each next to the unquantized model (which stays loaded), so load drifting during the run "

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .candidates import Spec
+from .errors import ConfigError
 from .footprint import checkpoint_bytes, model_bytes
 from .measure import Bench, Row, captured_warnings, measure
 from .report import summary
@@ -81,10 +82,21 @@ def _measure_candidate(
     work = None
     try:
         from .convert import quantize
+        from .dispatch import AutoQuantizer
 
+        calibration = None
+        if AutoQuantizer.from_config(spec.config).needs_calibration():
+            calibration = bench.calibration
+            if not calibration:
+                raise ConfigError(
+                    f"{spec.label} needs calibration data, and this comparison has none: {bench.calibration_note}"
+                )
+            say(f"    calibrating on {sum(b.shape[-1] for b in calibration)} tokens not evaluated")
         with captured_warnings() as caught:
             work = copy.deepcopy(model)
-            report = quantize(work, spec.config, device=bench.device, progress=True)  # a bar on a terminal
+            report = quantize(  # a bar on a terminal
+                work, spec.config, device=bench.device, progress=True, calibration_data=calibration
+            )
             say(f"    quantized {len(report.converted)} layer(s) in {report.seconds:.1f} s; measuring")
             row.quantize_seconds = report.seconds
             row.weight_bytes = report.bytes_after
