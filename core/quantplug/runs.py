@@ -17,7 +17,7 @@ from torch import nn
 
 from .candidates import Spec
 from .errors import ConfigError
-from .footprint import checkpoint_bytes, model_bytes
+from .footprint import PeakMemory, checkpoint_bytes, model_bytes
 from .measure import Bench, Row, captured_warnings, measure
 from .report import summary
 from .timing import PairedTiming
@@ -94,9 +94,11 @@ def _measure_candidate(
             say(f"    calibrating on {sum(b.shape[-1] for b in calibration)} tokens not evaluated")
         with captured_warnings() as caught:
             work = copy.deepcopy(model)
-            report = quantize(  # a bar on a terminal
-                work, spec.config, device=bench.device, progress=True, calibration_data=calibration
-            )
+            with PeakMemory() as peak:
+                report = quantize(  # a bar on a terminal
+                    work, spec.config, device=bench.device, progress=True, calibration_data=calibration
+                )
+            row.quantize_peak_bytes = peak.extra_bytes
             say(f"    quantized {len(report.converted)} layer(s) in {report.seconds:.1f} s; measuring")
             row.quantize_seconds = report.seconds
             row.weight_bytes = report.bytes_after
