@@ -15,8 +15,8 @@ from gptqmodel.utils.model import (
     convert_gptq_v2_to_v1_format_module,
 )
 
-#: input/output features must be multiples of this for GPTQ's int32 packing at each bit width
-PACK_MULTIPLE = {2: 16, 3: 32, 4: 8, 8: 4}
+#: GPTQModel's packer (``pack_block``) needs input and output features to be multiples of this
+PACK_MULTIPLE = 32
 
 
 class GptqLinear(TorchLinear):

@@ -9,6 +9,7 @@ gptq``, v1 or v2) load through ``load_module``.
 from __future__ import annotations
 
 import os
+import warnings
 
 # GPTQModel sizes its worker pools from this; its loader needs 2 even on a machine with fewer cores
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(os.cpu_count() or 1, 8))))
@@ -50,14 +51,11 @@ class GptqQuantizer(quantplug.Quantizer):
         ):
             return "not in modules_in_block_to_quantize"
         in_f, out_f = _features(module)
-        multiple = PACK_MULTIPLE[cfg.bits]
-        if in_f % multiple or out_f % multiple:
+        if in_f % PACK_MULTIPLE or out_f % PACK_MULTIPLE:
             return (
-                f"{in_f} inputs x {out_f} outputs: GPTQ's int32 packing at {cfg.bits} bits needs both to be "
-                f"multiples of {multiple}"
+                f"{in_f} inputs x {out_f} outputs: GPTQModel's packer needs both to be multiples of "
+                f"{PACK_MULTIPLE}"
             )
-        if cfg.group_size != -1 and in_f % cfg.group_size:
-            return f"{in_f} inputs is not a multiple of group_size {cfg.group_size}"
         return None
 
     # -- quantize ----------------------------------------------------------------------------
@@ -69,6 +67,7 @@ class GptqQuantizer(quantplug.Quantizer):
     def calibrate(self, model: nn.Module, batches: list) -> None:
         check_batches(model, batches)
         names, self._pending = list(self._pending), {}
+        _warn_partial_groups(model, names, self.config.group_size)
         calibrate_model(
             model, names, batches, self.config, lambda subset, run: self._gptq(model, subset, run)
         )
@@ -182,6 +181,18 @@ def _features(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     weight = module.weight  # Transformers' Conv1D stores [in, out]
     return weight.shape[0], weight.shape[1]
+
+
+def _warn_partial_groups(model: nn.Module, names: list[str], group_size: int) -> None:
+    partial = [n for n in names if group_size > 0 and model.get_submodule(n).in_features % group_size]
+    if partial:
+        warnings.warn(
+            f"{len(partial)} layer(s) (e.g. {partial[0]}, {model.get_submodule(partial[0]).in_features} inputs) "
+            f"have a partial last group of group_size {group_size}: quantplug and GPTQModel's torch kernel run "
+            f"them, but Transformers' CPU GPTQ kernel (TorchAtenLinear) refuses such checkpoints; a group_size "
+            f"that divides every layer's inputs (e.g. 64 or 32) avoids this",
+            stacklevel=3,
+        )
 
 
 def _collector(gptq):

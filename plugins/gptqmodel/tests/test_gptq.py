@@ -223,3 +223,33 @@ def test_checkpoint_that_disagrees_with_its_config_names_the_tensor(written_by_g
     save_file(tensors, bad2 / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(quantplug.CheckpointError, match="down_proj.g_idx"):
         quantplug.load(bad2, progress=False)
+
+
+def test_a_layer_whose_inputs_are_not_a_multiple_of_group_size_is_quantized_with_a_partial_group(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(576, 256))  # SmolLM2's hidden size, group 128: 4.5 groups
+    x = torch.randn(64, 576)
+    ref = model(x).detach()
+    with pytest.warns(UserWarning, match="partial last group"):
+        report = quantplug.quantize(
+            model,
+            {"quant_method": "gptq", "bits": 4},
+            calibration_data=[torch.randn(128, 576)],
+            progress=False,
+        )
+    assert report.converted == ["0"] and model[0].scales.shape[0] == 5
+    out = model(x).detach()
+    assert _rel(out, ref) < 0.15
+    folder = quantplug.save(model, tmp_path / "partial")
+    again = quantplug.load(folder, model=torch.nn.Sequential(torch.nn.Linear(576, 256)), progress=False)
+    assert torch.equal(again(x), out)
+
+
+def test_a_layer_the_packer_cannot_pack_is_left_in_full_precision_with_the_reason():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 64))
+    report = quantplug.quantize(
+        model, {"quant_method": "gptq", "bits": 4, "group_size": 32}, calibration_data=[torch.randn(64, 64)],
+        progress=False,
+    )  # fmt: skip
+    assert set(report.skipped) == {"0", "1"}
+    assert "multiples of 32" in report.skipped["0"]
