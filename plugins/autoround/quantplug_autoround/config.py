@@ -14,8 +14,10 @@ from typing import Any, Literal
 
 import quantplug
 
-#: packing formats this plugin reads and writes (auto-round writes the first for sym, the second for asym)
-PACKING_FORMATS = ("auto_round:auto_gptq", "auto_round")
+#: packing formats this plugin reads and writes: auto-round's format="auto_round" writes the first for
+#: symmetric weights, the second for 4-bit asymmetric ones, the third for other asymmetric ones; the
+#: fourth is Transformers' AutoRoundConfig default, which auto-round reads as the first
+PACKING_FORMATS = ("auto_round:auto_gptq", "auto_round:auto_awq", "auto_round", "auto_round:gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +30,8 @@ class AutoRoundConfig(quantplug.QuantConfig):
     sym             symmetric (no zero point stored beyond the fixed midpoint) or asymmetric
     backend         auto-round's inference backend: "auto" (what Transformers picks) or a name
                     auto-round knows ("auto_round_kernel", "torch", "gptqmodel", ...)
-    packing_format  "auto_round:auto_gptq" (auto-round's choice when sym) or "auto_round" (asym);
-                    null = auto-round's choice
+    packing_format  "auto_round:auto_gptq" (auto-round's choice when sym), "auto_round:auto_awq"
+                    (its choice for 4-bit asym), "auto_round" (other asym); null = auto-round's choice
     iters           sign-gradient steps per block (auto-round's default 200; 0 = its RTN mode)
     nsamples        calibration samples used (null = every given sample)
     seqlen          tokens per sample (null = the shortest given sample; longer ones are cut)
@@ -90,17 +92,37 @@ class AutoRoundConfig(quantplug.QuantConfig):
     def validate(self) -> None:
         if self.group_size != -1 and self.group_size < 1:
             raise self.invalid("group_size", "-1 (one group per output row) or a positive integer")
-        if self.packing_format is None:
-            object.__setattr__(self, "packing_format", PACKING_FORMATS[0] if self.sym else PACKING_FORMATS[1])
+        if self.packing_format is None:  # auto-round's choice (export/formats/backends/autoround.py)
+            default = (
+                PACKING_FORMATS[0]
+                if self.sym
+                else PACKING_FORMATS[1]
+                if self.bits == 4
+                else PACKING_FORMATS[2]
+            )
+            object.__setattr__(self, "packing_format", default)
         if self.packing_format not in PACKING_FORMATS:
             raise self.invalid(
                 "packing_format",
                 " or ".join(map(repr, PACKING_FORMATS)),
                 "other auto-round packings (gptq, awq, llm_compressor, gguf) are other checkpoint formats",
             )
+        if self.packing_format == "auto_round:auto_awq" and (self.sym or self.bits not in (2, 3, 4, 8)):
+            raise self.invalid(
+                "packing_format", "'auto_round:auto_awq' only with sym=false and 2, 3, 4 or 8 bits"
+            )
+        if self.bits == 8 and not self.sym:
+            raise self.invalid(
+                "sym",
+                "true at 8 bits",
+                "auto-round refuses 8-bit asymmetric weights in its own format: vLLM serves W8 GPTQ-format weights "
+                "symmetric only",
+            )
         if self.data_type != "int":
             raise self.invalid(
-                "data_type", "'int'", "auto-round's float formats (mx_fp, nv_fp, fp8) are not supported by this plugin"
+                "data_type",
+                "'int'",
+                "auto-round's float formats (mx_fp, nv_fp, fp8) are not supported by this plugin",
             )
         if self.act_bits < 16:
             raise self.invalid("act_bits", "16 or more (weight-only quantization)")
@@ -108,7 +130,9 @@ class AutoRoundConfig(quantplug.QuantConfig):
             if getattr(self, name) is not None:
                 raise self.invalid(name, "null", "GGUF double quantization is not supported by this plugin")
         if self.rotation_configs:
-            raise self.invalid("rotation_configs", "null or []", "rotated checkpoints are not supported by this plugin")
+            raise self.invalid(
+                "rotation_configs", "null or []", "rotated checkpoints are not supported by this plugin"
+            )
         if self.iters < 0:
             raise self.invalid("iters", "0 (auto-round's RTN mode) or a positive integer")
         for name in ("nsamples", "seqlen"):
@@ -125,7 +149,11 @@ class AutoRoundConfig(quantplug.QuantConfig):
         if self.extra_config is not None:
             for key, entry in self.extra_config.items():
                 if not isinstance(entry, dict):
-                    raise self.invalid("extra_config", "{layer name or regex: {bits, group_size, sym, ...}}", f"entry {key!r}")
+                    raise self.invalid(
+                        "extra_config",
+                        "{layer name or regex: {bits, group_size, sym, ...}}",
+                        f"entry {key!r}",
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         """As the base class, without the fields left null: auto-round's loader (which Transformers
@@ -135,6 +163,11 @@ class AutoRoundConfig(quantplug.QuantConfig):
 
     def __hash__(self) -> int:  # extra_config is a dict
         return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
+    @property
+    def packing(self) -> str:
+        """The packing as auto-round's exporter and inference backends name it."""
+        return "auto_round:auto_gptq" if self.packing_format == "auto_round:gptq" else self.packing_format
 
     def layer_bits(self, name: str) -> int | None:
         """The bits ``extra_config`` gives the layer ``name`` (exact name, else a regex that matches
@@ -160,7 +193,11 @@ class AutoRoundConfig(quantplug.QuantConfig):
     def block_names(self) -> list[str] | None:
         """The block prefixes the checkpoint says were quantized (``block_name_to_quantize``, else
         ``to_quant_block_names``), or None when it does not say."""
-        value = self.block_name_to_quantize if self.block_name_to_quantize is not None else self.to_quant_block_names
+        value = (
+            self.block_name_to_quantize
+            if self.block_name_to_quantize is not None
+            else self.to_quant_block_names
+        )
         if value is None:
             return None
         items = value.split(",") if isinstance(value, str) else list(value)

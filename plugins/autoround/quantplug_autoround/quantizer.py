@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from auto_round import AutoRound
 from auto_round.export.export_to_autoround.export import dynamic_import_quant_linear_for_packing, pack_layer
+from auto_round.export.export_to_awq.export import pack_layer as pack_awq_layer
+from auto_round.export.export_to_awq.utils import WQLinear_GEMM
 from auto_round.inference.backend import find_backend, get_layer_backend
 from auto_round.inference.convert_model import _create_quant_layer
 from auto_round.utils.model import get_block_names
@@ -68,7 +70,11 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         if listed is not None and listed >= 16:
             return f"auto-round's extra_config keeps it at {listed} bits"
         blocks = c.block_names()
-        if blocks is not None and listed is None and not any(name == b or name.startswith(b + ".") for b in blocks):
+        if (
+            blocks is not None
+            and listed is None
+            and not any(name == b or name.startswith(b + ".") for b in blocks)
+        ):
             return f"outside block_name_to_quantize ({', '.join(blocks)}), which auto-round quantizes"
         bits = listed or c.bits
         in_f, out_f = module.in_features, module.out_features
@@ -94,23 +100,36 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         samples, seqlen = self._samples(batches, transformers_path)
         nsamples = self.config.nsamples or sum(_count(s) for s in samples)
         metas = {
-            n: nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=m.weight.dtype)
+            n: nn.Linear(
+                m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=m.weight.dtype
+            )
             for n, m in pending.items()
         }
         for name, m in pending.items():  # AutoRound recasts and then releases the layers it packs:
             set_module(model, name, _shallow_copy(m))  # give it copies, never the caller's modules
-        others = {n: {"bits": 16} for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in pending}
+        others = {
+            n: {"bits": 16} for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in pending
+        }
         with _restored(model, exclude=set(pending)):
             target = model if transformers_path else _Wrapped(model)
             prefix = "" if transformers_path else "blocks.0."
             layer_config = {prefix + n: v for n, v in others.items()}
             for n in pending:
                 layer_config[prefix + n] = self._layer_scheme(n)
-            self._run(target, samples, seqlen, nsamples, layer_config, device, batch_size=None if transformers_path else 1)
+            self._run(
+                target,
+                samples,
+                seqlen,
+                nsamples,
+                layer_config,
+                device,
+                batch_size=None if transformers_path else 1,
+            )
             done = {}
             for name in pending:
                 # auto-round's own packing (what quantize_and_save(format="auto_round") writes)
-                pack_layer(prefix + name, target, self.config.packing_format, device)
+                pack = pack_awq_layer if _is_awq(self.config.packing) else pack_layer
+                pack(prefix + name, target, self.config.packing, device)
                 qmodule = target.get_submodule(prefix + name)
                 if isinstance(qmodule, nn.Linear):
                     raise quantplug.PluginError(
@@ -125,7 +144,12 @@ class AutoRoundQuantizer(quantplug.Quantizer):
 
     def _layer_scheme(self, name: str) -> dict[str, Any]:
         c = self.config
-        return {"bits": c.layer_bits(name) or c.bits, "group_size": c.group_size, "sym": c.sym, "data_type": "int"}
+        return {
+            "bits": c.layer_bits(name) or c.bits,
+            "group_size": c.group_size,
+            "sym": c.sym,
+            "data_type": "int",
+        }
 
     def _samples(self, batches: list[Any], token_ids: bool) -> tuple[list[Any], int]:
         """The calibration batches as AutoRound's dataset, cut to one seqlen; ConfigError for what
@@ -135,7 +159,9 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         for i, batch in enumerate(batches):
             if isinstance(batch, dict):
                 if "input_ids" not in batch:
-                    raise _bad(f"calibration_data batch {i} is a dict without input_ids (keys: {sorted(batch)})")
+                    raise _bad(
+                        f"calibration_data batch {i} is a dict without input_ids (keys: {sorted(batch)})"
+                    )
                 batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
                 ids = batch["input_ids"]
             else:
@@ -151,7 +177,9 @@ class AutoRoundQuantizer(quantplug.Quantizer):
                 if ids.dim() == 1:
                     ids = ids.unsqueeze(0)
                 if ids.dim() != 2 or ids.shape[-1] == 0:
-                    raise _bad(f"calibration_data batch {i} has shape {list(ids.shape)}; token ids are [batch, seq]")
+                    raise _bad(
+                        f"calibration_data batch {i} has shape {list(ids.shape)}; token ids are [batch, seq]"
+                    )
             elif ids.dim() == 0:
                 raise _bad(f"calibration_data batch {i} is a scalar tensor")
             prepared.append((batch, ids))
@@ -163,7 +191,9 @@ class AutoRoundQuantizer(quantplug.Quantizer):
                     f"calibration_data batch {i} has {lengths[i]} rows; seqlen={c.seqlen} needs at least {c.seqlen}",
                     field="seqlen",
                 )
-            return [{"input_ids": torch.arange(_rows(ids)).unsqueeze(0), INPUTS_KEY: b} for b, ids in prepared], min(lengths)
+            return [
+                {"input_ids": torch.arange(_rows(ids)).unsqueeze(0), INPUTS_KEY: b} for b, ids in prepared
+            ], min(lengths)
         seqlen = c.seqlen or min(min(lengths), MAX_DERIVED_SEQLEN)
         short = [(i, n) for i, n in enumerate(lengths) if n < seqlen]
         if short:
@@ -222,13 +252,23 @@ class AutoRoundQuantizer(quantplug.Quantizer):
     def _packing_module(self, name: str, module: nn.Linear) -> nn.Module:
         c = self.config
         bits = c.layer_bits(name) or c.bits
-        cls = dynamic_import_quant_linear_for_packing(c.packing_format, bits, c.group_size, c.sym)
+        if _is_awq(c.packing):
+            return WQLinear_GEMM.from_linear(module, bits, c.group_size, init_only=True)
+        cls = dynamic_import_quant_linear_for_packing(c.packing, bits, c.group_size, c.sym)
         with torch.device("meta"):
-            return cls(bits, c.group_size, module.in_features, module.out_features, module.bias is not None,
-                       weight_dtype=module.weight.dtype)
+            return cls(
+                bits,
+                c.group_size,
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                weight_dtype=module.weight.dtype,
+            )
 
     def expected_tensors(self, name, module):
-        return {k: (tuple(t.shape), t.dtype) for k, t in self._packing_module(name, module).state_dict().items()}
+        return {
+            k: (tuple(t.shape), t.dtype) for k, t in self._packing_module(name, module).state_dict().items()
+        }
 
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         return self._packing_module(name, module)
@@ -247,14 +287,18 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             "act_bits": 16,
         }
         device = self._device.type
-        kind = get_layer_backend(device, c.backend, c.packing_format, scheme, module.in_features, module.out_features)
+        kind = get_layer_backend(
+            device, c.backend, c.packing, scheme, module.in_features, module.out_features
+        )
         if not kind:
             raise quantplug.BackendUnavailableError(
                 f"auto-round has no inference backend for {name} ({scheme}, packing {c.packing_format}) on {device} "
                 f"with backend={c.backend!r}; install auto-round-lib (CPU) or set backend='auto'"
             )
         with torch.device("meta"):
-            qmodule = _create_quant_layer(module, kind, scheme, module.in_features, module.out_features, c.packing_format)
+            qmodule = _create_quant_layer(
+                module, kind, scheme, module.in_features, module.out_features, c.packing
+            )
         for key, value in tensors.items():
             setattr(qmodule, key, value)  # the buffers, as stored (the kernel's post_init converts them)
         post_init = getattr(qmodule, "post_init", None)
@@ -266,6 +310,10 @@ class AutoRoundQuantizer(quantplug.Quantizer):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _is_awq(packing: str) -> bool:
+    return "awq" in packing
 
 
 def _bad(message: str, field: str = "calibration_data") -> quantplug.ConfigError:

@@ -17,6 +17,7 @@ class TestAutoRoundConformance(BackendConformance):
         ({"packing_format": "auto_awq"}, "packing_format"),
         ({"seqlen": 0}, "seqlen"),
         ({"iters": -1}, "iters"),
+        ({"bits": 8, "sym": False}, "sym"),
     ]
     library_bad_configs = [({"backend": "no-such-kernel"}, "backend")]
     library_modules = ("auto_round", "auto_round_kernel", "auto_round_extension")

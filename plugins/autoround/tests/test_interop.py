@@ -1,0 +1,156 @@
+"""Checkpoints both ways with auto-round itself: folders written by auto-round's own
+``quantize_and_save(format="auto_round")`` load through ``quantplug.load`` with the logits of the
+library's own load (Transformers with auto-round installed), and what quantplug writes loads in
+Transformers (a fresh process) with quantplug's logits. Tiny random Llamas, built here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantplug
+from quantplug.testing import tiny_llama, token_ids
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _calibration(n: int = 4, seq: int = 32) -> list[torch.Tensor]:
+    return [token_ids(shape=(1, seq), seed=10 + i) for i in range(n)]
+
+
+def _library_folder(out: Path, **settings) -> Path:
+    """A tiny Llama quantized and saved by auto-round itself (its own API, no quantplug)."""
+    from auto_round import AutoRound
+
+    model = tiny_llama()
+    # as from_pretrained sets them (without dtype in config.json, quantplug.load builds the model in
+    # the stored tensors' bf16 while Transformers builds float32)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.dtype = torch.float32
+    tokenizer = types.SimpleNamespace(pad_token_id=None, pad_token=None)  # the dataset is token ids
+    ar = AutoRound(
+        model,
+        tokenizer,
+        iters=2,
+        nsamples=4,
+        seqlen=32,
+        dataset=_calibration(),
+        device_map="cpu",
+        enable_torch_compile=False,
+        **settings,
+    )
+    ar.quantize_and_save(str(out), format="auto_round")
+    return next(p.parent for p in out.rglob("config.json"))
+
+
+def _transformers_logits(folder: Path, ids: torch.Tensor, tmp: Path) -> torch.Tensor:
+    """Logits of Transformers' own from_pretrained (auto-round's integration), in a fresh process."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({"ids": ids}, tmp / "ids.safetensors")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, device_map="cpu")
+        layer = type(model.model.layers[0].self_attn.q_proj)
+        assert "QuantLinear" in layer.__name__, layer
+        with torch.no_grad():
+            out = model(load_file({str(tmp / "ids.safetensors")!r})["ids"]).logits
+        save_file({{"logits": out.float().contiguous()}}, {str(tmp / "tf.safetensors")!r})
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return load_file(tmp / "tf.safetensors")["logits"]
+
+
+@pytest.fixture(scope="module")
+def library_folder(tmp_path_factory) -> Path:
+    return _library_folder(tmp_path_factory.mktemp("autoround"), bits=4, group_size=32, sym=True)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"bits": 4, "group_size": 32, "sym": True},
+        {"bits": 4, "group_size": 64, "sym": False},
+        {"bits": 8, "group_size": 128, "sym": True},
+    ],
+)
+def test_load_folder_written_by_auto_round(settings, tmp_path):
+    folder = _library_folder(tmp_path / "ar", **settings)
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "auto-round" and qc["packing_format"].startswith("auto_round")
+    ids = token_ids(shape=(2, 16))
+    model = quantplug.load(folder, progress=False)
+    assert type(model.model.layers[0].mlp.down_proj).__name__.startswith("QuantLinear")
+    assert type(model.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        ours = model(ids).logits.float()
+    theirs = _transformers_logits(folder, ids, tmp_path)
+    # the same kernel on the same tensors: equal here; bf16 rounding is the documented allowance
+    torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("settings", "packing"),
+    [
+        ({"bits": 4, "group_size": 64}, "auto_round:auto_gptq"),
+        ({"bits": 4, "group_size": 32, "sym": False}, "auto_round:auto_awq"),
+    ],
+)
+def test_quantplug_checkpoint_loads_in_transformers(settings, packing, tmp_path):
+    model = tiny_llama()
+    quantplug.quantize(
+        model,
+        {"quant_method": "auto-round", "iters": 2, **settings},
+        calibration_data=_calibration(2, 16),
+        progress=False,
+    )
+    ids = token_ids(shape=(2, 16))
+    with torch.no_grad():
+        ours = model(ids).logits
+    folder = quantplug.save(model, tmp_path / "ckpt")
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "auto-round" and qc["packing_format"] == packing
+    assert None not in qc.values()  # auto-round's loader reads a present key as set
+    assert torch.equal(_transformers_logits(folder, ids, tmp_path), ours)
+
+
+def test_config_parses_what_auto_round_and_transformers_write(library_folder):
+    from quantplug_autoround import AutoRoundConfig
+
+    written = json.loads((library_folder / "config.json").read_text())["quantization_config"]
+    config = quantplug.config_from_dict(written)
+    assert isinstance(config, AutoRoundConfig) and config.autoround_version == written["autoround_version"]
+    assert AutoRoundConfig.from_dict(config.to_dict()) == config
+    # Transformers' AutoRoundConfig(...).to_dict() keys
+    from transformers import AutoRoundConfig as HfAutoRoundConfig
+
+    hf = HfAutoRoundConfig(bits=4, group_size=128, sym=True).to_dict()
+    parsed = quantplug.config_from_dict(hf)
+    assert parsed.packing_format == hf["packing_format"] and parsed.packing == "auto_round:auto_gptq"
+    assert AutoRoundConfig.from_dict(parsed.to_dict()) == parsed
+
+
+def test_qweight_shape_that_disagrees_with_the_config_is_refused(library_folder, tmp_path):
+    folder = Path(shutil.copytree(library_folder, tmp_path / "bad"))
+    data = json.loads((folder / "config.json").read_text())
+    data["quantization_config"]["bits"] = 8  # the stored qweight holds 4-bit codes
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(quantplug.CheckpointError, match=r"qweight.*shape"):
+        quantplug.load(folder, progress=False)
