@@ -52,7 +52,9 @@ def register_backends(register):
             quantizer="quantplug_autoround.quantizer:AutoRoundQuantizer",
             capabilities=quantplug.Capabilities(
                 bits=(2, 3, 4, 8),  # 3 bits: auto-round's torch backend (auto-round-lib runs 2, 4, 8)
-                devices=("cpu",),  # the CUDA path (AutoRound on the GPU, auto-round's CUDA kernels) is untested
+                devices=(
+                    "cpu",
+                ),  # the CUDA path (AutoRound on the GPU, auto-round's CUDA kernels) is untested
                 needs_calibration=True,
                 trainable=False,  # no backward through auto-round's packed layers was tested
                 serializable=True,

@@ -140,7 +140,9 @@ class AutoRoundQuantizer(quantplug.Quantizer):
                 set_module(model, name, nn.Identity())  # drop auto-round's packing module
         self._device = device
         for name, tensors in done.items():
-            set_module(model, name, self.load_module(name, metas[name], tensors))
+            qmodule = self.load_module(name, metas[name], tensors)
+            qmodule.train(pending[name].training)
+            set_module(model, name, qmodule)
 
     def _layer_scheme(self, name: str) -> dict[str, Any]:
         c = self.config
@@ -374,26 +376,30 @@ class _Wrapped(nn.Module):
 
 @contextlib.contextmanager
 def _restored(model: nn.Module, exclude: set[str]):
-    """Give every parameter and buffer outside ``exclude`` back its own tensor afterwards: AutoRound
-    casts the whole model to its amp dtype (bf16 on CPU), which would round the layers left in
-    full precision."""
-    keep = []
+    """Give every module outside ``exclude`` back its own state afterwards: AutoRound casts the whole
+    model to its amp dtype (bf16 on CPU), which would round the layers left in full precision; it
+    turns off ``requires_grad``, and leaves attributes behind (a block's ``forward`` bound on the
+    instance, its bookkeeping names)."""
+    keep, state = [], []
     for mod_name, mod in model.named_modules():
         if any(mod_name == e or mod_name.startswith(e + ".") for e in exclude):
             continue
+        state.append((mod, set(mod.__dict__), mod.training))
         for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
             if t is not None:
-                keep.append((mod, attr, t, t.data))
+                keep.append((mod, attr, t, t.data, t.requires_grad))
     try:
         yield
     finally:
-        for mod, attr, t, data in keep:
-            now = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
-            if now is t:
-                t.data = data
-            elif attr in mod._parameters:
+        for mod, attrs, training in state:
+            for extra in set(mod.__dict__) - attrs:
+                delattr(mod, extra)
+            mod.training = training
+        for mod, attr, t, data, grad in keep:
+            if attr in mod._parameters:
                 mod._parameters[attr] = t
                 t.data = data
+                t.requires_grad_(grad)
             else:
                 mod._buffers[attr] = data
 

@@ -49,6 +49,7 @@ def test_short_sample_error_says_what_was_given_and_needed():
 def test_seqlen_from_the_data_skips_and_full_precision_layers_stay_exact():
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
     # uneven lengths and dict batches: seqlen defaults to the shortest (20), longer ones are cut
     data = [
         {"input_ids": token_ids(shape=(1, 24)), "attention_mask": torch.ones(1, 24, dtype=torch.long)},
@@ -67,6 +68,13 @@ def test_seqlen_from_the_data_skips_and_full_precision_layers_stay_exact():
         if ".self_attn." in key and key.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales"):
             continue
         assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
+    # nor does it leave its flags and bookkeeping on the model (it turns off requires_grad and binds
+    # a block's forward on the instance while caching inputs)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        n: grads[n] for n, _ in model.named_parameters()
+    }
+    assert not [n for n, m in model.named_modules() if m.training]
+    assert not [n for n, m in model.named_modules() if "forward" in vars(m)]
     with torch.no_grad():
         assert torch.isfinite(model(token_ids(shape=(1, 8))).logits).all()
 
