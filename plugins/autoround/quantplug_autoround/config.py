@@ -148,12 +148,26 @@ class AutoRoundConfig(quantplug.QuantConfig):
                 raise self.invalid(name, "null (auto-round's 1 / iters) or a positive number")
         if self.extra_config is not None:
             for key, entry in self.extra_config.items():
-                if not isinstance(entry, dict):
+                if not isinstance(entry, dict) or entry.get("data_type", "int") != "int":
                     raise self.invalid(
                         "extra_config",
                         "{layer name or regex: {bits, group_size, sym, ...}}",
                         f"entry {key!r}",
                     )
+
+        blocks = self.block_names()
+        if self.modules_to_not_convert is None and blocks is not None and self.extra_config:
+            # auto-round quantized layers outside its blocks (e.g. lm_head, listed in extra_config):
+            # which layers are quantized is then what the checkpoint says, not quantplug's default
+            # of keeping the output head (skip_reason applies the checkpoint's rule)
+            outside = [
+                k
+                for k, e in self.extra_config.items()
+                if (e.get("bits") or self.bits) <= 8
+                and not any(k == b or k.startswith(b + ".") for b in blocks)
+            ]
+            if outside:
+                object.__setattr__(self, "modules_to_not_convert", ())
 
     def to_dict(self) -> dict[str, Any]:
         """As the base class, without the fields left null: auto-round's loader (which Transformers
@@ -169,26 +183,38 @@ class AutoRoundConfig(quantplug.QuantConfig):
         """The packing as auto-round's exporter and inference backends name it."""
         return "auto_round:auto_gptq" if self.packing_format == "auto_round:gptq" else self.packing_format
 
-    def layer_bits(self, name: str) -> int | None:
-        """The bits ``extra_config`` gives the layer ``name`` (exact name, else a regex that matches
-        it, as auto-round reads it), or None when it does not list the layer."""
+    def layer_entry(self, name: str) -> dict[str, Any] | None:
+        """The ``extra_config`` entry for the layer ``name`` (its exact name, else the first regex that
+        matches it, as auto-round reads it), or None when it does not list the layer."""
         if not self.extra_config:
             return None
         import re
 
-        entry = self.extra_config.get(name)
-        if entry is None:
-            for pattern, value in self.extra_config.items():
-                try:
-                    if re.search(pattern, name):
-                        entry = value
-                        break
-                except re.error:
-                    continue
+        if name in self.extra_config:
+            return self.extra_config[name]
+        for pattern, entry in self.extra_config.items():
+            try:
+                if re.search(pattern, name):
+                    return entry
+            except re.error:
+                continue
+        return None
+
+    def layer_bits(self, name: str) -> int | None:
+        """The bits ``extra_config`` gives the layer ``name``, or None when it does not list it."""
+        entry = self.layer_entry(name)
         if entry is None:
             return None
         bits = entry.get("bits", self.bits)
         return int(bits) if isinstance(bits, (int, float)) else self.bits
+
+    def layer_scheme(self, name: str) -> dict[str, Any]:
+        """bits / group_size / sym of the layer ``name``: the config's, overridden by its
+        ``extra_config`` entry."""
+        entry = self.layer_entry(name) or {}
+        scheme = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        scheme.update({k: entry[k] for k in scheme if entry.get(k) is not None})
+        return scheme
 
     def block_names(self) -> list[str] | None:
         """The block prefixes the checkpoint says were quantized (``block_name_to_quantize``, else

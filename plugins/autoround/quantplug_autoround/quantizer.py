@@ -17,7 +17,9 @@ its weights on load, so they are not its ``state_dict``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import types
 from typing import Any
 
@@ -76,12 +78,16 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             and not any(name == b or name.startswith(b + ".") for b in blocks)
         ):
             return f"outside block_name_to_quantize ({', '.join(blocks)}), which auto-round quantizes"
-        bits = listed or c.bits
+        scheme = c.layer_scheme(name)
+        bits, group = scheme["bits"], scheme["group_size"]
         in_f, out_f = module.in_features, module.out_features
         if (in_f * bits) % 32 or (out_f * bits) % 32:
-            return f"auto-round packs {bits}-bit weights into int32 words: in and out features times bits must be multiples of 32"
-        if c.group_size != -1 and in_f % c.group_size:
-            return f"in_features {in_f} is not a multiple of group_size {c.group_size}"
+            return (
+                f"auto-round packs {bits}-bit weights into int32 words: in and out features times bits must be "
+                f"multiples of 32"
+            )
+        if group != -1 and in_f % group:
+            return f"in_features {in_f} is not a multiple of group_size {group}"
         return None
 
     # -- quantize -----------------------------------------------------------------------------
@@ -96,7 +102,8 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         if not pending:
             return
         device = next(model.parameters()).device
-        transformers_path = bool(_blocks(model))
+        blocks = _blocks(model)
+        transformers_path = bool(blocks)
         samples, seqlen = self._samples(batches, transformers_path)
         nsamples = self.config.nsamples or sum(_count(s) for s in samples)
         metas = {
@@ -138,20 +145,32 @@ class AutoRoundQuantizer(quantplug.Quantizer):
                     )
                 done[name] = {k: v.detach() for k, v in qmodule.state_dict().items()}
                 set_module(model, name, nn.Identity())  # drop auto-round's packing module
+        if transformers_path:
+            self._record_layers_outside_blocks(list(pending), blocks)
         self._device = device
         for name, tensors in done.items():
             qmodule = self.load_module(name, metas[name], tensors)
             qmodule.train(pending[name].training)
             set_module(model, name, qmodule)
 
-    def _layer_scheme(self, name: str) -> dict[str, Any]:
+    def _record_layers_outside_blocks(self, names: list[str], blocks: list) -> None:
+        """As auto-round's exporter does: layers quantized outside the model's blocks (e.g. the head,
+        with modules_to_not_convert=[]) go into ``extra_config``, and the blocks into
+        ``block_name_to_quantize``, so the saved config tells auto-round's loader (Transformers)
+        which layers hold packed tensors. Nothing changes when every layer is in a block."""
+        prefixes = [os.path.commonprefix(list(b)).rstrip(".") for b in blocks if b]
+        outside = [n for n in names if not any(n == p or n.startswith(p + ".") for p in prefixes)]
+        if not outside:
+            return
         c = self.config
-        return {
-            "bits": c.layer_bits(name) or c.bits,
-            "group_size": c.group_size,
-            "sym": c.sym,
-            "data_type": "int",
-        }
+        extra = dict(c.extra_config or {})
+        for n in outside:
+            extra.setdefault(n, self._layer_scheme(n))
+        named = c.block_name_to_quantize or c.to_quant_block_names or ",".join(prefixes)
+        self.config = dataclasses.replace(c, extra_config=extra, block_name_to_quantize=named)
+
+    def _layer_scheme(self, name: str) -> dict[str, Any]:
+        return {**self.config.layer_scheme(name), "data_type": "int"}
 
     def _samples(self, batches: list[Any], token_ids: bool) -> tuple[list[Any], int]:
         """The calibration batches as AutoRound's dataset, cut to one seqlen; ConfigError for what
@@ -253,14 +272,15 @@ class AutoRoundQuantizer(quantplug.Quantizer):
 
     def _packing_module(self, name: str, module: nn.Linear) -> nn.Module:
         c = self.config
-        bits = c.layer_bits(name) or c.bits
+        scheme = c.layer_scheme(name)
+        bits, group = scheme["bits"], scheme["group_size"]
         if _is_awq(c.packing):
-            return WQLinear_GEMM.from_linear(module, bits, c.group_size, init_only=True)
-        cls = dynamic_import_quant_linear_for_packing(c.packing, bits, c.group_size, c.sym)
+            return WQLinear_GEMM.from_linear(module, bits, group, init_only=True)
+        cls = dynamic_import_quant_linear_for_packing(c.packing, bits, group, scheme["sym"])
         with torch.device("meta"):
             return cls(
                 bits,
-                c.group_size,
+                group,
                 module.in_features,
                 module.out_features,
                 module.bias is not None,
@@ -281,13 +301,7 @@ class AutoRoundQuantizer(quantplug.Quantizer):
 
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         c = self.config
-        scheme = {
-            "bits": c.layer_bits(name) or c.bits,
-            "group_size": c.group_size,
-            "sym": c.sym,
-            "data_type": "int",
-            "act_bits": 16,
-        }
+        scheme = {**c.layer_scheme(name), "data_type": "int", "act_bits": 16}
         device = self._device.type
         kind = get_layer_backend(
             device, c.backend, c.packing, scheme, module.in_features, module.out_features

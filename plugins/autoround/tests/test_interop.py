@@ -88,7 +88,15 @@ def library_folder(tmp_path_factory) -> Path:
         {"bits": 4, "group_size": 32, "sym": True},
         {"bits": 4, "group_size": 64, "sym": False},
         {"bits": 8, "group_size": 128, "sym": True},
+        # the head quantized too: auto-round lists it in extra_config, outside its blocks
+        {
+            "bits": 4,
+            "group_size": 32,
+            "sym": True,
+            "layer_config": {"lm_head": {"bits": 4, "group_size": 32}},
+        },
     ],
+    ids=["int4-sym", "int4-asym-awq", "int8-sym", "int4-head-quantized"],
 )
 def test_load_folder_written_by_auto_round(settings, tmp_path):
     folder = _library_folder(tmp_path / "ar", **settings)
@@ -97,7 +105,7 @@ def test_load_folder_written_by_auto_round(settings, tmp_path):
     ids = token_ids(shape=(2, 16))
     model = quantplug.load(folder, progress=False)
     assert type(model.model.layers[0].mlp.down_proj).__name__.startswith("QuantLinear")
-    assert type(model.lm_head) is torch.nn.Linear
+    assert (type(model.lm_head) is torch.nn.Linear) == ("layer_config" not in settings)
     with torch.no_grad():
         ours = model(ids).logits.float()
     theirs = _transformers_logits(folder, ids, tmp_path)
@@ -110,6 +118,7 @@ def test_load_folder_written_by_auto_round(settings, tmp_path):
     ("settings", "packing"),
     [
         ({"bits": 4, "group_size": 64}, "auto_round:auto_gptq"),
+        ({"bits": 4, "group_size": 64, "modules_to_not_convert": []}, "auto_round:auto_gptq"),
         ({"bits": 4, "group_size": 32, "sym": False}, "auto_round:auto_awq"),
     ],
 )
@@ -128,6 +137,9 @@ def test_quantplug_checkpoint_loads_in_transformers(settings, packing, tmp_path)
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "auto-round" and qc["packing_format"] == packing
     assert None not in qc.values()  # auto-round's loader reads a present key as set
+    if settings.get("modules_to_not_convert") == []:  # the head is quantized: recorded as auto-round does
+        assert qc["extra_config"]["lm_head"]["bits"] == 4 and qc["block_name_to_quantize"] == "model.layers"
+        assert type(quantplug.load(folder, progress=False).lm_head).__name__.startswith("QuantLinear")
     assert torch.equal(_transformers_logits(folder, ids, tmp_path), ours)
 
 
