@@ -185,8 +185,8 @@ def test_run_batch_passes_a_tensor_positionally_and_a_mapping_as_keywords():
 
 
 def test_compare_calibrates_on_text_after_every_token_it_evaluates(calib_backend):
-    from quantplug.testing import tiny_llama
     from quantplug.report import to_markdown
+    from quantplug.testing import tiny_llama
     from quantplug.text_quality import default_text, encode
 
     CALIBRATED_ON.clear()

@@ -395,3 +395,12 @@ def test_installed_hqq_and_torchao_do_not_rank_their_dominated_presets():
         assert f"{name}:{preset}" not in labels
         assert reasons[(name, preset)].startswith(f"dominated by {winner}: "), reasons[(name, preset)]
         assert winner in labels
+
+
+def test_a_load_only_backend_is_never_proposed_and_says_why(make_backend, rtn_only):
+    backend = make_backend("loadonly-method", capabilities=quantplug.Capabilities(bits=(4,), quantizes=False))
+    quantplug.register_backend(backend)
+    sel = select(1_000_000, device="cpu", calibration_data=True)
+    assert all(c.backend != "loadonly-method" for c in sel.candidates)
+    (why,) = [r for r in sel.rejected if r.backend == "loadonly-method"]
+    assert "does not quantize" in why.reason

@@ -35,6 +35,9 @@ class Capabilities:
     """True when adapters (e.g. LoRA) can be trained on top of the quantized layers."""
     serializable: bool = True
     """True when quantized models save and load through quantplug checkpoints."""
+    quantizes: bool = True
+    """False for a backend that only loads checkpoints other tools wrote (its quantizer refuses to
+    quantize, saying why): ``select`` and ``compare`` never propose it."""
     weight_dtypes: tuple[str, ...] = ()
     """Storage formats of the weights, e.g. ``("int8", "int4")``."""
     activation_dtypes: tuple[str, ...] = ()

@@ -34,6 +34,8 @@ def _caps_text(caps) -> str:
         flags.append("trainable")
     if caps.serializable:
         flags.append("serializable")
+    if not caps.quantizes:
+        flags.append("load-only")
     return " ".join(flags)
 
 

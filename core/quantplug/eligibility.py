@@ -101,6 +101,10 @@ def _presets(backend: Backend, request: Request) -> list[Preset] | Rejection:
         st = backend.status
         return Rejection(backend.name, None, f"unavailable: {st.reason}", st.fix)
     if pre_method is None:
+        if not backend.capabilities.quantizes:
+            return Rejection(
+                backend.name, None, "loads checkpoints written by other tools only; it does not quantize"
+            )
         return presets_of(backend)
     try:
         config = backend.config.from_dict(dict(request.size.pre_quantized))

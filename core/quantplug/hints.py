@@ -20,6 +20,9 @@ PLUGIN_FOR_METHOD: dict[str, str] = {
     "quanto": "quantplug-quanto",
     "torchao": "quantplug-torchao",
     "rtn": "quantplug-rtn",
+    "gptq": "quantplug-gptqmodel",
+    "awq": "quantplug-gptqmodel",
+    "auto-round": "quantplug-autoround",
 }
 
 #: Transformers 5.24's ``QuantizationMethod`` values, for when Transformers is not installed

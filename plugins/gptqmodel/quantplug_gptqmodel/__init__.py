@@ -7,9 +7,10 @@ gptqmodel (several seconds to import) are imported when the quantizer
 
 import quantplug
 
+from .awq_config import AwqConfig
 from .config import GptqConfig
 
-__all__ = ["PRESETS", "GptqConfig", "SUPPORTED_GPTQMODEL", "register_backends"]
+__all__ = ["PRESETS", "AwqConfig", "GptqConfig", "SUPPORTED_GPTQMODEL", "register_backends"]
 
 #: GPTQModel 7.7 needs torch >= 2.14.1; 7.6 is the release that runs with torch 2.13
 SUPPORTED_GPTQMODEL = "gptqmodel>=7.6,<7.7"
@@ -71,5 +72,25 @@ def register_backends(register):
             "checkpoints in the gptq format Transformers, vLLM and AutoGPTQ read.",
             notes="needs calibration data (a few hundred tokens of representative text at least); "
             "layers run GPTQModel's torch kernel (dequantize + matmul) on every device.",
+        )
+    )
+    register(
+        quantplug.Backend(
+            name="awq",
+            transformers_format=True,  # the AWQ gemm layout Transformers (through GPTQModel) reads
+            config=AwqConfig,
+            quantizer="quantplug_gptqmodel.awq:AwqQuantizer",
+            capabilities=quantplug.Capabilities(
+                bits=(4,),
+                devices=("cpu", "cuda"),
+                quantizes=False,  # GPTQModel's AWQ quantizer is CUDA-only and not wired in
+                serializable=True,
+                weight_dtypes=("int4",),
+            ),
+            requires=(SUPPORTED_GPTQMODEL,),
+            description="loads AWQ checkpoints (gemm layout, from AutoAWQ, GPTQModel, auto-round) with "
+            "GPTQModel's torch AWQ kernel; re-saves them unchanged.",
+            notes="load only: quantizing with AWQ is refused (GPTQModel's AWQ quantizer needs CUDA and is "
+            "not wired into quantplug-gptqmodel).",
         )
     )
