@@ -174,12 +174,23 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict:
     "-o", "--output", required=True, type=click.Path(file_okay=False), help="Output checkpoint folder."
 )
 @click.option("--device", default="cpu", show_default=True, help="Device to quantize on.")
+@click.option(
+    "--calibration-text",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Text file for configs that need calibration (GPTQ), tokenized with MODEL_DIR's tokenizer.",
+)
+@click.option("--calibration-tokens", type=click.IntRange(min=16), default=2048, show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_size, progress) -> None:
+def quantize(
+    model_dir, method, bits, preset, sets, output, device, calibration_text, calibration_tokens, max_shard_size,
+    progress,
+) -> None:  # fmt: skip
     """Quantize a full-precision checkpoint folder while reading it, and save the result.
 
-    Tokenizer and other non-weight files of MODEL_DIR are copied to the output."""
+    With --calibration-text the model is loaded in full precision first and calibrated on the
+    file's first --calibration-tokens tokens (in 512-token batches). Tokenizer and other non-weight
+    files of MODEL_DIR are copied to the output."""
     import time
     from pathlib import Path
 
@@ -204,7 +215,11 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
             data = {"quant_method": method}
         data.update(_parse_sets(sets))
         config = dispatch.config_from_dict(data)
-        model = load(model_dir, config=config, device=device, progress=progress)
+        if dispatch.AutoQuantizer.from_config(config).needs_calibration() or calibration_text:
+            calibration = (calibration_text, calibration_tokens)
+            model = _calibrated(model_dir, config, calibration, device, progress)
+        else:
+            model = load(model_dir, config=config, device=device, progress=progress)
         out = save(
             model, output, max_shard_size=max_shard_size, extra_files=non_checkpoint_files(Path(model_dir))
         )
@@ -222,6 +237,41 @@ def quantize(model_dir, method, bits, preset, sets, output, device, max_shard_si
         f"({json.dumps(config.to_dict())}) in {time.perf_counter() - t0:.1f} s; "
         f"wrote {out} ({size / 2**20:.1f} MiB of weights)"
     )
+
+
+def _calibrated(model_dir, config, calibration, device, progress):
+    """The full-precision model of ``model_dir``, quantized with calibration batches of the text file."""
+    from pathlib import Path
+
+    from .comparison import calibration_batches
+    from .convert import quantize
+    from .loading import load
+    from .text_quality import encode
+
+    text_file, n_tokens = calibration
+    if not text_file:
+        raise click.UsageError(
+            f"{config.quant_method} with these settings needs calibration data: pass --calibration-text FILE "
+            f"(representative text; its first --calibration-tokens tokens are used)"
+        )
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:
+        raise click.ClickException(
+            f"--calibration-text needs {model_dir}'s tokenizer, which did not load ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); save the tokenizer into the folder"
+        ) from None
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+    ids, _ = encode(text, tokenizer, None, n_tokens)
+    if ids.numel() < 16:
+        raise click.UsageError(
+            f"--calibration-text {text_file} gives {ids.numel()} tokens; at least 16 are needed"
+        )
+    model = load(model_dir, device=device, progress=progress)
+    quantize(model, config, device=device, progress=progress, calibration_data=calibration_batches(ids, 512))
+    return model
 
 
 @main.command("select")

@@ -253,3 +253,27 @@ def test_a_layer_the_packer_cannot_pack_is_left_in_full_precision_with_the_reaso
     )  # fmt: skip
     assert set(report.skipped) == {"0", "1"}
     assert "multiples of 32" in report.skipped["0"]
+
+
+def test_cli_quantizes_with_gptq_calibrated_on_a_text_file(tmp_path):
+    from click.testing import CliRunner
+
+    from quantplug.cli import main
+
+    folder = tmp_path / "fp"
+    tiny_llama().save_pretrained(folder)
+    _save_tokenizer(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"t{(i * 7919) % VOCAB}" for i in range(600)))
+    runner = CliRunner()
+    refused = runner.invoke(
+        main, ["quantize", str(folder), "-m", "gptq", "-b", "4", "-o", str(tmp_path / "x")]
+    )
+    assert refused.exit_code != 0 and "--calibration-text" in refused.output
+    args = ["quantize", str(folder), "-m", "gptq", "-b", "4", "-s", "group_size=32", "--no-progress"]
+    done = runner.invoke(main, [*args, "--calibration-text", str(text), "-o", str(tmp_path / "q")])
+    assert done.exit_code == 0, done.output
+    model = quantplug.load(tmp_path / "q", progress=False)
+    assert type(model.model.layers[1].self_attn.o_proj).__name__ == "GptqLinear"
+    ids = token_ids(VOCAB, (2, 12), seed=3)
+    assert _rel(_logits(model, ids), _logits(tiny_llama(), ids)) < 0.3
