@@ -261,9 +261,12 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             kwargs["lr"] = c.lr
         if c.minmax_lr is not None:
             kwargs["minmax_lr"] = c.minmax_lr
-        # No tokenizer: the dataset is token ids already. AutoRound insists on an object; it is
-        # asked only for pad_token_id (None: padding is then detected as trailing repeats).
-        tokenizer = types.SimpleNamespace(pad_token_id=None, pad_token=None)
+        # No tokenizer: the dataset is token ids already. AutoRound insists on an object and asks it
+        # only for the pad token (left out of the loss); the model's, else None (padding is then
+        # detected as trailing repeated tokens, auto-round's rule).
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        pad = pad if isinstance(pad, int) else None
+        tokenizer = types.SimpleNamespace(pad_token_id=pad, pad_token=None if pad is None else str(pad))
         with _quiet_warnings(), torch.enable_grad():
             ar = AutoRound(model, tokenizer, **kwargs)
             ar.quantize()
