@@ -15,12 +15,17 @@ __all__ = ["PRESETS", "AwqConfig", "GptqConfig", "SUPPORTED_GPTQMODEL", "registe
 #: GPTQModel 7.7 needs torch >= 2.14.1; 7.6 is the release that runs with torch 2.13
 SUPPORTED_GPTQMODEL = "gptqmodel>=7.6,<7.7"
 
+# bits_per_weight / rel_error: one Linear(2048, 2048, bias=False) with Gaussian weights, quantized
+# through quantplug on 4 x 256 Gaussian calibration rows, tested on other Gaussian rows (every stored
+# tensor counted: qweight, qzeros, fp16 scales, g_idx). Isotropic inputs give GPTQ nothing to
+# exploit, so these errors equal round-to-nearest's; on real text GPTQ's gain shows (bench/RESULTS.md,
+# section "calibrated"). No speed is declared: GPTQModel's torch kernel dequantizes on every forward.
 PRESETS = (
     quantplug.Preset(
         "int4-g128",
         {"bits": 4, "group_size": 128},
         bits=4,
-        bits_per_weight=4.16,
+        bits_per_weight=4.17,
         rel_error=0.09,
         note="the hub's most common GPTQ format",
     ),
@@ -28,7 +33,7 @@ PRESETS = (
         "int4-g128-act-order",
         {"bits": 4, "group_size": 128, "desc_act": True},
         bits=4,
-        bits_per_weight=4.16,
+        bits_per_weight=4.17,
         rel_error=0.09,
         note="act-order (desc_act): columns quantized by decreasing Hessian diagonal",
     ),
@@ -37,13 +42,13 @@ PRESETS = (
         {"bits": 3, "group_size": 128},
         bits=3,
         bits_per_weight=3.16,
-        rel_error=0.18,
+        rel_error=0.20,
     ),
     quantplug.Preset(
         "int8-g128",
         {"bits": 8, "group_size": 128},
         bits=8,
-        bits_per_weight=8.16,
+        bits_per_weight=8.20,
         rel_error=0.005,
     ),
 )
