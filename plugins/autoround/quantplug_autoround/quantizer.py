@@ -35,12 +35,10 @@ from torch import nn
 
 import quantplug
 
+from .calibration import Wrapped, count_samples, prepare_samples, restored, set_module, shallow_copy
+
 #: attribute on an inference module holding the checkpoint tensors it was built from
 CHECKPOINT_ATTR = "_quantplug_checkpoint"
-#: the keyword of the generic wrapper's forward that carries the caller's inputs
-INPUTS_KEY = "quantplug_inputs"
-#: the largest seqlen derived from the data when the config gives none
-MAX_DERIVED_SEQLEN = 2048
 
 
 class AutoRoundQuantizer(quantplug.Quantizer):
@@ -104,8 +102,8 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         device = next(model.parameters()).device
         blocks = _blocks(model)
         transformers_path = bool(blocks)
-        samples, seqlen = self._samples(batches, transformers_path)
-        nsamples = self.config.nsamples or sum(_count(s) for s in samples)
+        samples, seqlen = prepare_samples(self.config, batches, transformers_path)
+        nsamples = self.config.nsamples or sum(count_samples(s) for s in samples)
         metas = {
             n: nn.Linear(
                 m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=m.weight.dtype
@@ -113,12 +111,12 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             for n, m in pending.items()
         }
         for name, m in pending.items():  # AutoRound recasts and then releases the layers it packs:
-            set_module(model, name, _shallow_copy(m))  # give it copies, never the caller's modules
+            set_module(model, name, shallow_copy(m))  # give it copies, never the caller's modules
         others = {
             n: {"bits": 16} for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in pending
         }
-        with _restored(model, exclude=set(pending)):
-            target = model if transformers_path else _Wrapped(model)
+        with restored(model, exclude=set(pending)):
+            target = model if transformers_path else Wrapped(model)
             prefix = "" if transformers_path else "blocks.0."
             layer_config = {prefix + n: v for n, v in others.items()}
             for n in pending:
@@ -171,69 +169,6 @@ class AutoRoundQuantizer(quantplug.Quantizer):
 
     def _layer_scheme(self, name: str) -> dict[str, Any]:
         return {**self.config.layer_scheme(name), "data_type": "int"}
-
-    def _samples(self, batches: list[Any], token_ids: bool) -> tuple[list[Any], int]:
-        """The calibration batches as AutoRound's dataset, cut to one seqlen; ConfigError for what
-        cannot calibrate (before the model is touched)."""
-        c = self.config
-        prepared = []
-        for i, batch in enumerate(batches):
-            if isinstance(batch, dict):
-                if "input_ids" not in batch:
-                    raise _bad(
-                        f"calibration_data batch {i} is a dict without input_ids (keys: {sorted(batch)})"
-                    )
-                batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-                ids = batch["input_ids"]
-            else:
-                ids = batch
-            if not isinstance(ids, torch.Tensor):
-                raise _bad(f"calibration_data batch {i}: input_ids is a {type(ids).__name__}, not a tensor")
-            if token_ids:
-                if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-                    raise _bad(
-                        f"calibration_data batch {i} has dtype {ids.dtype}; a Transformers model calibrates on "
-                        f"token ids (an integer tensor [batch, seq])"
-                    )
-                if ids.dim() == 1:
-                    ids = ids.unsqueeze(0)
-                if ids.dim() != 2 or ids.shape[-1] == 0:
-                    raise _bad(
-                        f"calibration_data batch {i} has shape {list(ids.shape)}; token ids are [batch, seq]"
-                    )
-            elif ids.dim() == 0:
-                raise _bad(f"calibration_data batch {i} is a scalar tensor")
-            prepared.append((batch, ids))
-        lengths = [ids.shape[-1] if token_ids else _rows(ids) for _, ids in prepared]
-        if not token_ids:  # one sample per batch: seqlen is the row count of the model's input
-            if c.seqlen is not None and min(lengths) < c.seqlen:
-                i = lengths.index(min(lengths))
-                raise _bad(
-                    f"calibration_data batch {i} has {lengths[i]} rows; seqlen={c.seqlen} needs at least {c.seqlen}",
-                    field="seqlen",
-                )
-            return [
-                {"input_ids": torch.arange(_rows(ids)).unsqueeze(0), INPUTS_KEY: b} for b, ids in prepared
-            ], min(lengths)
-        seqlen = c.seqlen or min(min(lengths), MAX_DERIVED_SEQLEN)
-        short = [(i, n) for i, n in enumerate(lengths) if n < seqlen]
-        if short:
-            listing = ", ".join(f"batch {i}: {n}" for i, n in short[:5])
-            raise _bad(
-                f"calibration_data has samples shorter than seqlen={seqlen} tokens ({listing}); auto-round would "
-                f"silently drop them: give samples of at least {seqlen} tokens or set seqlen<={min(lengths)}",
-                field="seqlen",
-            )
-        out = []
-        for batch, ids in prepared:
-            if isinstance(batch, dict):
-                cut = {"input_ids": ids[..., :seqlen]}
-                if "attention_mask" in batch and batch["attention_mask"] is not None:
-                    cut["attention_mask"] = batch["attention_mask"][..., :seqlen]
-                out.append(cut)
-            else:
-                out.append(ids[..., :seqlen])
-        return out, seqlen
 
     def _run(self, model, samples, seqlen, nsamples, layer_config, device, batch_size=None) -> None:
         c = self.config
@@ -335,90 +270,11 @@ def _is_awq(packing: str) -> bool:
     return "awq" in packing
 
 
-def _bad(message: str, field: str = "calibration_data") -> quantplug.ConfigError:
-    return quantplug.ConfigError(message, field=field, value=None, allowed="see the message")
-
-
-def _shallow_copy(linear: nn.Linear) -> nn.Linear:
-    """A new ``nn.Linear`` sharing ``linear``'s tensors (new Parameter objects)."""
-    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-    out.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
-    if linear.bias is not None:
-        out.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-    return out
-
-
-def _rows(x: torch.Tensor) -> int:
-    return x.shape[-2] if x.dim() >= 2 else x.shape[0]
-
-
-def _count(sample: Any) -> int:
-    ids = sample["input_ids"] if isinstance(sample, dict) else sample
-    return ids.shape[0] if ids.dim() > 1 else 1
-
-
 def _blocks(model: nn.Module) -> list:
     try:
         return get_block_names(model) if hasattr(model, "config") else []
     except Exception:
         return []
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-class _Wrapped(nn.Module):
-    """A model that is not a Transformers decoder, as AutoRound runs one: the whole model is one
-    block, its calibration inputs come in as ``quantplug_inputs`` next to stand-in token ids (one id
-    per input row: auto-round masks its loss by them)."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.blocks = nn.ModuleList([inner])  # AutoRound tunes the ModuleLists it finds, block by block
-        self.config = types.SimpleNamespace(architectures=[], model_type="quantplug_wrapped", to_dict=dict)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.blocks.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.blocks.parameters()).device
-
-    def forward(self, input_ids=None, quantplug_inputs=None, **_):
-        return quantplug.run_batch(self.blocks[0], quantplug_inputs)
-
-
-@contextlib.contextmanager
-def _restored(model: nn.Module, exclude: set[str]):
-    """Give every module outside ``exclude`` back its own state afterwards: AutoRound casts the whole
-    model to its amp dtype (bf16 on CPU), which would round the layers left in full precision; it
-    turns off ``requires_grad``, and leaves attributes behind (a block's ``forward`` bound on the
-    instance, its bookkeeping names)."""
-    keep, state = [], []
-    for mod_name, mod in model.named_modules():
-        if any(mod_name == e or mod_name.startswith(e + ".") for e in exclude):
-            continue
-        state.append((mod, set(mod.__dict__), mod.training))
-        for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
-            if t is not None:
-                keep.append((mod, attr, t, t.data, t.requires_grad))
-    try:
-        yield
-    finally:
-        for mod, attrs, training in state:
-            for extra in set(mod.__dict__) - attrs:
-                delattr(mod, extra)
-            mod.training = training
-        for mod, attr, t, data, grad in keep:
-            if attr in mod._parameters:
-                mod._parameters[attr] = t
-                t.data = data
-                t.requires_grad_(grad)
-            else:
-                mod._buffers[attr] = data
 
 
 @contextlib.contextmanager
