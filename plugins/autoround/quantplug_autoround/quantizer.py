@@ -142,7 +142,6 @@ class AutoRoundQuantizer(quantplug.Quantizer):
                         f"add it to modules_to_not_convert"
                     )
                 done[name] = {k: v.detach() for k, v in qmodule.state_dict().items()}
-                set_module(model, name, nn.Identity())  # drop auto-round's packing module
         if transformers_path:
             self._record_layers_outside_blocks(list(pending), blocks)
         self._device = device
@@ -255,6 +254,12 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             )
         for key, value in tensors.items():
             setattr(qmodule, key, value)  # the buffers, as stored (the kernel's post_init converts them)
+        left = [k for k, t in [*qmodule.named_parameters(), *qmodule.named_buffers()] if t.is_meta]
+        if left:
+            raise quantplug.PluginError(
+                f"auto-round's {kind} module for {name} needs tensors {left} that its checkpoint format "
+                f"({c.packing}) does not hold; pin another backend (backend='torch')"
+            )
         post_init = getattr(qmodule, "post_init", None)
         if callable(post_init):
             post_init()
