@@ -27,6 +27,7 @@ CHEAP_CONFIGS: dict[str, dict[str, Any]] = {
     "hqq": {"nbits": 4, "group_size": 64},
     "quanto": {"weights": "int8"},
     "torchao": {},
+    "gptq": {"bits": 4, "group_size": 32},
 }
 
 
@@ -45,10 +46,13 @@ def record(test: str, **counts: Any) -> None:
 
 
 def installed_methods() -> list[str]:
-    """quant_method of every installed backend that is available here, sorted."""
+    """quant_method of every installed backend that is available here and quantizes (load-only
+    backends such as awq are left out), sorted."""
     import quantplug
 
-    return sorted(b.config.quant_method for b in quantplug.backends() if b.available)
+    return sorted(
+        b.config.quant_method for b in quantplug.backends() if b.available and b.capabilities.quantizes
+    )
 
 
 def cheap_config(method: str):
@@ -63,7 +67,13 @@ def quantized_llama(method: str, seed: int = 0):
     from quantplug.testing import tiny_llama
 
     model = tiny_llama(seed)
-    quantplug.quantize(model, cheap_config(method), progress=False)
+    config = cheap_config(method)
+    calibration = None
+    if quantplug.AutoQuantizer.from_config(config).needs_calibration():
+        from quantplug.testing import token_ids
+
+        calibration = [token_ids(model.config.vocab_size, (2, 16), seed=seed + 50 + i) for i in range(2)]
+    quantplug.quantize(model, config, progress=False, calibration_data=calibration)
     return model
 
 

@@ -81,12 +81,15 @@ def test_no_load_path_unpickles(method, trap, tmp_path):
     fp = quantplug.save(tiny_llama(seed=3), tmp_path / "fp")
     config = cheap_config(method)
     expected = logits(model, ids)
-    expected_qol = logits(quantplug.load(fp, config=config, progress=False), ids)
+    # a config that needs calibration data cannot quantize on load (refused, tested elsewhere)
+    on_load = not quantplug.AutoQuantizer.from_config(config).needs_calibration()
+    expected_qol = logits(quantplug.load(fp, config=config, progress=False), ids) if on_load else None
 
     with trap():
         assert torch.equal(logits(quantplug.load(single, progress=False), ids), expected)
         assert torch.equal(logits(quantplug.load(sharded, progress=False), ids), expected)
-        assert torch.equal(logits(quantplug.load(fp, config=config, progress=False), ids), expected_qol)
+        if on_load:
+            assert torch.equal(logits(quantplug.load(fp, config=config, progress=False), ids), expected_qol)
         assert torch.equal(logits(quantplug.load(fp, progress=False), ids), logits(tiny_llama(seed=3), ids))
 
 

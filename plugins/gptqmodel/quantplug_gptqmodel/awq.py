@@ -81,7 +81,9 @@ class AwqQuantizer(quantplug.Quantizer):
         for key in ("scales", "bias"):
             t = tensors.get(key)
             if t is not None and t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                raise quantplug.CheckpointError(f"{name}.{key}: expected a float tensor, got {t.dtype}")
+                raise quantplug.CheckpointError(
+                    f"{name}.{key}: stored as {t.dtype}, expected a float dtype: the checkpoint is damaged"
+                )
         layer = self._layer(module, meta=False)
         layer.load_state_dict(tensors, strict=True, assign=True)
         return layer

@@ -32,7 +32,6 @@ _OMIT_WHEN_NULL = frozenset(
         "use_exllama",
         "exllama_config",
         "method",
-        "quantizer",
         "dynamic",
         "tokenizer",
         "dataset",
@@ -96,7 +95,6 @@ class GptqConfig(quantplug.QuantConfig):
     exllama_config: dict[str, Any] | None = None
     method: Literal["gptq"] | None = None
     mse: float = 0.0
-    quantizer: Any = None
     # -- settings that would change the weights in ways this plugin does not implement ----------
     dynamic: dict[str, Any] | None = None
     lm_head: bool = False

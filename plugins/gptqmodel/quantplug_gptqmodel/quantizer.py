@@ -161,7 +161,9 @@ class GptqQuantizer(quantplug.Quantizer):
         for key in ("scales", "bias"):
             t = tensors.get(key)
             if t is not None and not t.dtype.is_floating_point:
-                raise quantplug.CheckpointError(f"{name}.{key}: expected a float tensor, got {t.dtype}")
+                raise quantplug.CheckpointError(
+                    f"{name}.{key}: stored as {t.dtype}, expected a float dtype: the checkpoint is damaged"
+                )
         groups = tensors["scales"].shape[0]
         g_idx = tensors["g_idx"]
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
