@@ -171,14 +171,15 @@ def main() -> None:
     (HERE / "results" / f"{args.section}.md").write_text(to_markdown(result))
 
     lines = [
-        "| preset | bits/weight (measured) | SmolLM2 perplexity | vs fp32 | MiniLM cosine | quantize s | "
-        "quantize peak MiB | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | SmolLM2 layers quantized | bits/weight (measured) | SmolLM2 perplexity | vs fp32 | MiniLM cosine | "
+        "quantize s | quantize peak MiB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     n_weights = base.weight_bytes / 4  # fp32 baseline: 4 bytes per weight
+    n_layers = max((r.converted or 0) for r in result.rows)
     for r, row in zip(result.rows, rows, strict=True):
         if r.error:
-            lines.append(f"| {r.label} | | | | | | | failed: {r.error.splitlines()[0][:120]} |")
+            lines.append(f"| {r.label} | | | | | | | | failed: {r.error.splitlines()[0][:120]} |")
             continue
         cos = row["minilm_cosine"]
         cos_s = f"{cos:.4f}" if isinstance(cos, float) else (f"failed: {cos[:60]}" if cos else "-")
@@ -188,7 +189,8 @@ def main() -> None:
         qs = f"{r.quantize_seconds:.1f}" if r.quantize_seconds is not None else ""
         peak = f"{r.quantize_peak_bytes / 2**20:.0f}" if r.quantize_peak_bytes is not None else ""
         note = "baseline" if r is base else "calibrated" if _calibrated(r) else ""
-        lines.append(f"| {r.label} | {bpw} | {ppl} | {rel} | {cos_s} | {qs} | {peak} | {note} |")
+        layers = f"{r.converted} of {n_layers}" if r.converted is not None else f"{n_layers}"
+        lines.append(f"| {r.label} | {layers} | {bpw} | {ppl} | {rel} | {cos_s} | {qs} | {peak} | {note} |")
     body = "\n".join(
         [
             "## Quality: every preset on SmolLM2-135M (perplexity) and all-MiniLM-L6-v2 (embedding cosine)"
@@ -204,7 +206,8 @@ def main() -> None:
             f"Perplexity: {result.settings['tokens']} tokens of `pydoc_data.topics` in {result.settings['window']}-token "
             "windows. MiniLM: mean cosine of mean-pooled embeddings of "
             f"{args.sentences} sentences of the same text vs fp32. Bits/weight: bytes of the quantized "
-            "layers (scales and zero points included) per weight. SmolLM2's weights were dequantized from a "
+            "layers (scales and zero points included) per weight of all quantizable layers (a preset that "
+            "quantized fewer layers, see the layers column, shows fewer). SmolLM2's weights were dequantized from a "
             "Q4_1 GGUF (4-bit grid, groups of 32, float offset), which flatters 4-bit presets; MiniLM is "
             "true fp32. Calibrated presets: SmolLM2 on the "
             f"{result.settings['calibration'].split(' got ')[-1] if result.settings.get('calibration') else 'none'}; "

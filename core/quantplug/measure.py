@@ -44,6 +44,8 @@ class Row:
     checkpoint_bytes: int | None = None
     """Bytes of the tensors ``quantplug.save`` would write: the cross-check of ``model_bytes``."""
     quantize_seconds: float | None = None
+    converted: int | None = None
+    """Layers the backend quantized (the rest it left in full precision, with reasons in its report)."""
     quantize_peak_bytes: int | None = None
     """Peak resident memory while quantizing, above what the process held before (``PeakMemory``)."""
     perplexity: float | None = None

@@ -99,6 +99,7 @@ def _measure_candidate(
                     work, spec.config, device=bench.device, progress=True, calibration_data=calibration
                 )
             row.quantize_peak_bytes = peak.extra_bytes
+            row.converted = len(report.converted)
             say(f"    quantized {len(report.converted)} layer(s) in {report.seconds:.1f} s; measuring")
             row.quantize_seconds = report.seconds
             row.weight_bytes = report.bytes_after
