@@ -70,14 +70,15 @@ def prepare_samples(config: Any, batches: list[Any], token_ids: bool) -> tuple[l
             field="seqlen",
         )
     out = []
-    for batch, ids in prepared:
-        if isinstance(batch, dict):
-            cut = {"input_ids": ids[..., :seqlen]}
-            if "attention_mask" in batch and batch["attention_mask"] is not None:
-                cut["attention_mask"] = batch["attention_mask"][..., :seqlen]
-            out.append(cut)
-        else:
-            out.append(ids[..., :seqlen])
+    for batch, ids in prepared:  # one sample per row: auto-round batches them itself (batch_size), and
+        for r in range(ids.shape[0]):  # exits the process on a sample with more rows than that
+            if isinstance(batch, dict):
+                cut = {"input_ids": ids[r : r + 1, :seqlen]}
+                if "attention_mask" in batch and batch["attention_mask"] is not None:
+                    cut["attention_mask"] = batch["attention_mask"][r : r + 1, :seqlen]
+                out.append(cut)
+            else:
+                out.append(ids[r : r + 1, :seqlen])
     return out, seqlen
 
 

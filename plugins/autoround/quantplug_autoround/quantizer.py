@@ -202,8 +202,15 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         pad = pad if isinstance(pad, int) else None
         tokenizer = types.SimpleNamespace(pad_token_id=pad, pad_token=None if pad is None else str(pad))
         with _quiet_warnings(), torch.enable_grad():
-            ar = AutoRound(model, tokenizer, **kwargs)
-            ar.quantize()
+            try:
+                ar = AutoRound(model, tokenizer, **kwargs)
+                ar.quantize()
+            except SystemExit as exc:  # auto-round calls sys.exit(-1) on inputs it cannot batch
+                raise quantplug.PluginError(
+                    f"auto-round gave up on this model or its calibration batches (it called sys.exit({exc.code}); "
+                    f"its log above says why); quantplug-autoround feeds it one sample per row, so report this "
+                    f"with the model and the batch shapes"
+                ) from None
 
     # -- checkpoints --------------------------------------------------------------------------
 

@@ -85,3 +85,16 @@ def test_a_quantizer_made_for_one_model_does_not_leak_into_the_next():
         model = tiny_llama()
         report = quantplug.quantize(model, CONFIG, calibration_data=data, progress=False)
         assert len(report.converted) == 14
+
+
+def test_batches_with_more_rows_than_auto_rounds_batch_size_are_fed_one_row_per_sample():
+    # auto-round calls sys.exit(-1) on a sample with more rows than its batch_size (8 here): the plugin
+    # hands it one sample per row (found with MiniLM's 16-sentence batches)
+    model = tiny_llama()
+    report = quantplug.quantize(
+        model,
+        {**CONFIG, "batch_size": 8},
+        calibration_data=[token_ids(shape=(16, 16), seed=5)],
+        progress=False,
+    )
+    assert report.converted
