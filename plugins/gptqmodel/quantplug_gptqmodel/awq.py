@@ -38,6 +38,10 @@ class AwqLinear(AwqTorchLinear):
 
 for _key in [k for k in vars(AwqTorchLinear) if k.startswith("SUPPORTS_")]:
     setattr(AwqLinear, _key, getattr(AwqTorchLinear, _key))
+# ...but it is quantplug's layer, not a kernel of GPTQModel's own: its kernel selection (which
+# Transformers' GPTQ / AWQ loading uses in the same process) must never pick it, or two kernels
+# would match one backend
+AwqLinear.SUPPORTS_BACKEND_SELECTION = False
 
 
 class AwqQuantizer(quantplug.Quantizer):

@@ -89,3 +89,7 @@ def _converted_qzeros(layer: GptqLinear, convert) -> torch.Tensor:
 # are TorchLinear's.
 for _key in [k for k in vars(TorchLinear) if k.startswith("SUPPORTS_")]:
     setattr(GptqLinear, _key, getattr(TorchLinear, _key))
+# ...but it is quantplug's layer, not a kernel of GPTQModel's own: its kernel selection (which
+# Transformers' GPTQ / AWQ loading uses in the same process) must never pick it, or two kernels
+# would match one backend
+GptqLinear.SUPPORTS_BACKEND_SELECTION = False

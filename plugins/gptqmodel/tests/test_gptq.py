@@ -277,3 +277,15 @@ def test_cli_quantizes_with_gptq_calibrated_on_a_text_file(tmp_path):
     assert type(model.model.layers[1].self_attn.o_proj).__name__ == "GptqLinear"
     ids = token_ids(VOCAB, (2, 12), seed=3)
     assert _rel(_logits(model, ids), _logits(tiny_llama(), ids)) < 0.3
+
+
+def test_quantplugs_layers_leave_gptqmodels_kernel_selection_alone(written_by_gptqmodel, tmp_path):
+    """Importing the plugin's layers must not add a kernel GPTQModel could select: Transformers' own
+    GPTQ loading in the same process (after a quantplug quantize) keeps working."""
+    import quantplug_gptqmodel.awq  # noqa: F401
+    import quantplug_gptqmodel.layers  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    _, folder = written_by_gptqmodel["v1-sym"]
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ not in ("GptqLinear", "Linear")
