@@ -478,9 +478,9 @@ def test_known_plugin_method_not_installed_says_what_to_pip_install():
 
 def test_transformers_only_method_says_no_plugin_exists_yet():
     with pytest.raises(UnknownMethodError) as info:
-        AutoQuantizer.from_config({"quant_method": "gptq", "bits": 4})
+        AutoQuantizer.from_config({"quant_method": "aqlm", "bits": 4})
     msg = str(info.value)
-    assert "'gptq'" in msg
+    assert "'aqlm'" in msg
     assert "no installed quantplug plugin provides it and quantplug knows of none that does" in msg
     assert "pip install" not in msg
 

@@ -28,8 +28,19 @@ THREADS = 8
 AST_RACE = (3, 11) <= sys.version_info[:3] < (3, 11, 8) or (3, 12) <= sys.version_info[:3] < (3, 12, 2)
 
 
+# auto-round-lib's CPU kernel gives results that depend on how many threads it ran on (1 vs 2 torch
+# threads: different bits, each reproducible), and after running in several Python threads at once
+# its later results in the main thread changed too: bitwise equality with a serial run cannot hold.
+# Measured 2026-11-30 (issue 15 note); auto-round's tuning itself is serialized by the plugin.
+NOT_BITWISE_UNDER_THREADS = {"auto-round"}
+
+
 def methods() -> list[str]:
-    return [m for m in installed_methods() if not (m == "quanto" and AST_RACE)]
+    return [
+        m
+        for m in installed_methods()
+        if not (m == "quanto" and AST_RACE) and m not in NOT_BITWISE_UNDER_THREADS
+    ]
 
 
 ROUNDS = size(2, 20)

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import types
 from typing import Any
 
@@ -39,6 +40,11 @@ from .calibration import Wrapped, count_samples, prepare_samples, restored, set_
 
 #: attribute on an inference module holding the checkpoint tensors it was built from
 CHECKPOINT_ATTR = "_quantplug_checkpoint"
+
+
+#: auto-round keeps state shared between AutoRound instances while it tunes (two tunings in two threads
+#: fail with "'LLMCalibrator' object has no attribute 'last_cache_name'"): one tuning at a time
+_TUNING = threading.Lock()
 
 
 class AutoRoundQuantizer(quantplug.Quantizer):
@@ -201,7 +207,7 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         pad = pad if isinstance(pad, int) else None
         tokenizer = types.SimpleNamespace(pad_token_id=pad, pad_token=None if pad is None else str(pad))
-        with _quiet_warnings(), torch.enable_grad():
+        with _TUNING, _quiet_warnings(), torch.enable_grad():
             try:
                 ar = AutoRound(model, tokenizer, **kwargs)
                 ar.quantize()
