@@ -17,7 +17,7 @@ import torch
 import quantplug
 from quantplug.testing import logits, tiny_llama, token_ids
 
-from ._support import CHEAP_CONFIGS, installed_methods, record, size
+from ._support import CHEAP_CONFIGS, THREAD_DEPENDENT_KERNELS, installed_methods, record, size
 
 THREADS = 8
 
@@ -32,7 +32,7 @@ AST_RACE = (3, 11) <= sys.version_info[:3] < (3, 11, 8) or (3, 12) <= sys.versio
 # threads: different bits, each reproducible), and after running in several Python threads at once
 # its later results in the main thread changed too: bitwise equality with a serial run cannot hold.
 # Measured 2026-11-30 (issue 15 note); auto-round's tuning itself is serialized by the plugin.
-NOT_BITWISE_UNDER_THREADS = {"auto-round"}
+NOT_BITWISE_UNDER_THREADS = THREAD_DEPENDENT_KERNELS
 
 
 def methods() -> list[str]:
