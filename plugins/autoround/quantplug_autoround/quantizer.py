@@ -207,6 +207,7 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         pad = pad if isinstance(pad, int) else None
         tokenizer = types.SimpleNamespace(pad_token_id=pad, pad_token=None if pad is None else str(pad))
+        threads = torch.get_num_threads()  # AutoRound sets torch's thread count and leaves it changed
         with _TUNING, _quiet_warnings(), torch.enable_grad():
             try:
                 ar = AutoRound(model, tokenizer, **kwargs)
@@ -217,6 +218,8 @@ class AutoRoundQuantizer(quantplug.Quantizer):
                     f"its log above says why); quantplug-autoround feeds it one sample per row, so report this "
                     f"with the model and the batch shapes"
                 ) from None
+            finally:
+                torch.set_num_threads(threads)
 
     # -- checkpoints --------------------------------------------------------------------------
 
