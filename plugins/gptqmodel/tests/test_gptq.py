@@ -53,7 +53,10 @@ def _gptqmodel_checkpoint(root, name: str, **qcfg):
     _save_tokenizer(fp)
     model = GPTQModel.load(str(fp), QuantizeConfig(**qcfg), device="cpu")
     data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in _calibration(8)]
-    model.quantize(data, batch_size=4)
+    # GPTQModel writes per-layer logs into ./logs of the working directory: keep them out of the repo
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(root)
+        model.quantize(data, batch_size=4)
     model.save(str(out))
     return fp, out
 
