@@ -40,7 +40,8 @@ class Spec:
 
 def resolve(spec: Any) -> Spec:
     """A ``Spec`` from ``"backend:preset"``, ``"backend"`` (its first preset), a config object or a
-    config dict. Raises ``ConfigError`` / ``UnknownMethodError`` naming what is wrong."""
+    config dict. The preset name is matched case-insensitively (``"compressed-tensors:W4A16"``
+    names preset ``w4a16``). Raises ``ConfigError`` / ``UnknownMethodError`` naming what is wrong."""
     from .dispatch import as_config, get_backend
 
     if isinstance(spec, Spec):
@@ -56,7 +57,10 @@ def resolve(spec: Any) -> Spec:
                 )
             chosen = presets[0]
         else:
-            found = [p for p in presets if p.name == preset.strip()]
+            wanted = preset.strip()
+            found = [p for p in presets if p.name == wanted] or [
+                p for p in presets if str(p.name).lower() == wanted.lower()
+            ]
             if not found:
                 raise ConfigError(
                     f"backend {backend.name!r} has no preset {preset!r}; its presets: "

@@ -100,9 +100,16 @@ class Preset:
     type and workload: ``{"cuda": {"decode": 1.5, "prefill": 0.04}}`` means 1.5x faster at decode
     and 25x slower at prefill. Leave out what was not measured."""
     note: str = ""
+    servable_by: tuple[str, ...] = ()
+    """Serving engines that read this preset's checkpoints as they are, without conversion, as
+    lowercase names, e.g. ``("vllm", "sglang")``: the engine loads the folder ``quantplug.save``
+    writes (vLLM's compressed-tensors, GPTQ or bitsandbytes loaders, for example).
+    ``select(serve=...)`` keeps only the presets that declare the engine. Declare only what was
+    checked with the engine; empty = none is claimed."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", str_tuple(self.devices))
+        object.__setattr__(self, "servable_by", str_tuple(self.servable_by))
         if self.min_cuda_capability is not None:
             object.__setattr__(self, "min_cuda_capability", tuple(self.min_cuda_capability))
         speed = {
@@ -161,6 +168,11 @@ class Preset:
         cap = self.min_cuda_capability
         if cap is not None and not (len(cap) == 2 and all(isinstance(v, int) for v in cap)):
             out.append(f"{where}: min_cuda_capability must be (major, minor), got {cap!r}")
+        for engine in self.servable_by:
+            if not isinstance(engine, str) or not NAME_RE.match(engine):
+                out.append(
+                    f"{where}: servable_by entries must be lowercase engine names like 'vllm', got {engine!r}"
+                )
         return out
 
     def to_dict(self, config_class: type[QuantConfig] | None = None) -> dict[str, Any]:
@@ -177,4 +189,5 @@ class Preset:
             "rel_error": self.rel_error,
             "speed": {dev: dict(fig) for dev, fig in self.speed.items()},
             "note": self.note,
+            "servable_by": list(self.servable_by),
         }

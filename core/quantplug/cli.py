@@ -281,11 +281,20 @@ def _calibrated(model_dir, config, calibration, device, progress):
 @click.option("--memory", "memory", help="Memory budget for the weights, e.g. 5GB or 12GiB.")
 @click.option("--finetune", is_flag=True, help="Only backends whose layers can train adapters (LoRA).")
 @click.option("--calibration-data", is_flag=True, help="You can provide calibration data.")
+@click.option(
+    "--serve",
+    metavar="ENGINE",
+    help="Only presets whose checkpoints ENGINE (vllm, sglang, tgi, or one a plugin declares) reads as "
+    "`quantplug quantize` writes them, without conversion, as their plugins declare; the others are "
+    "rejected, naming the installed presets ENGINE serves.",
+)
 @workload_option
 @priority_option
 @click.option("--top", type=click.IntRange(min=1), help="Show only the first N candidates.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def select_cmd(model, params, device, memory, finetune, calibration_data, workload, priority, top, as_json):
+def select_cmd(
+    model, params, device, memory, finetune, calibration_data, serve, workload, priority, top, as_json
+):
     """Rank the installed backends for MODEL (a model folder, its config.json or a parameter count)
     from what each plugin declares, with the reason for every place and every rejection."""
     from .errors import QuantplugError
@@ -302,6 +311,7 @@ def select_cmd(model, params, device, memory, finetune, calibration_data, worklo
             calibration_data=calibration_data,
             workload=workload,
             priority=priority,
+            serve=serve,
         )
     except QuantplugError as exc:
         raise click.ClickException(str(exc)) from None

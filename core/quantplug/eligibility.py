@@ -8,7 +8,7 @@ backend that is not registered is not mentioned: first- and third-party plugins 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .backend import Backend
@@ -23,6 +23,10 @@ from .sizes import fmt_bytes
 #: Bits per weight assumed for a preset that does not declare ``bits_per_weight``: ``bits`` plus
 #: one 16-bit scale and one 16-bit zero point per group of 64 weights.
 ASSUMED_GROUP_OVERHEAD_BITS = 0.5
+
+#: Serving engines ``select(serve=...)`` accepts even when no installed preset declares them (it
+#: then says none does); any name an installed preset declares in ``servable_by`` is accepted too.
+KNOWN_ENGINES = ("vllm", "sglang", "tgi")
 
 
 @dataclasses.dataclass
@@ -46,6 +50,8 @@ class Request:
     budget: int | None
     finetune: bool
     calibration_data: bool
+    serve: str | None = None
+    """A serving engine that must read the checkpoints as they are (``Preset.servable_by``)."""
 
     @property
     def pre_method(self) -> str | None:
@@ -80,13 +86,14 @@ def eligible(request: Request) -> tuple[list[Eligible], list[Rejection], list[st
             f"the checkpoint is already quantized with {request.pre_method!r}: its method decides; load it "
             f"with quantplug.load (re-quantizing needs the full-precision weights)"
         )
+    serving = servable_presets(request.serve) if request.serve is not None else []
     for backend in backends():
         presets = _presets(backend, request)
         if isinstance(presets, Rejection):
             rejected.append(presets)
             continue
         for preset in presets:
-            verdict = _check(backend, preset, request, notes)
+            verdict = _check(backend, preset, request, notes, serving)
             (rejected if isinstance(verdict, Rejection) else passed).append(verdict)
     return passed, rejected, notes
 
@@ -112,12 +119,72 @@ def _presets(backend: Backend, request: Request) -> list[Preset] | Rejection:
         return Rejection(backend.name, None, f"the checkpoint's quantization_config is invalid: {exc}")
     bits = getattr(config, "bits", None)
     bits = bits if isinstance(bits, int) else max(backend.capabilities.bits)
-    return [Preset(name="checkpoint", config=config, bits=bits)]
+    # servable as the declared preset whose config it is (none: no engine is claimed)
+    same = [p for p in presets_of(backend) if _builds(p, backend) == config]
+    servable = same[0].servable_by if same else ()
+    return [Preset(name="checkpoint", config=config, bits=bits, servable_by=servable)]
 
 
-def _check(backend: Backend, preset: Preset, request: Request, notes: list[str]) -> Eligible | Rejection:
-    """Every rule for one preset, in order: device, compute capability, trainability, calibration
-    data, budget, a buildable config. The first rule it breaks rejects it."""
+def _builds(preset: Preset, backend: Backend) -> QuantConfig | None:
+    try:
+        return preset.build(backend.config)
+    except ConfigError:
+        return None
+
+
+def servable_presets(engine: str) -> list[str]:
+    """``backend:preset`` labels of the registered presets that declare ``engine`` in
+    ``servable_by`` (backends that only load checkpoints are left out: they are never proposed)."""
+    from . import backends
+
+    return [
+        f"{b.name}:{p.name}"
+        for b in backends()
+        if b.capabilities.quantizes
+        for p in presets_of(b)
+        if engine in p.servable_by
+    ]
+
+
+def check_engine(serve: Any) -> str:
+    """``serve`` as a lowercase engine name; ``ConfigError`` when it is neither in ``KNOWN_ENGINES``
+    nor declared by a registered preset."""
+    from . import backends
+
+    declared = {e for b in backends() for p in presets_of(b) for e in p.servable_by}
+    allowed = sorted({*KNOWN_ENGINES, *declared})
+    name = serve.strip().lower() if isinstance(serve, str) else serve
+    if name not in allowed:
+        raise ConfigError(
+            f"serve {serve!r} is not a serving engine quantplug knows ({', '.join(KNOWN_ENGINES)}) or one "
+            f"an installed preset declares ({', '.join(sorted(declared)) or 'none declares any'})",
+            field="serve",
+            value=serve,
+            allowed=allowed,
+        )
+    return name
+
+
+def _serve_rejection(preset: Preset, plugin: str, engine: str, serving: list[str]) -> tuple[str, str]:
+    """Why ``engine`` does not qualify ``preset``, and the fix."""
+    others = f"its plugin declares {', '.join(preset.servable_by)} only" if preset.servable_by else ""
+    reason = f"{engine} does not serve its checkpoints as they are ({others or f'not declared by {plugin}'})"
+    if serving:
+        shown = ", ".join(serving[:6]) + (f" and {len(serving) - 6} more" if len(serving) > 6 else "")
+        return f"{reason}; installed presets {engine} serves: {shown}", ""
+    return (
+        f"{reason}; no installed preset declares a checkpoint {engine} serves",
+        f"install a plugin whose presets declare servable_by=({engine!r},); backends such as "
+        f"compressed-tensors do",
+    )
+
+
+def _check(
+    backend: Backend, preset: Preset, request: Request, notes: list[str], serving: Sequence[str] = ()
+) -> Eligible | Rejection:
+    """Every rule for one preset, in order: the serving engine, device, compute capability,
+    trainability, calibration data, budget, a buildable config. The first rule it breaks rejects
+    it. ``serving``: the labels of the presets the requested engine serves."""
     caps, size, hw = backend.capabilities, request.size, request.hardware
     devices = preset.devices or caps.devices
     trainable = caps.trainable if preset.trainable is None else preset.trainable
@@ -129,6 +196,8 @@ def _check(backend: Backend, preset: Preset, request: Request, notes: list[str])
     def reject(reason: str, fix: str = "") -> Rejection:
         return Rejection(backend.name, preset.name, reason, fix, predicted)
 
+    if request.serve is not None and request.serve not in preset.servable_by:
+        return reject(*_serve_rejection(preset, backend.plugin or backend.name, request.serve, list(serving)))
     dev = hw.device
     if dev not in devices:
         return reject(f"does not run on {dev} (runs on {', '.join(devices)})")

@@ -45,6 +45,8 @@ class Candidate:
     score: float = 0.0
     rank: int = 0
     reasons: list[str] = dataclasses.field(default_factory=list)
+    servable_by: tuple[str, ...] = ()
+    """Serving engines its plugin declares read its checkpoints as they are (``Preset.servable_by``)."""
 
     @property
     def label(self) -> str:
@@ -64,6 +66,7 @@ class Candidate:
             "speed": self.speed,
             "score": round(self.score, 4),
             "reasons": list(self.reasons),
+            "servable_by": list(self.servable_by),
         }
 
 
@@ -175,6 +178,7 @@ def rank(passed: list[Eligible], dev: str, workload: str, priority: str) -> list
             fits=option.fits,
             rel_error=err,
             speed=_speed_for(preset, dev, workload),
+            servable_by=preset.servable_by,
         )
         ranked.append((candidate, option))
     known = [c.speed for c, _ in ranked if c.speed is not None]
@@ -242,6 +246,10 @@ def explain(
     if budget is not None:
         size_text += f"; fits {fmt_bytes(budget)} with {fmt_bytes(budget - c.predicted_bytes)} to spare"
     c.reasons = [_rank_reason(priority, c.rank, total), speed, quality, size_text]
+    if request.serve is not None:
+        c.reasons.append(
+            f"{request.serve} serves its checkpoints as they are (declared by {backend.plugin or backend.name})"
+        )
     if request.finetune:
         c.reasons.append("trainable: adapters (e.g. LoRA) can be trained on top of it")
     if option.needs_calibration:

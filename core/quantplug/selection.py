@@ -22,7 +22,14 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from .candidates import Spec, presets_of, resolve
-from .eligibility import ASSUMED_GROUP_OVERHEAD_BITS, Rejection, Request, eligible
+from .eligibility import (
+    ASSUMED_GROUP_OVERHEAD_BITS,
+    KNOWN_ENGINES,
+    Rejection,
+    Request,
+    check_engine,
+    eligible,
+)
 from .errors import ConfigError
 from .hardware import Hardware, detect_hardware
 from .model_size import ASSUMED_UNQUANTIZED_SHARE, ModelSize, model_size
@@ -33,6 +40,7 @@ __all__ = [
     "ASSUMED_GROUP_OVERHEAD_BITS",
     "ASSUMED_UNQUANTIZED_SHARE",
     "ERROR_FLOOR",
+    "KNOWN_ENGINES",
     "PRIORITIES",
     "SIZE_TOLERANCE",
     "Candidate",
@@ -69,6 +77,8 @@ class Selection:
     candidates: list[Candidate]
     rejected: list[Rejection]
     notes: list[str]
+    serve: str | None = None
+    """The serving engine every candidate's checkpoints must be read by as they are (None: any)."""
 
     @property
     def best(self) -> Candidate | None:
@@ -87,6 +97,7 @@ class Selection:
             "priority": self.priority,
             "finetune": self.finetune,
             "calibration_data": self.calibration_data,
+            "serve": self.serve,
             "candidates": [c.to_dict() for c in self.candidates],
             "rejected": [r.to_dict() for r in self.rejected],
             "notes": list(self.notes),
@@ -101,6 +112,7 @@ class Selection:
             + (f"; budget: {fmt_bytes(self.memory_budget)}" if self.memory_budget else "")
             + f"; workload: {self.workload}; priority: {self.priority}"
             + ("; fine-tuning" if self.finetune else "")
+            + (f"; served by {self.serve}" if self.serve else "")
         )
         lines += [f"note: {n}" for n in self.notes]
         lines.append("")
@@ -148,6 +160,7 @@ def select(
     calibration_data: bool = False,
     workload: Workload = "decode",
     priority: Priority = "balanced",
+    serve: str | None = None,
 ) -> Selection:
     """Rank every registered backend's presets for ``model`` on ``device``.
 
@@ -157,13 +170,17 @@ def select(
     ``memory_budget``: bytes or ``"5GB"`` for the weights. ``finetune``: only backends declared
     trainable qualify. ``calibration_data``: whether you can provide calibration data.
     ``workload``: ``decode`` (token by token), ``prefill`` (long prompts, batch work) or
-    ``mixed``. ``priority``: ``balanced``, ``quality``, ``size`` or ``speed``.
+    ``mixed``. ``priority``: ``balanced``, ``quality``, ``size`` or ``speed``. ``serve``: a
+    serving engine (``vllm``, ``sglang``, ``tgi`` or any an installed preset declares); only presets
+    whose plugin declares that the engine reads their checkpoints as they are (``Preset.servable_by``)
+    qualify, the others are rejected saying which installed presets it serves.
     Returns a ``Selection``; nothing is quantized and no backend library is imported.
     """
     workload = _choice(workload, ("decode", "prefill", "mixed"), "workload")
     priority = _choice(priority, PRIORITIES, "priority")
     budget = _budget(memory_budget)
-    request = Request(model_size(model), detect_hardware(device), budget, finetune, calibration_data)
+    engine = None if serve is None else check_engine(serve)
+    request = Request(model_size(model), detect_hardware(device), budget, finetune, calibration_data, engine)
     passed, rejected, filter_notes = eligible(request)
     passed, dominated = undominated(passed, request, workload)
     rejected += dominated
@@ -181,6 +198,7 @@ def select(
         candidates,
         rejected,
         all_notes,
+        engine,
     )
 
 
