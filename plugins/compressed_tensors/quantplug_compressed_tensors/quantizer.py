@@ -1,0 +1,244 @@
+"""``CompressedTensorsQuantizer``: quantizes and loads compressed-tensors checkpoints with the
+library's own scheme matching, qparam arithmetic and compressors.
+
+- Which layers: compressed-tensors' rules (``match_targets`` / ``match_name``): a Linear is
+  quantized when a ``config_groups`` target names it (exact name, ``re:`` pattern or class name,
+  most specific first) and no ``ignore`` entry does.
+- Quantize: the weight's min/max per tensor, channel or group (llm-compressor's default weight
+  observer) -> ``calculate_qparams`` -> the format's compressor ``compress`` (quantize + pack).
+  Static input scales (FP8, static W8A8) come from calibration: the running min/max of each layer's
+  inputs over the calibration batches (llm-compressor's ``static_minmax``).
+- Load: the stored tensors become the layer's buffers as they are; the shapes and dtypes the
+  config implies are checked by the core before anything is read, the rest here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.quantization.utils import calculate_qparams
+from compressed_tensors.utils.match import match_name, match_targets
+from pydantic import ValidationError
+from torch import nn
+
+import quantplug
+
+from .layers import CompressedTensorsLinear
+
+_PACKED_ZP = ("group", "channel")  # strategies whose asymmetric zero points pack-quantized packs
+
+
+class CompressedTensorsQuantizer(quantplug.Quantizer):
+    def __init__(self, backend, config):
+        super().__init__(backend, config)
+        self._targets: OrderedDict[str, tuple[QuantizationScheme, str]] = OrderedDict()
+
+    def check_config(self) -> None:
+        """Each group parsed by compressed-tensors' own ``QuantizationScheme`` (its validation)."""
+        for name, group in self.config.config_groups.items():
+            try:
+                scheme = QuantizationScheme.model_validate(group)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first.get("loc", ()))
+                raise quantplug.ConfigError(
+                    f"CompressedTensorsConfig: config_groups[{name!r}] is not a valid compressed-tensors scheme: "
+                    f"{where}: {first.get('msg')}",
+                    field="config_groups",
+                    value=group,
+                ) from None
+            for target in scheme.targets:
+                self._targets[target] = (scheme, group["format"])
+
+    # -- which layers ------------------------------------------------------------------------
+
+    def _ignored(self, name: str, module: nn.Module) -> str | None:
+        for pattern in self.config.ignore:
+            if match_name(name, pattern) or type(module).__name__ == pattern:
+                return pattern
+        return None
+
+    def scheme_of(self, name: str, module: nn.Module) -> tuple[QuantizationScheme, str] | None:
+        """The scheme and format compressed-tensors applies to ``name`` (None: left in full precision)."""
+        if self._ignored(name, module) is not None:
+            return None
+        matched = match_targets(name, module, list(self._targets))
+        return self._targets[matched[0]] if matched else None
+
+    def skip_reason(self, name: str, module: nn.Module) -> str | None:
+        pattern = self._ignored(name, module)
+        if pattern is not None:
+            return f"in ignore ({pattern!r})"
+        found = self.scheme_of(name, module)
+        if found is None:
+            return f"matches no config_groups target ({', '.join(self._targets)})"
+        weights = found[0].weights
+        if weights.strategy == "group" and module.in_features % weights.group_size:
+            return (
+                f"{module.in_features} inputs are not a multiple of group_size {weights.group_size} "
+                f"(compressed-tensors' and vLLM's group layouts need whole groups)"
+            )
+        return None
+
+    def needs_calibration(self) -> bool:
+        return self.config.static_activations()
+
+    # -- quantize ----------------------------------------------------------------------------
+
+    def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
+        scheme, fmt = self.scheme_of(name, module)
+        args = scheme.weights
+        weight = module.weight.detach()
+        lo, hi = _ranges(weight, args.strategy, args.group_size)
+        scale, zero = calculate_qparams(lo, hi, args)
+        state = {"weight": weight, "weight_scale": scale.to(weight.dtype)}
+        if not args.symmetric:
+            state["weight_zero_point"] = zero.to(torch.int8)
+        compressed = CompressedTensorsLinear.compressor_of(fmt).compress(state, scheme)
+        compressed.update(_activation_placeholders(scheme, weight.dtype, weight.device))
+        bias = module.bias.detach() if module.bias is not None else None
+        return CompressedTensorsLinear(scheme, fmt, module.in_features, module.out_features, compressed, bias)
+
+    def calibrate(self, model: nn.Module, batches: list) -> None:
+        """Static input scales: the min/max of every static layer's inputs over all batches."""
+        layers = {
+            n: m
+            for n, m in model.named_modules()
+            if isinstance(m, CompressedTensorsLinear)
+            and m.quantization_scheme.input_activations is not None
+            and m.quantization_scheme.input_activations.dynamic is False
+        }
+        ranges: dict[str, list[torch.Tensor]] = {}
+
+        def observer(name):
+            def hook(_module, args):
+                x = args[0].detach()
+                lo, hi = x.amin().float(), x.amax().float()
+                if name in ranges:
+                    lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
+                ranges[name] = [lo, hi]
+
+            return hook
+
+        hooks = [m.register_forward_pre_hook(observer(n)) for n, m in layers.items()]
+        for m in layers.values():
+            m.observing = True
+        try:
+            for batch in batches:
+                quantplug.run_batch(model, batch)
+        finally:
+            for h in hooks:
+                h.remove()
+            for m in layers.values():
+                m.observing = False
+        for name, layer in layers.items():
+            if name not in ranges:
+                raise quantplug.PluginError(
+                    f"quantplug-compressed-tensors: layer {name!r} received no calibration input (it did not run "
+                    f"when the calibration batches did); add it to ignore"
+                )
+            lo, hi = ranges[name]
+            args = layer.quantization_scheme.input_activations
+            scale, zero = calculate_qparams(lo.reshape(1), hi.reshape(1), args)
+            layer.input_scale = scale.to(layer.input_scale.dtype).reshape(layer.input_scale.shape)
+            if hasattr(layer, "input_zero_point"):
+                layer.input_zero_point = zero.to(layer.input_zero_point.dtype).reshape(
+                    layer.input_zero_point.shape
+                )
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _tensor_specs(self, name: str, module: nn.Linear) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Key -> (shape, dtype) of what compressed-tensors stores for ``module`` (floats in the
+        layer's dtype; checked as 'any float' on load)."""
+        scheme, fmt = self.scheme_of(name, module)
+        w = scheme.weights
+        out_f, in_f, dt = module.out_features, module.in_features, module.weight.dtype
+        if w.strategy == "group":
+            scale_shape = (out_f, math.ceil(in_f / w.group_size))
+        elif w.strategy == "channel":
+            scale_shape = (out_f, 1)
+        else:
+            scale_shape = (1,)
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"weight_scale": (scale_shape, dt)}
+        if fmt == "pack-quantized":
+            specs["weight_packed"] = ((out_f, math.ceil(in_f * w.num_bits / 32)), torch.int32)
+            specs["weight_shape"] = ((2,), torch.int64)
+            if not w.symmetric:
+                if w.strategy in _PACKED_ZP:
+                    specs["weight_zero_point"] = (
+                        (math.ceil(out_f * w.num_bits / 32), scale_shape[1]),
+                        torch.int32,
+                    )
+                else:
+                    specs["weight_zero_point"] = (scale_shape, torch.int8)
+        else:
+            specs["weight"] = ((out_f, in_f), torch.float8_e4m3fn if w.type == "float" else torch.int8)
+            if not w.symmetric:
+                specs["weight_zero_point"] = (scale_shape, torch.int8)
+        for key, t in _activation_placeholders(scheme, dt, "meta").items():
+            specs[key] = (tuple(t.shape), t.dtype)
+        if module.bias is not None:
+            specs["bias"] = ((out_f,), dt)
+        return specs
+
+    def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
+        scheme, fmt = self.scheme_of(name, module)
+        tensors = {
+            k: torch.empty(shape, dtype=dtype, device="meta")
+            for k, (shape, dtype) in self._tensor_specs(name, module).items()
+        }
+        bias = tensors.pop("bias", None)
+        return CompressedTensorsLinear(scheme, fmt, module.in_features, module.out_features, tensors, bias)
+
+    def expected_tensors(self, name: str, module: nn.Linear):
+        return {
+            k: (shape, dtype if not dtype.is_floating_point or dtype == torch.float8_e4m3fn else None)
+            for k, (shape, dtype) in self._tensor_specs(name, module).items()
+        }
+
+    def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        tensors = dict(tensors)
+        for key in ("weight_scale", "input_scale", "bias"):
+            t = tensors.get(key)
+            if t is not None and not t.dtype.is_floating_point:
+                raise quantplug.CheckpointError(
+                    f"{name}.{key}: stored as {t.dtype}, expected a float dtype: the checkpoint is damaged"
+                )
+        shape = tensors.get("weight_shape")
+        if shape is not None and shape.tolist() != [module.out_features, module.in_features]:
+            raise quantplug.CheckpointError(
+                f"{name}.weight_shape: says {shape.tolist()}, but the model's layer is "
+                f"[{module.out_features}, {module.in_features}]: the checkpoint is not of this model"
+            )
+        scheme, fmt = self.scheme_of(name, module)
+        bias = tensors.pop("bias", None)
+        return CompressedTensorsLinear(scheme, fmt, module.in_features, module.out_features, tensors, bias)
+
+
+def _ranges(weight: torch.Tensor, strategy: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``weight`` per tensor ([1]), per output channel ([out, 1]) or per group
+    ([out, groups]): the shapes compressed-tensors gives its scales."""
+    if strategy == "group":
+        grouped = weight.reshape(weight.shape[0], -1, group_size)
+        return grouped.amin(-1), grouped.amax(-1)
+    if strategy == "channel":
+        return weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
+    return weight.amin().reshape(1), weight.amax().reshape(1)
+
+
+def _activation_placeholders(
+    scheme: QuantizationScheme, dtype: torch.dtype, device
+) -> dict[str, torch.Tensor]:
+    """``input_scale`` (and ``input_zero_point`` when asymmetric) of a static-activation scheme,
+    filled by calibration (or by the checkpoint on load)."""
+    inputs = scheme.input_activations
+    if inputs is None or inputs.dynamic is not False:
+        return {}
+    out = {"input_scale": torch.ones(1, dtype=dtype, device=device)}
+    if not inputs.symmetric:
+        out["input_zero_point"] = torch.zeros(1, dtype=torch.int8, device=device)
+    return out
