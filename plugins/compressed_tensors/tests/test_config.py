@@ -1,0 +1,266 @@
+"""``CompressedTensorsConfig`` against compressed-tensors itself: the light ``SCHEMES`` table is
+what the library's presets are, ``to_dict()`` is what ``ModelCompressor.update_config`` writes, the
+config round-trips, the package stays light, and quantplug's preset naming and ``select(serve=...)``
+see the plugin."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.format import infer_module_format
+from compressed_tensors.quantization import (
+    QuantizationConfig,
+    apply_quantization_config,
+    preset_name_to_scheme,
+)
+from compressed_tensors.quantization.utils import calculate_qparams
+from quantplug_compressed_tensors import PRESETS, SCHEMES, CompressedTensorsConfig
+from quantplug_compressed_tensors.config import infer_format
+
+import quantplug
+from quantplug.selection import Hardware
+from quantplug.testing import tiny_llama
+
+NAMES = sorted(SCHEMES)
+
+#: the keys ModelCompressor.update_config writes into config.json's quantization_config
+UPDATE_CONFIG_KEYS = {
+    "config_groups",
+    "format",
+    "global_compression_ratio",
+    "ignore",
+    "kv_cache_scheme",
+    "moe_sparsity_config",
+    "quant_method",
+    "quantization_status",
+    "sparsity_config",
+    "transform_config",
+    "version",
+}
+
+
+def _config(**kwargs) -> CompressedTensorsConfig:
+    return CompressedTensorsConfig(**kwargs)
+
+
+# -- (a) the SCHEMES table is the library's presets ---------------------------------------------
+
+
+def _assert_matches(ours, theirs, where: str) -> None:
+    """``ours`` equals ``theirs`` on every key ``ours`` has; keys only ``theirs`` has are None."""
+    if not isinstance(ours, dict):
+        assert ours == theirs, f"{where}: table {ours!r}, compressed-tensors {theirs!r}"
+        return
+    assert isinstance(theirs, dict), f"{where}: table has a mapping, compressed-tensors {theirs!r}"
+    for key, value in ours.items():
+        assert key in theirs, f"{where}.{key}: in the table, not in compressed-tensors' dump"
+        _assert_matches(value, theirs[key], f"{where}.{key}")
+    extra = {k: v for k, v in theirs.items() if k not in ours and v is not None}
+    assert not extra, f"{where}: compressed-tensors sets keys the table lacks: {extra}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheme_table_is_the_library_preset(name):
+    scheme = preset_name_to_scheme(name, ["Linear"])
+    dump = scheme.model_dump()
+    table = SCHEMES[name]
+    assert set(dump) == set(table), f"{name}: group keys {sorted(table)} vs {sorted(dump)}"
+    assert dump["format"] is None  # the preset leaves the format to the compressor
+    _assert_matches({k: v for k, v in table.items() if k != "format"}, dump, name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheme_table_format_is_the_one_the_library_infers(name):
+    scheme = preset_name_to_scheme(name, ["Linear"])
+    library = infer_module_format(torch.nn.Linear, scheme).value
+    assert SCHEMES[name]["format"] == library
+    assert infer_format(SCHEMES[name]) == library
+    assert infer_format(scheme.model_dump()) == library
+    assert _config(scheme=name).format == library
+
+
+# -- (b) to_dict is what ModelCompressor.update_config writes ---------------------------------
+
+
+def _library_quantization_config(folder, group: dict, ignore=("lm_head",)) -> dict:
+    """The ``quantization_config`` compressed-tensors writes for a tiny Llama quantized with
+    ``group``: apply the config, set the qparams a min/max observer would, compress, save,
+    ``update_config``, read config.json back."""
+    model = tiny_llama()
+    apply_quantization_config(
+        model, QuantizationConfig(config_groups={"group_0": group}, ignore=list(ignore))
+    )
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        args, w = scheme.weights, module.weight.data
+        if args.strategy == "group":
+            g = w.reshape(w.shape[0], -1, args.group_size)
+            lo, hi = g.amin(-1), g.amax(-1)
+        elif args.strategy == "channel":
+            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        else:
+            lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+        scale, zero = calculate_qparams(lo, hi, args)
+        module.weight_scale.data.copy_(scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape))
+        if hasattr(module, "weight_zero_point"):
+            zp = module.weight_zero_point
+            zp.data.copy_(zero.to(zp.dtype).reshape(zp.shape))
+        if hasattr(module, "input_scale"):
+            module.input_scale.data.fill_(0.05)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(str(folder))
+    return json.loads((folder / "config.json").read_text())["quantization_config"]
+
+
+def _library_group(name: str, group_size: int | None = None):
+    scheme = preset_name_to_scheme(name, ["Linear"])
+    if group_size is not None:
+        scheme.weights.group_size = group_size
+    return scheme
+
+
+CASES = [({"scheme": n}, n, None) for n in NAMES] + [
+    ({"scheme": "W4A16_ASYM", "group_size": 32}, "W4A16_ASYM", 32)
+]
+
+
+@pytest.mark.parametrize(
+    "ours, name, group_size", CASES, ids=[json.dumps(c[0], sort_keys=True) for c in CASES]
+)
+def test_to_dict_is_what_model_compressor_writes(ours, name, group_size, tmp_path):
+    library = _library_quantization_config(tmp_path / "lib", _library_group(name, group_size))
+    written = _config(**ours).to_dict()
+    assert set(library) == UPDATE_CONFIG_KEYS, sorted(library)  # the library's layout, as this test knows it
+    assert set(written) == UPDATE_CONFIG_KEYS, sorted(written)
+    for key in sorted(UPDATE_CONFIG_KEYS):
+        assert written[key] == library[key], (
+            f"{key}: ours {written[key]!r}, compressed-tensors {library[key]!r}"
+        )
+    assert json.loads(json.dumps(written)) == written  # JSON as it is
+
+
+def test_library_written_config_parses_and_writes_back_unchanged(tmp_path):
+    library = _library_quantization_config(tmp_path / "lib", _library_group("W4A16"))
+    config = quantplug.config_from_dict(library)
+    assert isinstance(config, CompressedTensorsConfig)
+    assert config.to_dict() == library
+
+
+# -- (c) round trip ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"scheme": "W4A16"},
+        {"scheme": "w8a8", "ignore": ["lm_head", "re:.*gate_proj"]},
+        {
+            "scheme": "W4A16_ASYM",
+            "group_size": 64,
+            "modules_to_not_convert": ["lm_head", "model.layers.0.mlp"],
+        },
+        {"scheme": "FP8"},
+        {"config_groups": {"g": {**SCHEMES["W8A16"], "targets": ["re:.*self_attn.*"]}}, "ignore": []},
+    ],
+    ids=["W4A16", "w8a8-ignore", "W4A16_ASYM-g64-skip", "FP8", "config_groups"],
+)
+def test_round_trip(data):
+    config = _config(**data)
+    assert CompressedTensorsConfig.from_dict(config.to_dict()) == config
+    assert quantplug.config_from_dict(json.loads(config.to_json())) == config
+
+
+def test_scheme_shorthand_expands_to_config_groups():
+    config = _config(scheme="w4a16-asym", group_size=64, modules_to_not_convert=["model.layers.0.mlp"])
+    assert config.scheme is None and config.group_size is None
+    assert config.config_groups["group_0"]["weights"]["group_size"] == 64
+    assert config.config_groups["group_0"]["weights"]["symmetric"] is False
+    assert config.ignore == ("lm_head", "model.layers.0.mlp")
+    assert "scheme" not in config.to_dict() and "group_size" not in config.to_dict()
+
+
+# -- (d) light import -------------------------------------------------------------------------
+
+
+def test_import_does_not_import_torch_or_compressed_tensors():
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import quantplug_compressed_tensors
+        from quantplug_compressed_tensors import CompressedTensorsConfig
+        CompressedTensorsConfig(scheme="W4A16").to_dict()
+        heavy = ("torch", "compressed_tensors", "quantplug_compressed_tensors.quantizer",
+                 "quantplug_compressed_tensors.layers")
+        print(json.dumps(sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy))))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+# -- (e) preset names -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, preset", [("compressed-tensors:W4A16", "w4a16"), ("compressed-tensors:fp8_Dynamic", "fp8_dynamic")]
+)
+def test_preset_resolves_case_insensitively(spec, preset):
+    from quantplug.candidates import resolve
+
+    resolved = resolve(spec)
+    assert resolved.label == f"compressed-tensors:{preset}"
+    assert resolved.config == _config(**next(p.config for p in PRESETS if p.name == preset))
+
+
+def test_presets_name_the_schemes_and_calibration():
+    assert sorted(p.config["scheme"] for p in PRESETS) == NAMES
+    backend = quantplug.get_backend("compressed-tensors")
+    for p in PRESETS:
+        assert p.name == p.config["scheme"].lower()
+        declared = (
+            backend.capabilities.needs_calibration if p.needs_calibration is None else p.needs_calibration
+        )
+        assert declared == _config(**p.config).static_activations(), p.name
+        assert "vllm" in p.servable_by
+
+
+# -- (f) select(serve="vllm") -------------------------------------------------------------------
+
+
+def test_select_serve_vllm_ranks_compressed_tensors_presets():
+    selection = quantplug.select(
+        7e9, device=Hardware("cuda", cuda_capability=(9, 0)), serve="vllm", calibration_data=True
+    )
+    assert selection.serve == "vllm"
+    assert selection.candidates, selection.table()
+    ours = [c for c in selection.candidates if c.backend == "compressed-tensors"]
+    assert ours, selection.table()
+    for c in selection.candidates:
+        assert "vllm" in c.servable_by
+        assert any("vllm serves its checkpoints" in r for r in c.reasons), c.reasons
+    # every preset is ranked or set aside for a reason other than serving
+    names = {p.name for p in PRESETS}
+    ranked = {c.preset for c in ours}
+    set_aside = {r.preset: r.reason for r in selection.rejected if r.backend == "compressed-tensors"}
+    assert ranked | set(set_aside) == names
+    assert not [why for why in set_aside.values() if "does not serve" in why], set_aside
+    assert selection.to_dict()["serve"] == "vllm"
+    assert "served by vllm" in selection.table()
+
+
+def test_select_serve_vllm_rejects_unserved_backends_naming_ours():
+    selection = quantplug.select(7e9, device="cuda", serve="vllm")
+    others = [r for r in selection.rejected if "does not serve" in r.reason]
+    for r in others:
+        assert "compressed-tensors:" in r.reason, r.reason
