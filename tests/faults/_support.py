@@ -31,12 +31,6 @@ CHEAP_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-#: backends whose CPU kernel is reproducible only at an equal thread count (auto-round-lib: measured
-#: different low bits with 1 and 2 torch threads; in a long test session, a quantized model and its
-#: reload then differ in the last bits): compared within float rounding, not bitwise (issue 15 note)
-THREAD_DEPENDENT_KERNELS = frozenset({"auto-round"})
-
-
 def size(ci: int, long: int) -> int:
     """``long`` in the long run, ``ci`` otherwise."""
     return long if LONG else ci

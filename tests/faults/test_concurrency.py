@@ -17,7 +17,7 @@ import torch
 import quantplug
 from quantplug.testing import logits, tiny_llama, token_ids
 
-from ._support import CHEAP_CONFIGS, THREAD_DEPENDENT_KERNELS, installed_methods, record, size
+from ._support import CHEAP_CONFIGS, installed_methods, record, size
 
 THREADS = 8
 
@@ -28,19 +28,15 @@ THREADS = 8
 AST_RACE = (3, 11) <= sys.version_info[:3] < (3, 11, 8) or (3, 12) <= sys.version_info[:3] < (3, 12, 2)
 
 
-# auto-round-lib's CPU kernel gives results that depend on how many threads it ran on (1 vs 2 torch
-# threads: different bits, each reproducible), and after running in several Python threads at once
-# its later results in the main thread changed too: bitwise equality with a serial run cannot hold.
-# Measured 2026-11-30 (issue 15 note); auto-round's tuning itself is serialized by the plugin.
-NOT_BITWISE_UNDER_THREADS = THREAD_DEPENDENT_KERNELS
+# AutoRound seeds and then draws from the process-global RNGs (transformers.set_seed, then
+# random.shuffle of its batches): another thread reseeding them while it tunes moved the logits by 1.2
+# (measured 2026-12-01), so its tuning cannot be bitwise equal to a serial one under concurrency; its
+# loads take part.
+GLOBAL_RNG_TUNING = frozenset({"auto-round"})
 
 
 def methods() -> list[str]:
-    return [
-        m
-        for m in installed_methods()
-        if not (m == "quanto" and AST_RACE) and m not in NOT_BITWISE_UNDER_THREADS
-    ]
+    return [m for m in installed_methods() if not (m == "quanto" and AST_RACE)]
 
 
 ROUNDS = size(2, 20)
@@ -67,9 +63,12 @@ def _jobs(tmp_path) -> list[tuple[str, object]]:
             quantplug.quantize(model, config, progress=False, calibration_data=calib)
             return logits(model, ids)
 
+        if method not in GLOBAL_RNG_TUNING:
+            jobs += [
+                (f"{method}-quantize-2", lambda q=quantize: q(2)),
+                (f"{method}-quantize-3", lambda q=quantize: q(3)),
+            ]
         jobs += [
-            (f"{method}-quantize-2", lambda q=quantize: q(2)),
-            (f"{method}-quantize-3", lambda q=quantize: q(3)),
             (f"{method}-load", lambda p=single: logits(quantplug.load(p, progress=False), ids)),
             (f"{method}-load-sharded", lambda p=sharded: logits(quantplug.load(p, progress=False), ids)),
         ]
@@ -120,12 +119,16 @@ def _round(jobs, round_: int) -> dict[str, list[torch.Tensor]]:
 def test_eight_threads_give_the_serial_results(tmp_path):
     jobs = _jobs(tmp_path)
     serial = {name: fn() for name, fn in jobs}
-    assert not torch.equal(serial[jobs[1][0]], serial[jobs[2][0]])  # the jobs differ
+    two = next(name for name, _ in jobs if name.endswith("-quantize-2"))
+    assert not torch.equal(serial[two], serial[two[: -len("2")] + "3"])  # the jobs differ
     compared = 0
     for round_ in range(ROUNDS):
         for name, outs in _round(jobs, round_).items():
             for out in outs:
-                assert torch.equal(out, serial[name]), f"round {round_}: {name} differs from the serial run"
+                assert torch.equal(out, serial[name]), (
+                    f"round {round_}: {name} differs from the serial run (max abs difference "
+                    f"{(out - serial[name]).abs().max().item():.3g})"
+                )
                 compared += 1
         assert compared == len(jobs) * (round_ + 1)
     record(

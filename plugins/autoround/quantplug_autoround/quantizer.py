@@ -43,8 +43,11 @@ CHECKPOINT_ATTR = "_quantplug_checkpoint"
 
 
 #: auto-round keeps state shared between AutoRound instances while it tunes (two tunings in two threads
-#: fail with "'LLMCalibrator' object has no attribute 'last_cache_name'"): one tuning at a time
-_TUNING = threading.Lock()
+#: fail with "'LLMCalibrator' object has no attribute 'last_cache_name'"): one tuning at a time. The
+#: same lock serializes auto-round-lib's kernel calls, which break when torch runs one thread (see
+#: ``_never_single_threaded``) -- and AutoRound sets torch's process-wide thread count to cores // 2
+#: (1 on a 2-core machine) while it tunes, so a kernel call in another thread must not overlap it.
+_AUTO_ROUND = threading.RLock()
 
 
 class AutoRoundQuantizer(quantplug.Quantizer):
@@ -208,7 +211,7 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         pad = pad if isinstance(pad, int) else None
         tokenizer = types.SimpleNamespace(pad_token_id=pad, pad_token=None if pad is None else str(pad))
         threads = torch.get_num_threads()  # AutoRound sets torch's thread count and leaves it changed
-        with _TUNING, _quiet_warnings(), torch.enable_grad():
+        with _AUTO_ROUND, _quiet_warnings(), torch.enable_grad():
             try:
                 ar = AutoRound(model, tokenizer, **kwargs)
                 ar.quantize()
@@ -259,6 +262,12 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         kind = get_layer_backend(
             device, c.backend, c.packing, scheme, module.in_features, module.out_features
         )
+        if kind and kind.startswith("auto_round_kernel") and c.backend == "auto":
+            # auto-round-lib's kernel is chosen only when asked for by name: its outputs were wrong
+            # in measured situations (see _never_single_threaded and the README's limits)
+            kind = get_layer_backend(
+                device, "torch", c.packing, scheme, module.in_features, module.out_features
+            )
         if not kind:
             raise quantplug.BackendUnavailableError(
                 f"auto-round has no inference backend for {name} ({scheme}, packing {c.packing_format}) on {device} "
@@ -278,13 +287,45 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             )
         post_init = getattr(qmodule, "post_init", None)
         if callable(post_init):
-            post_init()
+            with _AUTO_ROUND:
+                post_init()
         setattr(qmodule, CHECKPOINT_ATTR, dict(tensors))
         qmodule.quantplug_backend = kind
+        if type(qmodule).__module__.startswith("auto_round_kernel"):
+            qmodule.__class__ = _never_single_threaded(type(qmodule))
         return qmodule
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+# auto-round-lib 0.16.0's CPU kernel (``ark.woqgemm``) is used only with backend="ark"
+# (never by "auto"): it returns wrong outputs -- rows of garbage, some
+# inf -- whenever torch runs on one thread (measured against auto-round's torch backend: relative
+# error 0.8 to inf at 1 thread, 0.007 at 2, 3 or 4; the thread count at load does not matter). Its
+# modules therefore never run single-threaded: a call made at one thread raises torch's count to 2
+# for its duration. Calls hold ``_AUTO_ROUND`` (torch's thread count is process-wide, and AutoRound
+# lowers it while it tunes), so kernel calls from several Python threads run one at a time; each is
+# parallel inside.
+_SAFE_CLASSES: dict[type, type] = {}
+
+
+def _never_single_threaded(cls: type) -> type:
+    """``cls`` (an auto-round-lib module class) with its forward run at two threads or more."""
+    if cls not in _SAFE_CLASSES:
+
+        def forward(self, x):
+            with _AUTO_ROUND:
+                threads = torch.get_num_threads()
+                if threads >= 2:
+                    return cls.forward(self, x)
+                torch.set_num_threads(2)
+                try:
+                    return cls.forward(self, x)
+                finally:
+                    torch.set_num_threads(threads)
+
+        _SAFE_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__})
+    return _SAFE_CLASSES[cls]
 
 
 def _is_awq(packing: str) -> bool:

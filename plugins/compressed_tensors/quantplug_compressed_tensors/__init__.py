@@ -1,7 +1,7 @@
 """quantplug-compressed-tensors: the checkpoint format of llm-compressor, served natively by vLLM.
 
 This module is what the ``quantplug`` entry point names. It only registers a descriptor: torch and
-compressed-tensors (about 14 s to import) are imported when the quantizer
+compressed-tensors (seconds to import) are imported when the quantizer
 (``quantplug_compressed_tensors.quantizer``) is first used.
 """
 

@@ -1,7 +1,7 @@
 """``CompressedTensorsConfig``: the ``quantization_config`` llm-compressor writes into ``config.json``
 (``quant_method: compressed-tensors``), as a quantplug config.
 
-Light: imports neither torch nor compressed-tensors (14 s to import). A hub checkpoint's
+Light: imports neither torch nor compressed-tensors (seconds to import). A hub checkpoint's
 ``quantization_config`` parses as it is; a quantplug user writes ``{"scheme": "W4A16"}`` (one of
 ``SCHEMES``, optionally with ``group_size`` and ``ignore``), which is expanded here into the
 ``config_groups`` llm-compressor would write, so ``to_dict()`` -- what ``quantplug.save`` puts in
@@ -167,6 +167,9 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
             raise self.invalid("format", repr(derived), f"config_groups say {derived!r}")
         if self.version is None:
             object.__setattr__(self, "version", _library_version())
+        for field in ("sparsity_config", "transform_config"):  # written as {} (what llm-compressor writes)
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, {})
 
     def _expand_scheme(self) -> None:
         if self.scheme is None:
