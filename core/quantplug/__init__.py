@@ -31,6 +31,7 @@ from .errors import (
     QuantplugError,
     UnknownMethodError,
 )
+from .grid import GridLayout, IntegerGrid
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ _LAZY = {
     "compare": ".comparison",
     "Comparison": ".comparison",
     "load": ".loading",
+    "export": ".export",
     "run_batch": ".devices",
 }
 
@@ -70,6 +72,8 @@ __all__ = [
     "Capabilities",
     "CheckpointError",
     "ConfigError",
+    "GridLayout",
+    "IntegerGrid",
     "PluginError",
     "Preset",
     "QuantConfig",

@@ -162,6 +162,53 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict:
     return out
 
 
+@main.command("export")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-f",
+    "--format",
+    "fmt",
+    required=True,
+    help="Target format (a backend that can be one), e.g. compressed-tensors.",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="Output checkpoint folder."
+)
+@click.option(
+    "--requantize",
+    metavar="PRESET",
+    help="Re-quantize (lossy) the layers the format cannot hold as they are, with this preset of the "
+    "format (e.g. W4A16); without it such layers are an error.",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def export_cmd(model_dir, fmt, output, requantize, max_shard_size, progress) -> None:
+    """Re-encode a quantized checkpoint in another format without going back to full precision
+    (e.g. rtn or GPTQ -> compressed-tensors, which vLLM serves)."""
+    import time
+
+    from .errors import QuantplugError
+    from .export import export
+
+    t0 = time.perf_counter()
+    try:
+        out = export(
+            model_dir,
+            output,
+            format=fmt,
+            requantize=requantize,
+            max_shard_size=max_shard_size,
+            progress=progress,
+        )
+    except QuantplugError as exc:
+        raise click.ClickException(str(exc)) from None
+    qc = json.loads((out / "config.json").read_text()).get("quantization_config", {})
+    click.echo(
+        f"exported {model_dir} as {fmt} ({len(qc.get('config_groups') or {})} group(s)) in "
+        f"{time.perf_counter() - t0:.1f} s; wrote {out}"
+    )
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-m", "--method", required=True, help="Backend (quant_method), e.g. rtn; see `quantplug list`.")

@@ -140,6 +140,32 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
             )
         return cls(scheme=names[bits], **overrides)
 
+    @classmethod
+    def for_grids(cls, layouts: dict[str, Any], unquantized: list[str]) -> CompressedTensorsConfig:
+        """The config that holds these integer grids as they are (``quantplug.export``): one
+        pack-quantized weight-only group per (bits, group size, symmetry); with a single group it
+        targets ``Linear`` and ignores the layers left in full precision, as llm-compressor writes
+        it, otherwise each group targets its layers by name."""
+        # a layer with one group per row whose width equals another layer's group size (a 128-input
+        # layer in a group-128 model) is that group scheme too: the stored tensors are the same
+        grouped = {(lay.bits, lay.group_size, lay.symmetric) for lay in layouts.values() if not lay.per_channel}
+        by_kind: dict[tuple, list[str]] = {}
+        for name, layout in layouts.items():
+            key = (layout.bits, layout.group_size, layout.symmetric)
+            if layout.per_channel and key not in grouped:
+                key = (layout.bits, None, layout.symmetric)
+            by_kind.setdefault(key, []).append(name)
+        groups = {}
+        for i, ((bits, group_size, symmetric), names) in enumerate(by_kind.items()):
+            weights = _weights(
+                bits, "int", symmetric, "channel" if group_size is None else "group", group_size
+            )
+            group = _group("pack-quantized", weights)
+            group["targets"] = ["Linear"] if len(by_kind) == 1 else list(names)
+            groups[f"group_{i}"] = group
+        ignore = list(unquantized) if len(by_kind) == 1 else []
+        return cls(config_groups=groups, ignore=tuple(ignore))
+
     def validate(self) -> None:
         self._expand_scheme()
         self._merge_skip_list()

@@ -18,6 +18,7 @@ import math
 from collections import OrderedDict
 
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
 from compressed_tensors.utils.match import match_name, match_targets
@@ -200,6 +201,33 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
             for k, (shape, dtype) in self._tensor_specs(name, module).items()
         }
 
+    # -- export ------------------------------------------------------------------------------
+
+    def integer_grid(self, name: str, qmodule: nn.Module):
+        if not isinstance(qmodule, CompressedTensorsLinear):
+            return f"{type(qmodule).__name__} is not a compressed-tensors layer"
+        return _grid_of(qmodule)
+
+    def encode_grid(self, name: str, module: nn.Linear, grid) -> nn.Module:
+        scheme, fmt = self.scheme_of(name, module)
+        w = scheme.weights
+        layout = grid.layout
+        if fmt != "pack-quantized" or w.num_bits != layout.bits or w.symmetric != layout.symmetric:
+            raise quantplug.PluginError(
+                f"export: {name}'s scheme ({fmt}, {w}) does not fit its grid ({layout})"
+            )
+        tensors = {
+            "weight_packed": pack_to_int32(grid.codes, grid.bits),
+            "weight_shape": torch.tensor([layout.out_features, layout.in_features]),
+            "weight_scale": grid.scale.contiguous(),
+        }
+        if grid.zero_point is not None:
+            tensors["weight_zero_point"] = pack_to_int32(
+                grid.zero_point, grid.bits, packed_dim=0
+            ).contiguous()
+        bias = grid.bias.detach().clone() if grid.bias is not None else None
+        return CompressedTensorsLinear(scheme, fmt, layout.in_features, layout.out_features, tensors, bias)
+
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         tensors = dict(tensors)
         for key in ("weight_scale", "input_scale", "bias"):
@@ -217,6 +245,37 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
         scheme, fmt = self.scheme_of(name, module)
         bias = tensors.pop("bias", None)
         return CompressedTensorsLinear(scheme, fmt, module.in_features, module.out_features, tensors, bias)
+
+
+def _grid_of(layer: CompressedTensorsLinear) -> quantplug.IntegerGrid | str:
+    scheme = layer.quantization_scheme
+    w = scheme.weights
+    if scheme.input_activations is not None:
+        return (
+            f"its inputs are quantized too ({scheme.input_activations.type}{scheme.input_activations.num_bits}): "
+            f"a weight-only grid would change what it computes"
+        )
+    if w.type != "int":
+        return f"its weights are {w.type}{w.num_bits} (FP8), not integers"
+    out_f, in_f = layer.out_features, layer.in_features
+    scale = layer.weight_scale
+    if w.strategy == "tensor":
+        scale = scale.reshape(1, 1).expand(out_f, 1).contiguous()
+    group_size = in_f if w.strategy != "group" else w.group_size
+    if in_f % group_size:
+        return f"{in_f} inputs are not a multiple of its group size {group_size}"
+    if layer.format == "pack-quantized":
+        codes = unpack_from_int32(layer.weight_packed, w.num_bits, torch.Size([out_f, in_f]))
+        zero = getattr(layer, "weight_zero_point", None)
+        if zero is not None and w.strategy in _PACKED_ZP:
+            zero = unpack_from_int32(zero, w.num_bits, torch.Size([out_f, scale.shape[1]]), packed_dim=0)
+    else:
+        codes, zero = layer.weight, getattr(layer, "weight_zero_point", None)
+    if zero is not None:
+        zero = zero.to(torch.int8).reshape(-1, 1).expand(out_f, scale.shape[1]) if zero.numel() == 1 else zero
+        zero = zero.to(torch.int8).contiguous()
+    bias = layer.bias.detach() if layer.bias is not None else None
+    return quantplug.IntegerGrid(codes.to(torch.int8), scale, zero, w.num_bits, group_size, bias)
 
 
 def _ranges(weight: torch.Tensor, strategy: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:

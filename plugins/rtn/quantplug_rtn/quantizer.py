@@ -178,6 +178,29 @@ class RtnQuantizer(quantplug.Quantizer):
             spec["zero"] = (spec["zero"][0], None)
         return spec
 
+    def integer_grid(self, name: str, qmodule: nn.Module):
+        """Symmetric layers (and asymmetric ones with an integer zero point, the old layout) are
+        integer grids; the min/max layout's zero is a float (each group's minimum), which formats with
+        integer zero points cannot hold."""
+        if not isinstance(qmodule, RtnLinear):
+            return f"{type(qmodule).__name__} is not an RtnLinear"
+        if qmodule.zero is not None and not qmodule.integer_zero:
+            return (
+                "its zero points are floats (each group's minimum, the min/max layout), not integer codes; "
+                "symmetric rtn configs (symmetric=true) export as they are"
+            )
+        if qmodule.in_features % qmodule.group_size:
+            return (
+                f"its last group is partial ({qmodule.in_features} inputs, group_size {qmodule.group_size})"
+            )
+        half = 1 << (qmodule.bits - 1)
+        codes = unpack(qmodule.qweight, qmodule.bits, qmodule.in_features).to(torch.int16) - half
+        zero = None if qmodule.zero is None else (qmodule.zero.to(torch.int16) - half).to(torch.int8)
+        bias = None if qmodule.bias is None else qmodule.bias.detach()
+        return quantplug.IntegerGrid(
+            codes.to(torch.int8), qmodule.scale, zero, qmodule.bits, qmodule.group_size, bias
+        )
+
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         """``empty_module`` with the checkpoint tensors assigned (a uint8 ``zero`` stays uint8, and
         the layer computes as before the min/max layout); any other dtype of ``zero`` is refused."""

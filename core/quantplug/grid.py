@@ -1,0 +1,96 @@
+"""``IntegerGrid``: a quantized layer's weight as integers on a uniform grid, the common language of
+``quantplug.export`` -- a source backend describes its layer in it (``Quantizer.integer_grid``), a
+target format builds its layer from it (``Quantizer.encode_grid``), so a checkpoint changes format
+without going back to full precision.
+
+Light: no torch import at module level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from .errors import PluginError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class GridLayout:
+    """The shape of a layer's grid, without its tensors: what a target config is built from."""
+
+    bits: int
+    group_size: int
+    """Inputs per group; equal to ``in_features`` for one group per row (per-channel)."""
+    symmetric: bool
+    in_features: int
+    out_features: int
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size == self.in_features
+
+
+@dataclasses.dataclass
+class IntegerGrid:
+    """``weight[o, i] = (codes[o, i] - zero_point[o, g]) * scale[o, g]`` with ``g = i // group_size``.
+
+    codes       int8 [out, in], signed: -2**(bits-1) .. 2**(bits-1) - 1
+    scale       float [out, groups]
+    zero_point  int8 [out, groups] in the same signed range, or ``None`` (symmetric: 0)
+    bias        float [out] or ``None``
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    bits: int
+    group_size: int
+    bias: torch.Tensor | None = None
+
+    @property
+    def layout(self) -> GridLayout:
+        out_f, in_f = self.codes.shape
+        return GridLayout(self.bits, self.group_size, self.zero_point is None, in_f, out_f)
+
+    def check(self, name: str) -> None:
+        """Raise ``PluginError`` when the grid does not hold together (a source plugin's bug)."""
+        import torch
+
+        def bad(why: str) -> PluginError:
+            return PluginError(f"integer grid of {name!r}: {why}; report this to the source backend's plugin")
+
+        if self.codes.dim() != 2 or self.codes.dtype != torch.int8:
+            raise bad(f"codes must be int8 [out, in], got {self.codes.dtype} {list(self.codes.shape)}")
+        out_f, in_f = self.codes.shape
+        if not 1 <= self.bits <= 8:
+            raise bad(f"bits={self.bits} is outside 1..8")
+        if self.group_size <= 0 or in_f % self.group_size:
+            raise bad(f"group_size {self.group_size} does not divide the {in_f} inputs")
+        groups = in_f // self.group_size
+        if tuple(self.scale.shape) != (out_f, groups) or not self.scale.dtype.is_floating_point:
+            raise bad(
+                f"scale must be float [{out_f}, {groups}], got {self.scale.dtype} {list(self.scale.shape)}"
+            )
+        lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        for what, t in (("codes", self.codes), ("zero_point", self.zero_point)):
+            if t is None:
+                continue
+            if t.dtype != torch.int8:
+                raise bad(f"{what} must be int8, got {t.dtype}")
+            if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
+                raise bad(
+                    f"{what} values {int(t.min())}..{int(t.max())} leave the {self.bits}-bit range {lo}..{hi}"
+                )
+        if self.zero_point is not None and tuple(self.zero_point.shape) != (out_f, groups):
+            raise bad(f"zero_point must be [{out_f}, {groups}], got {list(self.zero_point.shape)}")
+
+    def dequantize(self):
+        """The float weight [out, in] the grid stands for (in the scale's dtype)."""
+        out_f, in_f = self.codes.shape
+        codes = self.codes.reshape(out_f, -1, self.group_size).to(self.scale.dtype)
+        if self.zero_point is not None:
+            codes = codes - self.zero_point.to(self.scale.dtype).unsqueeze(-1)
+        return (codes * self.scale.unsqueeze(-1)).reshape(out_f, in_f)
