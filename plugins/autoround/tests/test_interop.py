@@ -146,7 +146,9 @@ def test_quantplug_checkpoint_loads_in_transformers(settings, packing, tmp_path)
         assert type(quantplug.load(folder, progress=False).lm_head).__name__.startswith("QuantLinear")
     # auto-round's torch backends in both (Transformers may pick another torch implementation of the
     # same packing): equal within float rounding
-    torch.testing.assert_close(_transformers_logits(folder, ids, tmp_path), ours.float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        _transformers_logits(folder, ids, tmp_path), ours.float(), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_config_parses_what_auto_round_and_transformers_write(library_folder):

@@ -148,7 +148,9 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
         it, otherwise each group targets its layers by name."""
         # a layer with one group per row whose width equals another layer's group size (a 128-input
         # layer in a group-128 model) is that group scheme too: the stored tensors are the same
-        grouped = {(lay.bits, lay.group_size, lay.symmetric) for lay in layouts.values() if not lay.per_channel}
+        grouped = {
+            (lay.bits, lay.group_size, lay.symmetric) for lay in layouts.values() if not lay.per_channel
+        }
         by_kind: dict[tuple, list[str]] = {}
         for name, layout in layouts.items():
             key = (layout.bits, layout.group_size, layout.symmetric)
