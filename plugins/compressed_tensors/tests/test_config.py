@@ -12,20 +12,16 @@ import textwrap
 
 import pytest
 import torch
-from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.quantization import (
-    QuantizationConfig,
-    apply_quantization_config,
     preset_name_to_scheme,
 )
-from compressed_tensors.quantization.utils import calculate_qparams
 from quantplug_compressed_tensors import PRESETS, SCHEMES, CompressedTensorsConfig
 from quantplug_compressed_tensors.config import infer_format
+from test_interop import write_with_library
 
 import quantplug
 from quantplug.selection import Hardware
-from quantplug.testing import tiny_llama
 
 NAMES = sorted(SCHEMES)
 
@@ -90,35 +86,8 @@ def test_scheme_table_format_is_the_one_the_library_infers(name):
 
 def _library_quantization_config(folder, group: dict, ignore=("lm_head",)) -> dict:
     """The ``quantization_config`` compressed-tensors writes for a tiny Llama quantized with
-    ``group``: apply the config, set the qparams a min/max observer would, compress, save,
-    ``update_config``, read config.json back."""
-    model = tiny_llama()
-    apply_quantization_config(
-        model, QuantizationConfig(config_groups={"group_0": group}, ignore=list(ignore))
-    )
-    for module in model.modules():
-        scheme = getattr(module, "quantization_scheme", None)
-        if scheme is None:
-            continue
-        args, w = scheme.weights, module.weight.data
-        if args.strategy == "group":
-            g = w.reshape(w.shape[0], -1, args.group_size)
-            lo, hi = g.amin(-1), g.amax(-1)
-        elif args.strategy == "channel":
-            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        else:
-            lo, hi = w.amin().reshape(1), w.amax().reshape(1)
-        scale, zero = calculate_qparams(lo, hi, args)
-        module.weight_scale.data.copy_(scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape))
-        if hasattr(module, "weight_zero_point"):
-            zp = module.weight_zero_point
-            zp.data.copy_(zero.to(zp.dtype).reshape(zp.shape))
-        if hasattr(module, "input_scale"):
-            module.input_scale.data.fill_(0.05)
-    compressor = ModelCompressor.from_pretrained_model(model)
-    compressor.compress_model(model)
-    model.save_pretrained(folder)
-    compressor.update_config(str(folder))
+    ``group`` (``test_interop.write_with_library``: llm-compressor's steps), read back."""
+    write_with_library(folder, {"group_0": group}, ignore=ignore)
     return json.loads((folder / "config.json").read_text())["quantization_config"]
 
 
