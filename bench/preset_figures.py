@@ -61,7 +61,9 @@ def measure(backend: quantplug.Backend, preset: quantplug.Preset) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", action="append", required=True, help="backend name (repeatable)")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -71,8 +73,10 @@ def main() -> None:
         for preset in backend.presets:
             rows[preset.name] = measure(backend, preset)
             r = rows[preset.name]
-            print(f"{name}:{preset.name:<14} rel_error {r['rel_error']:<7} bits/weight {r['bits_per_weight']:<7} "
-                  f"(declared {preset.rel_error} / {preset.bits_per_weight})  {r['quantize_s']} s  {r['layer']}")
+            print(
+                f"{name}:{preset.name:<14} rel_error {r['rel_error']:<7} bits/weight {r['bits_per_weight']:<7} "
+                f"(declared {preset.rel_error} / {preset.bits_per_weight})  {r['quantize_s']} s  {r['layer']}"
+            )
         results[name] = {
             "command": f"python bench/preset_figures.py --backend {name}",
             "cpu": platform.processor() or platform.machine(),
