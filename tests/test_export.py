@@ -1,5 +1,5 @@
 """``quantplug.export`` in the core: the integer-grid contract and the errors that need no target
-plugin (the round trips into a real format are in plugins/compressed_tensors/tests/test_export.py)."""
+plugin (the round trips into a real format are in plugins/compressed_tensors/tests/test_export_into_ct.py)."""
 
 from __future__ import annotations
 

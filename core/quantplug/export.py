@@ -79,19 +79,7 @@ def export(
     info = quantized_info(model)
     source, names = info.quantizer, list(info.modules)
 
-    grids: dict[str, IntegerGrid] = {}
-    refused: dict[str, str] = {}
-    with progress_bar(len(names), "reading grids", progress) as bar:
-        for name in names:
-            grid = source.integer_grid(name, model.get_submodule(name))
-            if isinstance(grid, IntegerGrid):
-                grid.check(name)
-                grids[name] = grid
-            elif requant_config is None:
-                refused[name] = str(grid)
-            else:
-                grids[name] = _requantized_grid(model, name, requant_config)
-            bar.update(1)
+    grids, refused = _grids(source, model, names, requant_config, progress)
     if refused:
         first = next(iter(refused))
         raise ConfigError(
@@ -116,6 +104,25 @@ def export(
             bar.update(1)
     attach_info(model, QuantizedModelInfo(config, quantizer, list(grids)))
     return save(model, out, max_shard_size=max_shard_size, extra_files=non_checkpoint_files(folder))
+
+
+def _grids(source, model: nn.Module, names: list[str], requant_config, progress: bool):
+    """Each quantized layer's ``IntegerGrid`` (checked), re-quantized by ``requant_config`` where the
+    source has none and that is given; the others' reasons in ``refused``."""
+    grids: dict[str, IntegerGrid] = {}
+    refused: dict[str, str] = {}
+    with progress_bar(len(names), "reading grids", progress) as bar:
+        for name in names:
+            grid = source.integer_grid(name, model.get_submodule(name))
+            if isinstance(grid, IntegerGrid):
+                grid.check(name)
+                grids[name] = grid
+            elif requant_config is None:
+                refused[name] = str(grid)
+            else:
+                grids[name] = _requantized_grid(model, name, requant_config)
+            bar.update(1)
+    return grids, refused
 
 
 def as_linear_meta_of(module: nn.Module, grid: IntegerGrid) -> nn.Linear:
@@ -144,8 +151,7 @@ def _requantize_config(target, requantize: Any):
 
 def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weight a quantized layer computes with: its output on the identity matrix, less its bias."""
-    linear = as_linear_meta(module) if is_eligible(module) else None
-    in_f = linear.in_features if linear is not None else module.in_features
+    in_f = getattr(module, "in_features", None) or as_linear_meta(module).in_features
     bias = getattr(module, "bias", None)
     dtype = next(
         (t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), torch.float32
