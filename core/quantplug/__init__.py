@@ -49,7 +49,7 @@ _LAZY = {
     "compare": ".comparison",
     "Comparison": ".comparison",
     "load": ".loading",
-    "export": ".export",
+    "export": ".exporting",
     "run_batch": ".devices",
 }
 

@@ -188,7 +188,7 @@ def export_cmd(model_dir, fmt, output, requantize, max_shard_size, progress) -> 
     import time
 
     from .errors import QuantplugError
-    from .export import export
+    from .exporting import export
 
     t0 = time.perf_counter()
     try:
