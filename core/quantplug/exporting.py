@@ -96,10 +96,11 @@ def export(
     unquantized = [n for n, m in model.named_modules() if n and n not in grids and is_eligible(m)]
     config = target.config.for_grids({n: g.layout for n, g in grids.items()}, unquantized)
     quantizer = AutoQuantizer.from_config(config)
-    _check_plan(quantizer, model, grids, unquantized)
+    float_dtype = getattr(model, "dtype", None) or next(iter(grids.values())).scale.dtype
+    _check_plan(quantizer, model, grids, unquantized, float_dtype)
     with torch.no_grad(), progress_bar(len(grids), f"encoding as {format}", progress) as bar:
         for name, grid in grids.items():
-            meta = as_linear_meta_of(model.get_submodule(name), grid)
+            meta = as_linear_meta_of(model.get_submodule(name), grid, float_dtype)
             set_submodule(model, name, quantizer.encode_grid(name, meta, grid))
             bar.update(1)
     attach_info(model, QuantizedModelInfo(config, quantizer, list(grids)))
@@ -125,11 +126,10 @@ def _grids(source, model: nn.Module, names: list[str], requant_config, progress:
     return grids, refused
 
 
-def as_linear_meta_of(module: nn.Module, grid: IntegerGrid) -> nn.Linear:
-    """A meta ``nn.Linear`` with the grid's shape, the model's float dtype and the layer's bias."""
+def as_linear_meta_of(module: nn.Module, grid: IntegerGrid, dtype: torch.dtype) -> nn.Linear:
+    """A meta ``nn.Linear`` with the grid's shape, the model's float ``dtype`` and the layer's bias."""
     out_f, in_f = grid.codes.shape
     bias = grid.bias is not None or getattr(module, "bias", None) is not None
-    dtype = grid.scale.dtype
     return nn.Linear(in_f, out_f, bias=bias, device="meta", dtype=dtype)
 
 
@@ -192,10 +192,12 @@ def _requantized_grid(model: nn.Module, name: str, config) -> IntegerGrid:
     return grid
 
 
-def _check_plan(quantizer, model: nn.Module, grids: dict[str, IntegerGrid], unquantized: list[str]) -> None:
+def _check_plan(
+    quantizer, model: nn.Module, grids: dict[str, IntegerGrid], unquantized: list[str], dtype
+) -> None:
     """The target config quantizes exactly the layers that have grids (else it would load differently)."""
     for name in grids:
-        why = quantizer.skip_reason(name, as_linear_meta_of(model.get_submodule(name), grids[name]))
+        why = quantizer.skip_reason(name, as_linear_meta_of(model.get_submodule(name), grids[name], dtype))
         if why:
             raise PluginError(
                 f"export: the {quantizer.config.quant_method} config built for the grids skips {name} ({why})"

@@ -28,6 +28,7 @@ CHEAP_CONFIGS: dict[str, dict[str, Any]] = {
     "quanto": {"weights": "int8"},
     "torchao": {},
     "gptq": {"bits": 4, "group_size": 32},
+    "compressed-tensors": {"scheme": "W4A16_ASYM", "group_size": 32},
 }
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -263,11 +264,20 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             device, c.backend, c.packing, scheme, module.in_features, module.out_features
         )
         if kind and kind.startswith("auto_round_kernel") and c.backend == "auto":
-            # auto-round-lib's kernel is chosen only when asked for by name: its outputs were wrong
-            # in measured situations (see _never_single_threaded and the README's limits)
-            kind = get_layer_backend(
+            # auto-round-lib's kernel is chosen only when asked for by name, or when auto-round has no
+            # torch backend for the layer: its outputs were wrong in measured situations (see
+            # _never_single_threaded and the README's limits)
+            torch_kind = get_layer_backend(
                 device, "torch", c.packing, scheme, module.in_features, module.out_features
             )
+            if torch_kind and "fake" not in torch_kind:
+                kind = torch_kind
+            else:
+                _warn_once(
+                    f"auto-round has no torch backend for {c.packing} layers like {name} ({scheme}) here, so they "
+                    f"run auto-round-lib's kernel (never single-threaded; see quantplug-autoround's README for "
+                    f"its limits). Installing gptqmodel gives auto-round a torch AWQ/GPTQ backend."
+                )
         if not kind:
             raise quantplug.BackendUnavailableError(
                 f"auto-round has no inference backend for {name} ({scheme}, packing {c.packing_format}) on {device} "
@@ -326,6 +336,15 @@ def _never_single_threaded(cls: type) -> type:
 
         _SAFE_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__})
     return _SAFE_CLASSES[cls]
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _is_awq(packing: str) -> bool:

@@ -74,6 +74,9 @@ SCHEMES: dict[str, dict[str, Any]] = {
     ),
 }
 
+#: what a config with neither ``scheme`` nor ``config_groups`` means
+DEFAULT_SCHEME = "W4A16"
+
 #: checkpoint formats whose tensors this plugin reads and writes
 FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
 WEIGHT_STRATEGIES = ("tensor", "channel", "group")
@@ -97,7 +100,8 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
     """compressed-tensors quantization (the format of llm-compressor, served natively by vLLM).
 
     scheme              quantplug shorthand: one of W4A16, W4A16_ASYM, W8A16, W8A8, FP8, FP8_DYNAMIC
-                        (compressed-tensors' preset names), expanded into ``config_groups``
+                        (compressed-tensors' preset names), expanded into ``config_groups``; W4A16
+                        when neither scheme nor config_groups is given
     group_size          with ``scheme``: another group size for a group-wise scheme (W4A16, W8A16, ...)
     config_groups       llm-compressor's ``config_groups``: name -> {targets, weights, input_activations,
                         output_activations, format}
@@ -200,6 +204,8 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
                 object.__setattr__(self, field, {})
 
     def _expand_scheme(self) -> None:
+        if self.scheme is None and self.config_groups is None:
+            object.__setattr__(self, "scheme", DEFAULT_SCHEME)  # CompressedTensorsConfig() is W4A16
         if self.scheme is None:
             if self.group_size is not None:
                 raise self.invalid(

@@ -196,6 +196,7 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
         return CompressedTensorsLinear(scheme, fmt, module.in_features, module.out_features, tensors, bias)
 
     def expected_tensors(self, name: str, module: nn.Linear):
+        # float tensors: checked in load_module (the layer's dtype, or float32)
         return {
             k: (shape, dtype if not dtype.is_floating_point or dtype == torch.float8_e4m3fn else None)
             for k, (shape, dtype) in self._tensor_specs(name, module).items()
@@ -216,25 +217,39 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
             raise quantplug.PluginError(
                 f"export: {name}'s scheme ({fmt}, {w}) does not fit its grid ({layout})"
             )
+        dtype = module.weight.dtype
+        scale = grid.scale.to(dtype)
+        if not torch.equal(scale.to(grid.scale.dtype), grid.scale):
+            raise quantplug.ConfigError(
+                f"export: {name}'s scales are {grid.scale.dtype} values that {dtype} (the model's dtype, which "
+                f"compressed-tensors stores scales in) cannot hold exactly; re-save the source model in float32 "
+                f"first (quantplug.load(..., dtype=torch.float32), then quantplug.save)",
+                field="dtype",
+                value=str(dtype),
+            )
         tensors = {
             "weight_packed": pack_to_int32(grid.codes, grid.bits),
             "weight_shape": torch.tensor([layout.out_features, layout.in_features]),
-            "weight_scale": grid.scale.contiguous(),
+            "weight_scale": scale.contiguous(),
         }
         if grid.zero_point is not None:
             tensors["weight_zero_point"] = pack_to_int32(
                 grid.zero_point, grid.bits, packed_dim=0
             ).contiguous()
-        bias = grid.bias.detach().clone() if grid.bias is not None else None
+        bias = grid.bias.detach().to(dtype) if grid.bias is not None else None
         return CompressedTensorsLinear(scheme, fmt, layout.in_features, layout.out_features, tensors, bias)
 
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         tensors = dict(tensors)
+        allowed = (module.weight.dtype, torch.float32)
         for key in ("weight_scale", "input_scale", "bias"):
             t = tensors.get(key)
-            if t is not None and not t.dtype.is_floating_point:
+            # llm-compressor stores them in the model's dtype (float32 by some versions); any other float
+            # dtype would dequantize to other values than the ones written
+            if t is not None and t.dtype not in allowed:
                 raise quantplug.CheckpointError(
-                    f"{name}.{key}: stored as {t.dtype}, expected a float dtype: the checkpoint is damaged"
+                    f"{name}.{key}: stored as {t.dtype}, expected the model's {module.weight.dtype} or "
+                    f"torch.float32: the checkpoint is damaged or not of this model's dtype"
                 )
         shape = tensors.get("weight_shape")
         if shape is not None and shape.tolist() != [module.out_features, module.in_features]:

@@ -76,9 +76,12 @@ def test_gptq_exports_exactly(tmp_path):
             "config_groups"
         ].values()
         assert group["weights"]["symmetric"] is config.get("sym", True)
-        assert torch.equal(logits(quantplug.load(out, progress=False), ids), source), config
-        # the library's decompressed model fake-quantizes its fp16-scaled weight again: bf16 rounding
-        assert ((library_logits(out, ids) - source).norm() / source.norm()).item() < 4e-3
+        exported = logits(quantplug.load(out, progress=False), ids)
+        # the same grid; GPTQModel's kernel dequantizes with its float16 scales in float16, compressed-
+        # tensors stores the scales in the model's dtype (float32 here, exactly the same values) and
+        # dequantizes in it: the weights differ by float16 rounding
+        assert ((exported - source).norm() / source.norm()).item() < 1e-3, config
+        assert ((library_logits(out, ids) - exported).norm() / exported.norm()).item() < 1e-6
 
 
 def test_gptq_act_order_is_refused_with_the_reason(tmp_path):
