@@ -22,7 +22,7 @@ from .candidates import resolve
 from .checkpoint import CONFIG_NAME, non_checkpoint_files, read_json
 from .dispatch import AutoQuantizer, backends, get_backend
 from .errors import ConfigError, PluginError
-from .grid import IntegerGrid
+from .grid import GridLayout, IntegerGrid
 from .layers import as_linear_meta, is_eligible, set_submodule
 from .walk import QuantizedModelInfo, attach_info, progress_bar, quantized_info
 
@@ -79,7 +79,9 @@ def export(
     info = quantized_info(model)
     source, names = info.quantizer, list(info.modules)
 
-    grids, refused = _grids(source, model, names, requant_config, progress)
+    # two passes, one layer's grid in memory at a time: the layouts decide the target config, then each
+    # grid is made again and encoded (grids of a whole model would cost a byte per weight)
+    layouts, refused = _layouts(source, model, names, requant_config, progress)
     if refused:
         first = next(iter(refused))
         raise ConfigError(
@@ -93,44 +95,50 @@ def export(
             allowed=[p.name for p in target.presets],
         )
 
-    unquantized = [n for n, m in model.named_modules() if n and n not in grids and is_eligible(m)]
-    config = target.config.for_grids({n: g.layout for n, g in grids.items()}, unquantized)
+    unquantized = [n for n, m in model.named_modules() if n and n not in layouts and is_eligible(m)]
+    config = target.config.for_grids(layouts, unquantized)
     quantizer = AutoQuantizer.from_config(config)
-    float_dtype = getattr(model, "dtype", None) or next(iter(grids.values())).scale.dtype
-    _check_plan(quantizer, model, grids, unquantized, float_dtype)
-    with torch.no_grad(), progress_bar(len(grids), f"encoding as {format}", progress) as bar:
-        for name, grid in grids.items():
-            meta = as_linear_meta_of(model.get_submodule(name), grid, float_dtype)
+    float_dtype = getattr(model, "dtype", None) or torch.float32
+    _check_plan(quantizer, model, layouts, unquantized, float_dtype)
+    with torch.no_grad(), progress_bar(len(layouts), f"encoding as {format}", progress) as bar:
+        for name in layouts:
+            grid = _grid(source, model, name, requant_config)
+            meta = _meta_linear(model.get_submodule(name), grid.layout, grid.bias is not None, float_dtype)
             set_submodule(model, name, quantizer.encode_grid(name, meta, grid))
             bar.update(1)
-    attach_info(model, QuantizedModelInfo(config, quantizer, list(grids)))
+    attach_info(model, QuantizedModelInfo(config, quantizer, list(layouts)))
     return save(model, out, max_shard_size=max_shard_size, extra_files=non_checkpoint_files(folder))
 
 
-def _grids(source, model: nn.Module, names: list[str], requant_config, progress: bool):
-    """Each quantized layer's ``IntegerGrid`` (checked), re-quantized by ``requant_config`` where the
-    source has none and that is given; the others' reasons in ``refused``."""
-    grids: dict[str, IntegerGrid] = {}
+def _grid(source, model: nn.Module, name: str, requant_config) -> IntegerGrid | str:
+    """The layer's ``IntegerGrid`` (checked), re-quantized by ``requant_config`` where the source has
+    none and that is given; else the source's reason."""
+    grid = source.integer_grid(name, model.get_submodule(name))
+    if isinstance(grid, IntegerGrid):
+        grid.check(name)
+        return grid
+    return str(grid) if requant_config is None else _requantized_grid(model, name, requant_config)
+
+
+def _layouts(source, model: nn.Module, names: list[str], requant_config, progress: bool):
+    """Each quantized layer's ``GridLayout``, and the reasons of the layers that have none."""
+    layouts: dict[str, GridLayout] = {}
     refused: dict[str, str] = {}
     with progress_bar(len(names), "reading grids", progress) as bar:
         for name in names:
-            grid = source.integer_grid(name, model.get_submodule(name))
+            grid = _grid(source, model, name, requant_config)
             if isinstance(grid, IntegerGrid):
-                grid.check(name)
-                grids[name] = grid
-            elif requant_config is None:
-                refused[name] = str(grid)
+                layouts[name] = grid.layout
             else:
-                grids[name] = _requantized_grid(model, name, requant_config)
+                refused[name] = grid
             bar.update(1)
-    return grids, refused
+    return layouts, refused
 
 
-def as_linear_meta_of(module: nn.Module, grid: IntegerGrid, dtype: torch.dtype) -> nn.Linear:
+def _meta_linear(module: nn.Module, layout: GridLayout, bias: bool, dtype: torch.dtype) -> nn.Linear:
     """A meta ``nn.Linear`` with the grid's shape, the model's float ``dtype`` and the layer's bias."""
-    out_f, in_f = grid.codes.shape
-    bias = grid.bias is not None or getattr(module, "bias", None) is not None
-    return nn.Linear(in_f, out_f, bias=bias, device="meta", dtype=dtype)
+    bias = bias or getattr(module, "bias", None) is not None
+    return nn.Linear(layout.in_features, layout.out_features, bias=bias, device="meta", dtype=dtype)
 
 
 def _requantize_config(target, requantize: Any):
@@ -193,11 +201,11 @@ def _requantized_grid(model: nn.Module, name: str, config) -> IntegerGrid:
 
 
 def _check_plan(
-    quantizer, model: nn.Module, grids: dict[str, IntegerGrid], unquantized: list[str], dtype
+    quantizer, model: nn.Module, layouts: dict[str, GridLayout], unquantized: list[str], dtype
 ) -> None:
     """The target config quantizes exactly the layers that have grids (else it would load differently)."""
-    for name in grids:
-        why = quantizer.skip_reason(name, as_linear_meta_of(model.get_submodule(name), grids[name], dtype))
+    for name, layout in layouts.items():
+        why = quantizer.skip_reason(name, _meta_linear(model.get_submodule(name), layout, False, dtype))
         if why:
             raise PluginError(
                 f"export: the {quantizer.config.quant_method} config built for the grids skips {name} ({why})"
