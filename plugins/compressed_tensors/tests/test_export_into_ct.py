@@ -144,3 +144,21 @@ def test_cli_export_and_its_errors(tmp_path):
     not_a_format = runner.invoke(main, ["export", str(src), "--format", "rtn", "-o", str(tmp_path / "z")])
     assert not_a_format.exit_code != 0 and "cannot be an export target" in not_a_format.output
     assert "compressed-tensors" in not_a_format.output
+
+
+def test_torchao_int8_weight_only_exports_and_dynamic_is_refused(tmp_path):
+    pytest.importorskip("quantplug_torchao")
+    from quantplug_torchao import TorchaoConfig
+
+    ids = token_ids()
+    src = _saved(tmp_path, TorchaoConfig.from_mode("int8_weight_only"))
+    source = logits(quantplug.load(src, progress=False), ids)
+    out = quantplug.export(src, tmp_path / "ct", format="compressed-tensors", progress=False)
+    (group,) = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    assert group["weights"]["num_bits"] == 8 and group["weights"]["strategy"] == "channel"
+    exported = logits(quantplug.load(out, progress=False), ids)
+    # the same grid; torchao's int8 matmul and a dense one round in another order
+    assert ((exported - source).norm() / source.norm()).item() < 1e-5
+    dynamic = _saved(tmp_path, TorchaoConfig.from_mode("int8_dynamic_activation_int8_weight"), "dyn")
+    with pytest.raises(quantplug.ConfigError, match="inputs are quantized too"):
+        quantplug.export(dynamic, tmp_path / "ct2", format="compressed-tensors", progress=False)

@@ -271,6 +271,33 @@ class TorchaoQuantizer(quantplug.Quantizer):
         empty = self.empty_module(name, module)
         return {k: (tuple(t.shape), t.dtype) for k, t in self.module_tensors(name, empty).items()}
 
+    def integer_grid(self, name: str, qmodule: nn.Module):
+        """int8 weight-only layers (``Int8Tensor`` without activation quantization) are integer grids:
+        ``qdata`` per row with ``scale`` and ``zero_point``; the other modes are not (float8, int8
+        activations, int4's packed layouts, intx: not described yet)."""
+        weight = getattr(qmodule, "weight", None)
+        kind = type(weight).__name__
+        if kind != "Int8Tensor":
+            return (
+                f"its weight is a torchao {kind}; only int8 weight-only layers are described as integer grids"
+            )
+        if getattr(weight, "act_quant_kwargs", None) is not None:
+            return "its inputs are quantized too (int8 dynamic activations): a weight-only grid would change what it computes"
+        out_f, in_f = weight.shape
+        block = list(getattr(weight, "block_size", []))
+        if block != [1, in_f]:
+            return f"its block size {block} is not one scale per row"
+        zero = weight.zero_point.reshape(out_f, 1).to(torch.int8)
+        bias = qmodule.bias.detach() if qmodule.bias is not None else None
+        return quantplug.IntegerGrid(
+            weight.qdata.contiguous(),
+            weight.scale.reshape(out_f, 1),
+            zero if zero.any() else None,
+            8,
+            in_f,
+            bias,
+        )
+
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         empty = self.empty_module(name, module)
         data = {f"m.{k}": t for k, t in tensors.items() if k.startswith("_weight_")}
