@@ -64,8 +64,10 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
 
     def scheme_of(self, name: str, module: nn.Module) -> tuple[QuantizationScheme, str] | None:
         """The scheme and format compressed-tensors applies to ``name`` (None: left in full precision)."""
-        if self._ignored(name, module) is not None:
-            return None
+        return None if self._ignored(name, module) is not None else self._targeted(name, module)
+
+    def _targeted(self, name: str, module: nn.Module) -> tuple[QuantizationScheme, str] | None:
+        """The scheme of the most specific ``config_groups`` target naming ``module``, ``ignore`` aside."""
         matched = match_targets(name, module, list(self._targets))
         return self._targets[matched[0]] if matched else None
 
@@ -73,7 +75,7 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
         pattern = self._ignored(name, module)
         if pattern is not None:
             return f"in ignore ({pattern!r})"
-        found = self.scheme_of(name, module)
+        found = self._targeted(name, module)
         if found is None:
             return f"matches no config_groups target ({', '.join(self._targets)})"
         weights = found[0].weights
