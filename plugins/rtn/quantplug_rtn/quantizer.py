@@ -33,6 +33,7 @@ from torch import nn
 import quantplug
 
 from .config import RtnConfig
+from .fused import FusedRtnLinear, to_fused
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -125,12 +126,33 @@ class RtnLinear(nn.Module):
             q.bias.data.copy_(linear.bias.detach())
         return q
 
+    def codes(self) -> torch.Tensor:
+        """The unpacked codes, uint8 [out, groups * group_size] (the padded input dimension)."""
+        return unpack(self.qweight, self.bits, self.scale.shape[1] * self.group_size)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, like) -> RtnLinear:
+        """A symmetric layer of ``like``'s shape holding ``codes`` [out, padded in] and ``scale``."""
+        q = cls(
+            like.in_features,
+            like.out_features,
+            bits=like.bits,
+            group_size=like.group_size,
+            symmetric=True,
+            bias=bias is not None,
+            dtype=scale.dtype,
+            device=scale.device,
+        )
+        q.qweight.copy_(pack(codes, like.bits))
+        q.scale.copy_(scale)
+        if bias is not None:
+            q.bias.data.copy_(bias)
+        return q
+
     def dequantize(self) -> torch.Tensor:
         """The full-precision weight [out, in] this layer computes with."""
         groups = self.scale.shape[1]
-        codes = unpack(self.qweight, self.bits, groups * self.group_size).reshape(
-            self.out_features, groups, -1
-        )
+        codes = self.codes().reshape(self.out_features, groups, -1)
         codes, scale = codes.to(self.scale.dtype), self.scale.unsqueeze(-1)
         if self.zero is None:  # symmetric
             w = (codes - torch.full_like(self.scale, 1 << (self.bits - 1)).unsqueeze(-1)) * scale
@@ -163,7 +185,11 @@ class RtnQuantizer(quantplug.Quantizer):
     config: RtnConfig
 
     def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
-        return RtnLinear.from_linear(module, self.config)
+        return to_fused(RtnLinear.from_linear(module, self.config), self.config, name)
+
+    def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
+        """rtn's packed layout, also for a layer held in a fused kernel's layout."""
+        return super().module_tensors(name, canonical(qmodule))
 
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         return RtnLinear.like(module, self.config)  # module is on the meta device: so is the result
@@ -182,6 +208,7 @@ class RtnQuantizer(quantplug.Quantizer):
         """Symmetric layers (and asymmetric ones with an integer zero point, the old layout) are
         integer grids; the min/max layout's zero is a float (each group's minimum), which formats with
         integer zero points cannot hold."""
+        qmodule = canonical(qmodule)
         if not isinstance(qmodule, RtnLinear):
             return f"{type(qmodule).__name__} is not an RtnLinear"
         if qmodule.zero is not None and not qmodule.integer_zero:
@@ -211,4 +238,11 @@ class RtnQuantizer(quantplug.Quantizer):
                 f"of {name + '.scale'!r}: each group's minimum) or torch.uint8 (an integer zero point, "
                 f"written by quantplug-rtn before the min/max layout)"
             )
-        return super().load_module(name, module, tensors)
+        return to_fused(super().load_module(name, module, tensors), self.config, name)
+
+
+def canonical(qmodule: nn.Module) -> nn.Module:
+    """An ``RtnLinear`` with the weights of a ``FusedRtnLinear`` (anything else as it is)."""
+    if not isinstance(qmodule, FusedRtnLinear):
+        return qmodule
+    return RtnLinear.from_codes(qmodule.codes(), qmodule.group_scales(), qmodule.bias, qmodule)
