@@ -36,6 +36,8 @@ class Spec:
     label: str
     config: QuantConfig
     select_rank: int | None = None
+    dtype: str | None = None
+    """The model dtype the candidate is built in (its preset's ``dtype``; None: the model's own)."""
 
 
 def resolve(spec: Any) -> Spec:
@@ -70,7 +72,7 @@ def resolve(spec: Any) -> Spec:
                     allowed=[f"{backend.name}:{p.name}" for p in presets],
                 )
             chosen = found[0]
-        return Spec(f"{backend.name}:{chosen.name}", chosen.build(backend.config))
+        return Spec(f"{backend.name}:{chosen.name}", chosen.build(backend.config), dtype=chosen.dtype)
     config = as_config(spec)
     return Spec(_config_label(config), config)
 

@@ -65,6 +65,10 @@ WORKLOADS = ("decode", "prefill")
 (memory-bound at batch 1), ``prefill`` = a long prompt in one call (compute-bound)."""
 
 
+PRESET_DTYPES = ("float32", "bfloat16", "float16")
+"""Model dtypes a preset may declare (``Preset.dtype``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """A concrete config a plugin recommends, with the facts ``quantplug.select`` reasons from.
@@ -100,6 +104,11 @@ class Preset:
     type and workload: ``{"cuda": {"decode": 1.5, "prefill": 0.04}}`` means 1.5x faster at decode
     and 25x slower at prefill. Leave out what was not measured."""
     note: str = ""
+    dtype: str | None = None
+    """The model dtype the preset is built for and its ``speed`` was measured in, as torch names it
+    (``"bfloat16"``): a backend whose fast kernels take 16-bit activations declares it, and
+    ``compare`` converts the model to it before quantizing that candidate (``compare(dtype=...)``
+    forces one dtype for every candidate instead). ``None``: the model's own dtype."""
     servable_by: tuple[str, ...] = ()
     """Serving engines that read this preset's checkpoints as they are, without conversion, as
     lowercase names, e.g. ``("vllm", "sglang")``: the engine loads the folder ``quantplug.save``
@@ -112,6 +121,13 @@ class Preset:
         object.__setattr__(self, "servable_by", str_tuple(self.servable_by))
         if self.min_cuda_capability is not None:
             object.__setattr__(self, "min_cuda_capability", tuple(self.min_cuda_capability))
+        if self.dtype is not None and self.dtype not in PRESET_DTYPES:
+            raise ConfigError(
+                f"preset {self.name!r}: dtype={self.dtype!r} is not one of {', '.join(PRESET_DTYPES)}",
+                field="dtype",
+                value=self.dtype,
+                allowed=list(PRESET_DTYPES),
+            )
         speed = {
             str(dev): types.MappingProxyType(dict(fig)) if isinstance(fig, Mapping) else fig
             for dev, fig in dict(self.speed).items()

@@ -281,7 +281,7 @@ def _specs(
             if per_backend is not None and taken.get(c.backend, 0) >= per_backend:
                 continue
             taken[c.backend] = taken.get(c.backend, 0) + 1
-            specs.append(Spec(c.label, c.config, c.rank))
+            specs.append(Spec(c.label, c.config, c.rank, c.dtype))
         if top is not None:
             specs = specs[:top]
         if not specs:

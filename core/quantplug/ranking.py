@@ -47,6 +47,8 @@ class Candidate:
     reasons: list[str] = dataclasses.field(default_factory=list)
     servable_by: tuple[str, ...] = ()
     """Serving engines its plugin declares read its checkpoints as they are (``Preset.servable_by``)."""
+    dtype: str | None = None
+    """The model dtype the preset is built for (``Preset.dtype``; None: the model's own)."""
 
     @property
     def label(self) -> str:
@@ -67,6 +69,7 @@ class Candidate:
             "score": round(self.score, 4),
             "reasons": list(self.reasons),
             "servable_by": list(self.servable_by),
+            "dtype": self.dtype,
         }
 
 
@@ -179,6 +182,7 @@ def rank(passed: list[Eligible], dev: str, workload: str, priority: str) -> list
             rel_error=err,
             speed=_speed_for(preset, dev, workload),
             servable_by=preset.servable_by,
+            dtype=preset.dtype,
         )
         ranked.append((candidate, option))
     known = [c.speed for c, _ in ranked if c.speed is not None]
