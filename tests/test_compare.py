@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import quantplug
+from quantplug.compare_settings import bf16_native
 from quantplug.comparison import compare, to_markdown
 from quantplug.testing import tiny_llama
 
@@ -79,7 +80,8 @@ def model_dir(tmp_path_factory):
     return path
 
 
-SMALL = {"tokens": 96, "window": 32, "decode_tokens": 2, "repeats": 1}
+# one dtype (float32): the unquantized bfloat16 row compare adds by default is tested on its own
+SMALL = {"tokens": 96, "window": 32, "decode_tokens": 2, "repeats": 1, "dtype": "float32"}
 
 
 def test_compare_measures_each_candidate_and_reports_a_failure(rtn_only):
@@ -186,7 +188,22 @@ def test_cli_compare_writes_json_markdown_and_a_plot(model_dir, tmp_path, subpro
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout)
     rows = data["rows"]
-    assert [r["label"] for r in rows] == ["unquantized", "rtn:int8", "rtn:int4-g128", "rtn:int2-g32-asym"]
+    bf16 = ["unquantized (bfloat16)"] if bf16_native(torch.device("cpu")) else []
+    assert [r["label"] for r in rows] == [
+        "unquantized",
+        *bf16,
+        "rtn:int8",
+        "rtn:int4-g128",
+        "rtn:int2-g32-asym",
+    ]
+    # each in the dtype its preset is built for (the fused-kernel presets in bfloat16)
+    assert [r["dtype"] for r in rows] == [
+        "float32",
+        *(["bfloat16"] * len(bf16)),
+        "bfloat16",
+        "bfloat16",
+        "float32",
+    ]
     for r in rows:
         assert r["weight_bytes"] > 0 and math.isfinite(r["perplexity"])
         assert r["prefill_ms"] > 0 and r["decode_ms"] > 0

@@ -21,7 +21,8 @@ from quantplug.text_quality import framing, perplexity
 
 WORDS = [f"w{i}" for i in range(300)]
 TEXT = " ".join(WORDS[(i * 7) % 300] for i in range(400))
-SMALL = {"tokens": 96, "window": 32, "decode_tokens": 2, "repeats": 1}
+# one dtype (float32): the unquantized bfloat16 row compare adds by default is tested on its own
+SMALL = {"tokens": 96, "window": 32, "decode_tokens": 2, "repeats": 1, "dtype": "float32"}
 
 
 def word_tokenizer(bos: bool):

@@ -57,6 +57,17 @@ priority_option = click.option(
     help="Tokens of the text after the evaluated ones, for candidates that need calibration (GPTQ).",
 )
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Run the unquantized model and every candidate in this dtype (default: the model's own dtype, "
+    "next to it bfloat16 where the device supports it, and each candidate in the dtype its preset is built for).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="torch threads for the run (default on CPU: the cores other processes leave free).",
+)
 @workload_option
 @priority_option
 @click.option(
@@ -83,6 +94,8 @@ def compare_cmd(
     decode_tokens,
     calibration_tokens,
     repeats,
+    dtype,
+    threads,
     workload,
     priority,
     max_quality_loss,
@@ -116,6 +129,8 @@ def compare_cmd(
             workload=workload,
             priority=priority,
             max_quality_loss=max_quality_loss,
+            dtype=dtype,
+            threads=threads,
         )
     except QuantplugError as exc:
         raise click.ClickException(str(exc)) from None

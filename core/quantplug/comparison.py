@@ -23,11 +23,20 @@ import torch
 from torch import nn
 
 from .candidates import Spec, resolve
+from .compare_settings import (
+    check_arguments,
+    check_threads,
+    dtype_arg,
+    dtype_note,
+    other_dtypes_for,
+    threads_note,
+)
 from .config import QuantConfig
 from .devices import to_device
 from .dispatch import backends
 from .errors import ConfigError
 from .footprint import model_bytes
+from .machine_load import LoadMonitor, free_cores, others_busy
 from .measure import (
     Bench,
     Row,
@@ -80,8 +89,9 @@ def compare(
     workload: str = "decode",
     priority: str = "balanced",
     max_quality_loss: float = DEFAULT_MAX_QUALITY_LOSS,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     calibration_tokens: int = 2048,
+    threads: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Quantize ``model`` with each candidate and measure each on this machine.
@@ -99,10 +109,17 @@ def compare(
     ``calibration_tokens`` tokens of the text that follow the evaluated ones (never the tokens they
     are scored on), in ``window``-token batches; with ``inputs=`` there is no text to draw them from,
     and such candidates are not ranked. A candidate that fails is reported with its error, and the run
-    goes on. Returns a ``Comparison`` (``table()``, ``to_dict()``, ``plot(path)``).
+    goes on. ``dtype``: None runs the model in its own dtype (a folder: float32 on CPU, bfloat16 on
+    CUDA), the same model in bfloat16 next to it where the device supports bfloat16, and each
+    candidate in the dtype its preset is built for (``Preset.dtype``); a dtype runs everything in
+    it (an ``nn.Module`` is converted in place). ``threads``: torch's thread count for the run
+    (default on CPU: the cores other processes leave free, measured for a second before the run);
+    the CPU time other processes take during the run is measured, and the report says when it
+    makes the latency figures unreliable. Returns a ``Comparison`` (``table()``, ``to_dict()``,
+    ``plot(path)``).
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    _check_arguments(top, per_backend, tokens, window, decode_tokens, repeats, max_quality_loss)
+    check_arguments(top, per_backend, tokens, window, decode_tokens, repeats, max_quality_loss)
     if (
         not isinstance(calibration_tokens, int)
         or isinstance(calibration_tokens, bool)
@@ -114,18 +131,25 @@ def compare(
             value=calibration_tokens,
             allowed="an integer >= 0 (0: no calibrating candidates)",
         )
+    forced = dtype_arg(dtype)
+    check_threads(threads)
     # prepare: named candidates are resolved first, so a typo fails before the model is loaded
     given = _given_specs(candidates)
     # plugins load before the model: loading imports Transformers, which imports backend libraries
     # (torchao) that plugins prepare first (quantplug-torchao quiets torchao's import)
     backends()
     dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, model_name = _prepare_model(model, dev, dtype, tokenizer, say)
+    busy = others_busy(1.0) if dev.type == "cpu" and threads is None else None  # before our own load
+    model, tokenizer, model_name = _prepare_model(model, dev, forced, tokenizer, say)
     can_calibrate = inputs is None and calibration_tokens > 0
     selection = select(
         model, device=dev.type, workload=workload, priority=priority, calibration_data=can_calibrate
     )
     specs = _specs(given, selection, top, per_backend)
+    if forced is not None:
+        for spec in specs:
+            spec.dtype = None
+    other_dtypes = other_dtypes_for(model, dev, forced)
     bench, encoding = _bench(
         model, dev, text, tokenizer, inputs, tokens, window, prefill_tokens, decode_tokens, repeats,
         calibration_tokens if can_calibrate else 0,
@@ -133,13 +157,26 @@ def compare(
     settings = _settings(
         model_name, dev, bench, text, encoding, decode_tokens, repeats, workload, priority, max_quality_loss
     )
-    # measure
+    settings["dtype"] = dtype_note(forced, other_dtypes, dev)
+    # measure, with torch's threads on the cores left free
     on_import = import_libraries(specs, say)
-    rows = measure_all(model, specs, bench, say)
+    old_threads, monitor = torch.get_num_threads(), LoadMonitor()
+    n_threads = threads or (free_cores(busy) if dev.type == "cpu" else old_threads)
+    settings["threads"] = threads_note(n_threads, threads, busy)
+    say(f"torch threads: {settings['threads']}")
+    torch.set_num_threads(n_threads)
+    monitor.start(busy)
+    try:
+        rows = measure_all(model, specs, bench, say, other_dtypes)
+    finally:
+        monitor.stop()
+        torch.set_num_threads(old_threads)
+    env = environment(dev)
+    env["torch_threads"], env["load"] = n_threads, monitor.to_dict()
     # recommend
     judge(rows, max_quality_loss)
     recommended, text_out = recommend(rows, selection, priority, workload, max_quality_loss)
-    return Comparison(rows, selection, text_out, recommended, settings, environment(dev), on_import)
+    return Comparison(rows, selection, text_out, recommended, settings, env, on_import)
 
 
 def _settings(
@@ -176,34 +213,6 @@ def _settings(
 
 
 # -- prepare --------------------------------------------------------------------------------------
-
-
-def _check_arguments(
-    top: Any,
-    per_backend: Any,
-    tokens: Any,
-    window: Any,
-    decode_tokens: Any,
-    repeats: Any,
-    max_quality_loss: Any,
-) -> None:
-    for name, value in (("top", top), ("per_backend", per_backend)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(
-                f"{name} must be a positive integer or None, got {value!r}", field=name, value=value
-            )
-    for name, value, low in (
-        ("tokens", tokens, 2),
-        ("window", window, 2),
-        ("decode_tokens", decode_tokens, 1),
-        ("repeats", repeats, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}", field=name, value=value)
-    if not (isinstance(max_quality_loss, (int, float)) and max_quality_loss >= 0):
-        raise ConfigError(
-            f"max_quality_loss must be a number >= 0, got {max_quality_loss!r}", field="max_quality_loss"
-        )
 
 
 def _prepare_model(

@@ -37,5 +37,16 @@ def to_device(inputs: Any, device: torch.device | str) -> Any:
 
 def run_batch(model: nn.Module, inputs: Any, **kwargs: Any) -> Any:
     """``model`` on one batch of inputs, by quantplug's convention for model inputs (calibration
-    data, ``compare``'s inputs): a tensor is the first argument, a mapping the keyword arguments."""
-    return model(**inputs, **kwargs) if isinstance(inputs, Mapping) else model(inputs, **kwargs)
+    data, ``compare``'s inputs): a tensor is the first argument, a mapping the keyword arguments.
+    Floating-point input tensors are cast to the model's floating-point dtype (``compare`` runs
+    the same inputs through a float32 and a bfloat16 model); integer ones (token ids) are not."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+    def cast(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and dtype is not None and v.dtype != dtype:
+            return v.to(dtype)
+        return v
+
+    if isinstance(inputs, Mapping):
+        return model(**{k: cast(v) for k, v in inputs.items()}, **kwargs)
+    return model(cast(inputs), **kwargs)

@@ -34,8 +34,11 @@ from .versions import installed_version
 class Row:
     label: str
     backend: str | None
+    """None for the unquantized model (the first row, and the same model in another dtype)."""
     config: dict[str, Any] | None
     select_rank: int | None = None
+    dtype: str | None = None
+    """The dtype of the model's floating-point parameters when it ran (``"bfloat16"``)."""
     weight_bytes: int | None = None
     """Bytes of the layers quantize converted (full precision for the baseline row)."""
     model_bytes: int | None = None

@@ -27,10 +27,21 @@ def judge(rows: list[Row], limit: float) -> None:
     when its quality is beyond usefulness (``COLLAPSED_*``; never acceptable)."""
     base = rows[0]
     base.acceptable, base.collapsed = True, False
-    for r in rows[1:]:
+    for r in candidates(rows):
         loss = None if r.error else loss_of(r, base)
         r.collapsed = None if r.error else is_collapsed(r, base)
         r.acceptable = loss is not None and loss <= limit and not r.collapsed
+
+
+def candidates(rows: list[Row]) -> list[Row]:
+    """The quantized rows: every row but the unquantized baselines (the first row, and the same
+    model in another dtype, ``backend`` None)."""
+    return [r for r in rows[1:] if r.backend is not None]
+
+
+def other_baselines(rows: list[Row]) -> list[Row]:
+    """The unquantized model in other dtypes than the first row's (e.g. bfloat16 next to float32)."""
+    return [r for r in rows[1:] if r.backend is None and not r.error]
 
 
 def is_collapsed(row: Row, base: Row) -> bool:
@@ -62,8 +73,8 @@ def recommend(
     rows: list[Row], selection: Selection | None, priority: str, workload: str, limit: float
 ) -> tuple[str | None, str]:
     """The recommended label (None: stay unquantized) and the recommendation in words."""
-    base, cands = rows[0], [r for r in rows[1:] if not r.error]
-    failed = [r for r in rows[1:] if r.error]
+    base, cands = rows[0], [r for r in candidates(rows) if not r.error]
+    failed = [r for r in candidates(rows) if r.error]
     ok = [r for r in cands if r.acceptable]
     measure = "perplexity" if base.perplexity is not None else "output error"
     if not ok:
@@ -81,6 +92,7 @@ def recommend(
         if len(tied) > 1:  # the timing cannot tell them apart: the better quality wins
             pick = min(tied, key=lambda r: (loss_of(r, base), r.weight_bytes or 0))
         lines = _pick_lines(pick, base, cands, ok, basis, workload, limit, measure)
+        lines += _versus_other_baselines(pick, rows, workload)
         if len(tied) > 1:
             lines.append(_noise_line(pick, tied, workload, measure))
     if selection is not None and selection.candidates and pick is not None:
@@ -179,6 +191,17 @@ def _pick_lines(
             f"{base_lat:.3g} ms) but loses {(loss_of(quick, base) or 0):.1%} {measure}: over the limit."
         )
     return lines
+
+
+def _versus_other_baselines(pick: Row, rows: list[Row], workload: str) -> list[str]:
+    """The pick's speed against the unquantized model in the other dtypes measured (bfloat16)."""
+    lat, out = latency(pick, workload), []
+    for other in other_baselines(rows):
+        other_lat = latency(other, workload)
+        if lat and other_lat:
+            ratio = f"{other_lat / lat:.2f}x faster" if lat < other_lat else f"{lat / other_lat:.2f}x slower"
+            out.append(f"Against {other.label}: {ratio} at {workload} ({lat:.3g} vs {other_lat:.3g} ms).")
+    return out
 
 
 def _versus_select(

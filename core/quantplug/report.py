@@ -75,14 +75,15 @@ def _table(result: Comparison) -> str:
     base = result.baseline
     quality = "perplexity" if base.perplexity is not None else "output rel. error"
     head = (
-        f"| candidate | select rank | weights | model | quantize s | {quality} | "
+        f"| candidate | dtype | select rank | weights | model | quantize s | {quality} | "
         f"prefill {result.settings['prefill_tokens'] or ''} tok ms | decode ms/token | note |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in result.rows:
         if r.error:
             lines.append(
-                f"| {r.label} | {r.select_rank or '-'} | | | | | | | failed: {r.error.splitlines()[0][:160]} |"
+                f"| {r.label} | {r.dtype or ''} | {r.select_rank or '-'} | | | | | | | "
+                f"failed: {r.error.splitlines()[0][:160]} |"
             )
             continue
         if r.collapsed:
@@ -96,15 +97,27 @@ def _table(result: Comparison) -> str:
         w = fmt_bytes(r.weight_bytes)
         if r is not base and r.weight_bytes and base.weight_bytes:
             w += f" ({base.weight_bytes / r.weight_bytes:.1f}x smaller)"
-        note = "baseline" if r is base else ("" if r.acceptable else "quality loss over the limit")
+        note = "baseline" if r.backend is None else ("" if r.acceptable else "quality loss over the limit")
         if r.collapsed:
             note = "collapsed: quality beyond use"
         lines.append(
-            f"| {r.label} | {r.select_rank or '-'} | {w} | {fmt_bytes(r.model_bytes)} | "
+            f"| {r.label} | {r.dtype or '-'} | {r.select_rank or '-'} | {w} | {fmt_bytes(r.model_bytes)} | "
             f"{_f(r.quantize_seconds, 1)} | {q} | {_f(r.prefill_ms, 0)}{_pm(r.prefill_spread)} | "
             f"{_f(r.decode_ms, 1)}{_pm(r.decode_spread)} | {note} |"
         )
-    return "\n".join(lines) + "\n\n" + result.recommendation
+    return "\n".join(lines) + "\n\n" + _load_warning(result) + result.recommendation
+
+
+def _load_warning(result: Comparison) -> str:
+    """A paragraph before the recommendation when other processes made the latency unreliable."""
+    load = result.environment.get("load") or {}
+    if not load.get("unreliable"):
+        return ""
+    return (
+        f"**Latency figures unreliable**: other processes kept {load['other_processes_cores_during']:.1f} "
+        f"core(s) busy during the run (of {result.environment.get('cpu_count')}); sizes and quality stand, "
+        f"but rerun on an idle machine before trusting the speeds.\n\n"
+    )
 
 
 def to_markdown(result: Comparison) -> str:
@@ -120,6 +133,8 @@ def to_markdown(result: Comparison) -> str:
         f"- Machine: {env['device']}, {env['cpu_count']} CPU cores (torch used {env['torch_threads']} threads), "
         f"{env['platform']}, Python {env['python']}",
         f"- Versions: {versions}",
+        f"- Threads: {st.get('threads', env['torch_threads'])}. {_load_line(env.get('load'))}",
+        f"- Dtypes: {st.get('dtype', 'the model dtype')}.",
         f"- Quality: {st['quality']}; text: {st['text']}, {st['tokens']} tokens in {st['window']}-token windows "
         f"({st['encoding']}).",
         f"- Calibration: {st.get('calibration') or 'none'}.",
@@ -150,6 +165,17 @@ def to_markdown(result: Comparison) -> str:
             + "; ".join(f"{name}: {_clip(w)}" for name, w in on_import)
         )
     return "\n".join(lines) + "\n"
+
+
+def _load_line(load: dict[str, Any] | None) -> str:
+    if not load or load.get("other_processes_cores_during") is None:
+        return "Other processes' CPU use during the run: not measurable here."
+    verdict = "unreliable latency" if load.get("unreliable") else "latency figures not disturbed"
+    return (
+        f"Other processes kept {load['other_processes_cores_during']:.2f} core(s) busy during the run "
+        f"({load['measured_with']}; load average {load.get('loadavg_before')} before, "
+        f"{load.get('loadavg_after')} after): {verdict}."
+    )
 
 
 def _size_lines(result: Comparison) -> list[str]:
@@ -218,7 +244,7 @@ def _plot(result: Comparison, path: str | os.PathLike) -> Path:
         ) from None
     use_ppl = result.baseline.perplexity is not None
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    _scatter(ax, plt.get_cmap("tab10"), result.rows, use_ppl)
+    labels_at = _scatter(ax, plt.get_cmap("tab10"), result.rows, use_ppl)
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=8)
@@ -236,6 +262,8 @@ def _plot(result: Comparison, path: str | os.PathLike) -> Path:
     ]
     if use_ppl and ys and max(ys) / min(ys) > 10:  # a broken 2-bit preset next to the rest
         ax.set_yscale("log")
+    _plain_ticks(ax)
+    _place_labels(fig, ax, labels_at)
     ax.set_title(
         f"{result.settings.get('model', 'model')} on {result.environment.get('device', '')}", fontsize=9
     )
@@ -248,10 +276,12 @@ def _plot(result: Comparison, path: str | os.PathLike) -> Path:
     return out
 
 
-def _scatter(ax, colors, rows: list[Row], use_ppl: bool) -> None:
-    """One point per measured row (the baseline a black star), labelled with its decode latency."""
+def _scatter(ax, colors, rows: list[Row], use_ppl: bool) -> list[tuple[float, float, str]]:
+    """One point per measured row (the unquantized model a star: black in its own dtype, grey in
+    another); returns each point with its label (name and decode latency) for ``_place_labels``."""
     markers = "os^Dv<>pPX*h"
     backends = sorted({r.backend for r in rows[1:] if r.backend})
+    labels = []
     for r in rows:
         if r.error or r.weight_bytes is None or r.collapsed:
             continue
@@ -259,7 +289,8 @@ def _scatter(ax, colors, rows: list[Row], use_ppl: bool) -> None:
         if y is None or not math.isfinite(y) or (not use_ppl and r.backend is None):
             continue
         if r.backend is None:
-            style = {"marker": "*", "s": 140, "color": "black", "label": "unquantized"}
+            color = "black" if r is rows[0] else "grey"
+            style = {"marker": "*", "s": 140, "color": color, "label": r.label}
         else:
             i = backends.index(r.backend)
             style = {
@@ -271,6 +302,63 @@ def _scatter(ax, colors, rows: list[Row], use_ppl: bool) -> None:
         ax.scatter(r.weight_bytes / 1e6, y, alpha=0.85, **style)
         name = r.label.split(":", 1)[-1] if r.backend else r.label
         lat = f"\n{r.decode_ms:.1f} ms/tok" if r.decode_ms is not None else ""
+        labels.append((r.weight_bytes / 1e6, y, f"{name}{lat}"))
+    return labels
+
+
+def _plain_ticks(ax) -> None:
+    """Tick labels as plain numbers (15, 20, 30), not powers of ten, also on a log axis."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        lo, hi = ax.get_ylim()
+        if hi / lo > 30:  # too many minor labels to read: keep the major ones
+            ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+_FONT = 6.5
+
+
+def _place_labels(fig, ax, labels: list[tuple[float, float, str]]) -> None:
+    """Write each label next to its point where it overlaps no label placed before it (trying
+    offsets right, below, above and left of the point, then further out, with a leader line)."""
+    fig.canvas.draw()  # the final limits, so data -> points is right
+    to_pt = 72.0 / fig.dpi
+    placed: list[tuple[float, float, float, float]] = []
+    for x, y, text in sorted(labels, key=lambda item: (item[0], -item[1])):
+        px, py = (v * to_pt for v in ax.transData.transform((x, y)))
+        lines = text.split("\n")
+        w, h = 0.55 * _FONT * max(len(line) for line in lines), 1.25 * _FONT * len(lines)
+        box = None
+        for dx, dy in _offsets(w, h):
+            cand = (px + dx, py + dy, px + dx + w, py + dy + h)
+            if not any(_overlap(cand, other) for other in placed):
+                box = (dx, dy, cand)
+                break
+        dx, dy, cand = box or (4.0, 3.0, (px + 4, py + 3, px + 4 + w, py + 3 + h))
+        placed.append(cand)
+        far = abs(dx) > w + 8 or abs(dy) > 2 * h
         ax.annotate(
-            f"{name}{lat}", (r.weight_bytes / 1e6, y), fontsize=6.5, xytext=(4, 3), textcoords="offset points"
+            text,
+            (x, y),
+            fontsize=_FONT,
+            xytext=(dx, dy),
+            textcoords="offset points",
+            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if far else None,
         )
+
+
+def _offsets(w: float, h: float) -> list[tuple[float, float]]:
+    """Label offsets (points, lower-left corner from the point) in the order they are tried."""
+    near = [(4.0, 3.0), (4.0, -h - 3), (-w - 4, 3.0), (-w - 4, -h - 3)]
+    out = list(near)
+    for step in range(1, 6):
+        out += [(4.0, 3.0 + step * h), (4.0, -h - 3 - step * h), (-w - 4, 3.0 + step * h)]
+    return out
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]

@@ -45,27 +45,70 @@ def import_libraries(specs: list[Spec], say: Callable[[str], None]) -> dict[str,
     return out
 
 
-def measure_all(model: nn.Module, specs: list[Spec], bench: Bench, say: Callable[[str], None]) -> list[Row]:
-    """The unquantized baseline's row, then one per candidate, each quantized from a deep copy."""
-    from .layers import default_targets
-
-    baseline = Row("unquantized", None, None)
-    baseline.weight_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in default_targets(model))
-    baseline.model_bytes = model_bytes(model)
-    baseline.checkpoint_bytes = checkpoint_bytes(model)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    say(f"[0/{len(specs)}] unquantized ({dtype}): measuring")
+def measure_all(
+    model: nn.Module,
+    specs: list[Spec],
+    bench: Bench,
+    say: Callable[[str], None],
+    other_dtypes: tuple[torch.dtype, ...] = (),
+) -> list[Row]:
+    """The unquantized baseline's row, the unquantized model in each of ``other_dtypes`` (a copy,
+    timed against the baseline like the candidates), then one row per candidate, each quantized
+    from a deep copy (converted to the candidate's ``dtype`` first, when it names one)."""
+    baseline = _unquantized_row("unquantized", model)
+    say(f"[0/{len(specs)}] unquantized ({baseline.dtype}): measuring")
     reference = measure(baseline, model, bench, None, say)
     timing = PairedTiming(baseline, model, bench)  # the baseline is timed in every candidate's rounds
     say(f"    {summary(baseline)}")
     rows = [baseline]
+    for dtype in other_dtypes:
+        name = dtype_name(dtype)
+        say(f"[0/{len(specs)}] unquantized in {name} (a copy): measuring")
+        with captured_warnings() as caught:
+            work = to_dtype(copy.deepcopy(model), dtype)
+            row = _unquantized_row(f"unquantized ({name})", work)
+            measure(row, work, bench, reference, say)
+            timing.time(row, work, say)
+        row.warnings = list(dict.fromkeys(caught))
+        rows.append(row)
+        say(f"    {summary(row)}")
+        del work
+        gc.collect()
     for i, spec in enumerate(specs, 1):
         row = Row(spec.label, spec.config.quant_method, spec.config.to_dict(), spec.select_rank)
         rows.append(row)
-        say(f"[{i}/{len(specs)}] {spec.label}: quantizing")
+        say(f"[{i}/{len(specs)}] {spec.label}: quantizing" + (f" in {spec.dtype}" if spec.dtype else ""))
         _measure_candidate(row, model, spec, bench, reference, timing, say)
         timing.finish(rows[1:])  # every row against the baseline's samples so far
     return rows
+
+
+def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` with its floating-point parameters and stored buffers in ``dtype``, as loading it in
+    that dtype gives: buffers the model computes (non-persistent, e.g. rotary ``inv_freq``) keep their
+    dtype, where ``model.to(dtype)`` would round them too."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = b.to(dtype)
+    return model
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _unquantized_row(label: str, model: nn.Module) -> Row:
+    from .layers import default_targets
+
+    row = Row(label, None, None, dtype=dtype_name(next(model.parameters()).dtype))
+    row.weight_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in default_targets(model))
+    row.model_bytes = model_bytes(model)
+    row.checkpoint_bytes = checkpoint_bytes(model)
+    return row
 
 
 def _measure_candidate(
@@ -94,6 +137,9 @@ def _measure_candidate(
             say(f"    calibrating on {sum(b.shape[-1] for b in calibration)} tokens not evaluated")
         with captured_warnings() as caught:
             work = copy.deepcopy(model)
+            if spec.dtype is not None:
+                work = to_dtype(work, getattr(torch, spec.dtype))
+            row.dtype = dtype_name(next(work.parameters()).dtype)
             with PeakMemory() as peak:
                 report = quantize(  # a bar on a terminal
                     work, spec.config, device=bench.device, progress=True, calibration_data=calibration

@@ -14,8 +14,12 @@ __all__ = ["PRESETS", "RtnConfig", "register_backends"]
 # rel_error and bits_per_weight: one Linear(2048, 2048), Gaussian weights and inputs, through
 # quantplug (fp32 scales). bits_per_weight = bits + 32 bits of fp32 scale per group, + 32 more for
 # the fp32 zero (the group minimum) when asymmetric: g32-asym = bits + (32 + 32) / 32; per channel
-# (int8) 8 + 32 / 2048. Speeds vs fp32: SmolLM2-135M on a 2-core EPYC (bench/results/quality.md):
-# the whole weight is dequantized on every forward, so rtn saves memory, not time.
+# (int8) 8 + 32 / 2048. The presets with dtype="bfloat16" run torch's fused CPU kernels
+# (quantplug_rtn.fused) in a bfloat16 model; in memory an int4 layer keeps a zero point (0) next to
+# each bfloat16 scale: 4 + 32 / group bits per weight.
+# CPU speeds vs the fp32 model: the fused presets from bench/results/fused_cpu.md (SmolLM2-135M,
+# 2-core Xeon with AVX-512 BF16, `python bench/fused_cpu.py`); the others dequantize the whole
+# weight on every forward (SmolLM2-135M on a 2-core EPYC, bench/results/quality.md).
 # cuda: an H200, 4 Llama-7B-sized blocks vs bf16 (bench/results/gpu.json): 15x slower at decode.
 _CPU = {"decode": 0.35, "prefill": 0.75}
 _CUDA = {"decode": 0.067, "prefill": 0.41}
@@ -26,7 +30,17 @@ PRESETS = (
         bits=8,
         bits_per_weight=8.02,
         rel_error=0.008,
-        speed={"cpu": _CPU, "cuda": _CUDA},
+        speed={"cpu": {"decode": 1.27, "prefill": 2.1}, "cuda": _CUDA},
+        dtype="bfloat16",
+    ),
+    quantplug.Preset(
+        "int4-g32",
+        {"bits": 4, "group_size": 32},
+        bits=4,
+        bits_per_weight=5.0,
+        rel_error=0.10,
+        speed={"cpu": {"decode": 1.56, "prefill": 1.46}, "cuda": _CUDA},
+        dtype="bfloat16",
     ),
     quantplug.Preset(
         "int4-g32-asym",
@@ -42,7 +56,8 @@ PRESETS = (
         bits=4,
         bits_per_weight=4.25,
         rel_error=0.116,
-        speed={"cpu": {"decode": 0.28, "prefill": 0.75}, "cuda": _CUDA},
+        speed={"cpu": {"decode": 1.45, "prefill": 1.56}, "cuda": _CUDA},
+        dtype="bfloat16",
     ),
     quantplug.Preset(
         "int2-g32-asym",

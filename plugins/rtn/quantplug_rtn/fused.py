@@ -75,7 +75,9 @@ def kernel_problem() -> str | None:
             f"for {' and '.join(FAST_CAPABILITIES)}, and would be slower than dequantizing"
         )
     if not _int4_packing_known():
-        return f"this torch ({torch.__version__}) packs int4 CPU weights in a layout quantplug-rtn does not know"
+        return (
+            f"this torch ({torch.__version__}) packs int4 CPU weights in a layout quantplug-rtn does not know"
+        )
     return None
 
 
@@ -134,7 +136,9 @@ class FusedRtnLinear(nn.Module):
             codes = F.pad(codes, (0, 0, 0, pad_out), value=half)  # padded rows: weight 0
             self.register_buffer("weight_int4", _pack_int4(codes))
             scale = F.pad(src.scale, (0, 0, 0, pad_out))
-            self.register_buffer("scale_zero", torch.stack([scale.T, torch.zeros_like(scale.T)], -1).contiguous())
+            self.register_buffer(
+                "scale_zero", torch.stack([scale.T, torch.zeros_like(scale.T)], -1).contiguous()
+            )
         self.bias = None if src.bias is None else nn.Parameter(src.bias.detach().clone(), requires_grad=False)
 
     def codes(self) -> torch.Tensor:

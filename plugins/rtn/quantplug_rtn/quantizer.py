@@ -131,7 +131,9 @@ class RtnLinear(nn.Module):
         return unpack(self.qweight, self.bits, self.scale.shape[1] * self.group_size)
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, like) -> RtnLinear:
+    def from_codes(
+        cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, like
+    ) -> RtnLinear:
         """A symmetric layer of ``like``'s shape holding ``codes`` [out, padded in] and ``scale``."""
         q = cls(
             like.in_features,

@@ -1,0 +1,101 @@
+"""``compare``'s arguments and how the run is set up: the dtypes the models run in (the
+unquantized model in its own dtype and in bfloat16 where the device computes in it natively) and
+torch's thread count, each with the sentence the report states it in."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+def check_arguments(
+    top: Any,
+    per_backend: Any,
+    tokens: Any,
+    window: Any,
+    decode_tokens: Any,
+    repeats: Any,
+    max_quality_loss: Any,
+) -> None:
+    for name, value in (("top", top), ("per_backend", per_backend)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(
+                f"{name} must be a positive integer or None, got {value!r}", field=name, value=value
+            )
+    for name, value, low in (
+        ("tokens", tokens, 2),
+        ("window", window, 2),
+        ("decode_tokens", decode_tokens, 1),
+        ("repeats", repeats, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}", field=name, value=value)
+    if not (isinstance(max_quality_loss, (int, float)) and max_quality_loss >= 0):
+        raise ConfigError(
+            f"max_quality_loss must be a number >= 0, got {max_quality_loss!r}", field="max_quality_loss"
+        )
+
+
+def dtype_arg(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None) if isinstance(dtype, str) else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(
+            f"dtype {dtype!r} is not a torch floating-point dtype",
+            field="dtype",
+            value=dtype,
+            allowed=["float32", "bfloat16", "float16", "a torch.dtype", "None"],
+        )
+    return value
+
+
+def check_threads(threads: Any) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(
+            f"threads must be a positive integer or None, got {threads!r}", field="threads", value=threads
+        )
+
+
+def other_dtypes_for(
+    model: nn.Module, dev: torch.device, forced: torch.dtype | None
+) -> tuple[torch.dtype, ...]:
+    """bfloat16 next to the model's own dtype, where the device computes in it natively."""
+    own = next(model.parameters()).dtype
+    if forced is not None or own == torch.bfloat16 or not bf16_native(dev):
+        return ()
+    return (torch.bfloat16,)
+
+
+def bf16_native(dev: torch.device) -> bool:
+    """Whether ``dev`` computes in bfloat16 natively (CPU: AVX-512 BF16 / AMX, as oneDNN reports)."""
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check and check())
+    return False
+
+
+def dtype_note(forced: torch.dtype | None, others: tuple[torch.dtype, ...], dev: torch.device) -> str:
+    if forced is not None:
+        return f"every model in {str(forced).replace('torch.', '')} (dtype given)"
+    note = "the unquantized model in its own dtype"
+    if others:
+        note += " and in " + ", ".join(str(d).replace("torch.", "") for d in others)
+    elif not bf16_native(dev):
+        note += f" (not in bfloat16: {dev.type} here has no native bfloat16)"
+    return note + "; each candidate in the dtype its preset is built for (the table's dtype column)"
+
+
+def threads_note(n: int, given: int | None, busy: float | None) -> str:
+    if given is not None:
+        return f"{n} (given)"
+    if busy is None:
+        return f"{n} (torch's default)"
+    return f"{n} of {os.cpu_count()} cores (other processes kept {busy:.1f} core(s) busy before the run)"
