@@ -235,6 +235,10 @@ def _prepare_model(
         if quantized_info(model) is not None:
             raise ConfigError("this model is already quantized: pass the full-precision model", field="model")
         model = model.to(dev)
+        if dtype is not None:
+            from .runs import to_dtype
+
+            model = to_dtype(model, dtype)
     else:
         raise ConfigError(
             f"model must be an nn.Module or a checkpoint folder, got {type(model).__name__}", field="model"
