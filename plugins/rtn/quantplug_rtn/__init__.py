@@ -38,7 +38,7 @@ PRESETS = (
         {"bits": 4, "group_size": 32},
         bits=4,
         bits_per_weight=5.0,
-        rel_error=0.10,
+        rel_error=0.097,
         speed={"cpu": {"decode": 1.56, "prefill": 1.46}, "cuda": _CUDA},
         dtype="bfloat16",
     ),
