@@ -1,8 +1,8 @@
 """Shared fixtures for the core tests.
 
 Every test starts and ends with a freshly loaded plugin registry (``quantplug.reload_plugins()``)
-and with no ``QUANTPLUG_*`` environment variable set, so programmatic registrations and env-var
-experiments never leak from one test into another.
+and with no ``QUANTPLUG_*`` environment variable set but ``QUANTPLUG_CACHE_DIR`` (an empty folder),
+so programmatic registrations and env-var experiments never leak from one test into another.
 """
 
 from __future__ import annotations
@@ -18,12 +18,21 @@ import pytest
 import quantplug
 
 
+@pytest.fixture(scope="session")
+def empty_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A cache folder holding no speed figures (``quantplug bench-presets``): the figures measured on
+    the developer's machine must not change what ``select`` ranks in the tests."""
+    return str(tmp_path_factory.mktemp("empty-quantplug-cache"))
+
+
 @pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch: pytest.MonkeyPatch):
-    """Clear QUANTPLUG_* env vars and reload the registry before and after each test."""
+def fresh_plugins(monkeypatch: pytest.MonkeyPatch, empty_cache_dir: str):
+    """Clear QUANTPLUG_* env vars (the cache folder: an empty one) and reload the registry before
+    and after each test."""
     for var in list(os.environ):
         if var.startswith("QUANTPLUG_"):
             monkeypatch.delenv(var)
+    monkeypatch.setenv("QUANTPLUG_CACHE_DIR", empty_cache_dir)
     quantplug.reload_plugins()
     yield
     quantplug.reload_plugins()
@@ -114,12 +123,14 @@ def plugin_registering(make_plugin) -> Callable[[Iterable[Any]], Any]:
 
 
 @pytest.fixture
-def subprocess_env() -> Callable[..., dict[str, str]]:
-    """``subprocess_env(pythonpath=None, **extra)``: os.environ without QUANTPLUG_* variables, with
-    ``pythonpath`` prepended to PYTHONPATH and ``extra`` variables set."""
+def subprocess_env(empty_cache_dir: str) -> Callable[..., dict[str, str]]:
+    """``subprocess_env(pythonpath=None, **extra)``: os.environ without QUANTPLUG_* variables (the
+    cache folder: an empty one), with ``pythonpath`` prepended to PYTHONPATH and ``extra`` variables
+    set."""
 
     def make(pythonpath: str | os.PathLike | None = None, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUANTPLUG_")}
+        env["QUANTPLUG_CACHE_DIR"] = empty_cache_dir
         if pythonpath is not None:
             parts = [os.fspath(pythonpath)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
             env["PYTHONPATH"] = os.pathsep.join(parts)

@@ -51,6 +51,7 @@ _LAZY = {
     "load": ".loading",
     "export": ".exporting",
     "run_batch": ".devices",
+    "bench_presets": ".local_speed",
 }
 
 

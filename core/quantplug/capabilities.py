@@ -100,9 +100,11 @@ class Preset:
     """Typical relative output error of one quantized Linear layer (Gaussian weights and inputs,
     like ``Capabilities.max_rel_error``), the quality estimate. ``None`` = ``max_rel_error[bits]``."""
     speed: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
-    """Measured throughput relative to the unquantized 16-bit model on the same device, per device
-    type and workload: ``{"cuda": {"decode": 1.5, "prefill": 0.04}}`` means 1.5x faster at decode
-    and 25x slower at prefill. Leave out what was not measured."""
+    """Measured throughput relative to the unquantized model on the same device (on CPU the float32
+    model, on CUDA the bfloat16 one), per device type and workload: ``{"cuda": {"decode": 1.5,
+    "prefill": 0.04}}`` means 1.5x faster at decode and 25x slower at prefill. Leave out what was
+    not measured. ``select`` prefers figures ``quantplug bench-presets`` measured on the user's
+    machine; a ``note`` saying ``"<device> speed measured on <machine>"`` is quoted in its reasons."""
     note: str = ""
     dtype: str | None = None
     """The model dtype the preset is built for and its ``speed`` was measured in, as torch names it

@@ -1,4 +1,5 @@
-"""The ``quantplug`` command line: ``list``, ``doctor``, ``select``, ``quantize``, ``compare``.
+"""The ``quantplug`` command line: ``list``, ``doctor``, ``select``, ``quantize``, ``compare``,
+``export``, ``bench-presets``.
 
 ``list``, ``doctor`` and ``select`` (with ``--device``) read plugin metadata only: they import
 neither torch nor any backend library.
@@ -12,6 +13,7 @@ import sys
 import click
 
 from . import __version__, discovery, dispatch, plugin_env
+from .cli_bench import bench_presets_cmd
 from .cli_compare import compare_cmd, priority_option, workload_option
 from .hints import install_command
 
@@ -337,13 +339,20 @@ def _calibrated(model_dir, config, calibration, device, progress):
 )
 @workload_option
 @priority_option
+@click.option(
+    "--declared-speed",
+    is_flag=True,
+    help="Rank by the speed figures the plugins declare, not those `quantplug bench-presets` measured here.",
+)
 @click.option("--top", type=click.IntRange(min=1), help="Show only the first N candidates.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def select_cmd(
-    model, params, device, memory, finetune, calibration_data, serve, workload, priority, top, as_json
-):
+    model, params, device, memory, finetune, calibration_data, serve, workload, priority, declared_speed, top,
+    as_json,
+):  # fmt: skip
     """Rank the installed backends for MODEL (a model folder, its config.json or a parameter count)
-    from what each plugin declares, with the reason for every place and every rejection."""
+    from what each plugin declares (speeds: those `quantplug bench-presets` measured on this machine
+    where it stored them), with the reason for every place and every rejection."""
     from .errors import QuantplugError
     from .selection import select
 
@@ -359,6 +368,7 @@ def select_cmd(
             workload=workload,
             priority=priority,
             serve=serve,
+            local_speed=not declared_speed,
         )
     except QuantplugError as exc:
         raise click.ClickException(str(exc)) from None
@@ -373,6 +383,7 @@ def select_cmd(
 
 
 main.add_command(compare_cmd)
+main.add_command(bench_presets_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

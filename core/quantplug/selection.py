@@ -9,9 +9,10 @@ as it is installed. No backend library (and, when the device is given, not even 
 
 ``select`` runs three steps: filter (``eligibility``: which presets may run here, and why not the
 others), score (``ranking.undominated``: set aside a preset another of its backend beats on
-declared size and error without being declared slower; ``ranking.rank``: rank the rest for the
-priority and workload) and explain (``ranking.explain`` and ``ranking.notes``: the reasons for
-each place, and notes on the whole selection). The model's size comes from ``model_size``, the
+declared size and error without being slower; ``ranking.rank``: rank the rest for the priority and
+workload, by the speed figures ``quantplug bench-presets`` measured on this machine where
+``speed_store`` holds them, else the declared ones) and explain (``ranking.explain`` and
+``ranking.notes``: the reasons for each place, and notes on the whole selection). The model's size comes from ``model_size``, the
 device from ``hardware``, and preset names from ``candidates``; their names are re-exported here.
 """
 
@@ -35,6 +36,8 @@ from .hardware import Hardware, detect_hardware
 from .model_size import ASSUMED_UNQUANTIZED_SHARE, ModelSize, model_size
 from .ranking import ERROR_FLOOR, SIZE_TOLERANCE, Candidate, explain, notes, rank, undominated
 from .sizes import fmt_bytes, parse_size
+from .speed_store import MEASURED, LocalSpeeds
+from .speed_store import load as load_local_speeds
 
 __all__ = [
     "ASSUMED_GROUP_OVERHEAD_BITS",
@@ -79,6 +82,8 @@ class Selection:
     notes: list[str]
     serve: str | None = None
     """The serving engine every candidate's checkpoints must be read by as they are (None: any)."""
+    local_speed_file: str | None = None
+    """The file of speed figures measured on this machine that ranked it (None: declared only)."""
 
     @property
     def best(self) -> Candidate | None:
@@ -98,6 +103,7 @@ class Selection:
             "finetune": self.finetune,
             "calibration_data": self.calibration_data,
             "serve": self.serve,
+            "local_speed_file": self.local_speed_file,
             "candidates": [c.to_dict() for c in self.candidates],
             "rejected": [r.to_dict() for r in self.rejected],
             "notes": list(self.notes),
@@ -120,6 +126,7 @@ class Selection:
             lines.append("no candidate: every backend was rejected (see below)")
         for c in self.candidates:
             speed = f"{c.speed:.2g}x" if c.speed is not None else "?"
+            speed += " (here)" if c.speed_source == MEASURED else ""
             lines.append(
                 f"{c.rank:>2}. {c.label:<28} {fmt_bytes(c.predicted_bytes):>10}  "
                 f"err~{c.rel_error:.3f}  speed {speed}"
@@ -161,6 +168,7 @@ def select(
     workload: Workload = "decode",
     priority: Priority = "balanced",
     serve: str | None = None,
+    local_speed: bool = True,
 ) -> Selection:
     """Rank every registered backend's presets for ``model`` on ``device``.
 
@@ -173,7 +181,10 @@ def select(
     ``mixed``. ``priority``: ``balanced``, ``quality``, ``size`` or ``speed``. ``serve``: a
     serving engine (``vllm``, ``sglang``, ``tgi`` or any an installed preset declares); only presets
     whose plugin declares that the engine reads their checkpoints as they are (``Preset.servable_by``)
-    qualify, the others are rejected saying which installed presets it serves.
+    qualify, the others are rejected saying which installed presets it serves. ``local_speed``:
+    rank by the speed figures ``quantplug bench-presets`` measured on this machine for the device
+    where it stored them (each candidate's ``speed_source`` says which was used); False: by the
+    figures the plugins declare only.
     Returns a ``Selection``; nothing is quantized and no backend library is imported.
     """
     workload = _choice(workload, ("decode", "prefill", "mixed"), "workload")
@@ -182,11 +193,12 @@ def select(
     engine = None if serve is None else check_engine(serve)
     request = Request(model_size(model), detect_hardware(device), budget, finetune, calibration_data, engine)
     passed, rejected, filter_notes = eligible(request)
-    passed, dominated = undominated(passed, request, workload)
+    local = load_local_speeds(request.hardware) if local_speed else None
+    passed, dominated = undominated(passed, request, workload, local)
     rejected += dominated
-    ranked = rank(passed, request.hardware.device, workload, priority)
-    candidates = [explain(c, option, request, workload, priority, len(ranked)) for c, option in ranked]
-    all_notes = notes(request, candidates, workload, filter_notes)
+    ranked = rank(passed, request.hardware.device, workload, priority, local)
+    candidates = [explain(c, option, request, workload, priority, len(ranked), local) for c, option in ranked]
+    all_notes = notes(request, candidates, workload, filter_notes) + _local_notes(local, candidates)
     return Selection(
         request.hardware,
         request.size,
@@ -199,7 +211,25 @@ def select(
         rejected,
         all_notes,
         engine,
+        str(local.path) if local is not None else None,
     )
+
+
+def _local_notes(local: LocalSpeeds | None, candidates: list[Candidate]) -> list[str]:
+    """Which speed figures were measured here, and those ignored as measured with another plugin
+    version."""
+    if local is None:
+        return []
+    here = [c for c in candidates if c.speed_source == MEASURED]
+    out = [
+        f"speed figures of {len(here)} of {len(candidates)} candidate(s) measured on this machine "
+        f"(quantplug bench-presets, {local.path}); the others' figures, where any, are declared by their plugins"
+    ]
+    out += [
+        f"the speed figure measured here for {label} is ignored: {why}; run `quantplug bench-presets` again"
+        for label, why in local.stale.items()
+    ]
+    return out
 
 
 def _choice(value: str, allowed: Sequence[str], field: str) -> str:
