@@ -70,13 +70,16 @@ def bench_shape(shape: str) -> list[dict]:
             row = {
                 "shape": shape,
                 "M": m,
-                "fp32 F.linear": _median_us(lambda: F.linear(x32, w32)),
-                "bf16 F.linear": _median_us(lambda: F.linear(x16, w16)),
+                "fp32 F.linear": _median_us(lambda x32=x32: F.linear(x32, w32)),
+                "bf16 F.linear": _median_us(lambda x16=x16: F.linear(x16, w16)),
             }
             for name, layer in kernels.items():
-                row[name] = _median_us(lambda layer=layer: layer(x16))
+                row[name] = _median_us(lambda layer=layer, x16=x16: layer(x16))
             rows.append(row)
-            print(" ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            print(
+                " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                flush=True,
+            )
     return rows
 
 

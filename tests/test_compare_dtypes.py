@@ -105,7 +105,9 @@ def test_a_busy_process_is_seen_and_leaves_fewer_threads():
 def test_a_monitor_flags_other_work_during_the_run():
     monitor = machine_load.LoadMonitor()
     monitor.start(0.0)
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.5: pass"])
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.5: pass"]
+    )
     busy.wait()
     monitor.stop()
     assert monitor.during is not None and monitor.during >= machine_load.UNRELIABLE_BUSY_CORES

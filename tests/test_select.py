@@ -273,7 +273,7 @@ def test_resolve_names_a_preset_or_lists_them(rtn_only):
     assert spec.label == "rtn:int4-g128" and spec.config.group_size == 128
     assert resolve("rtn").label == "rtn:int8"  # a bare backend name: its first preset
     assert resolve({"quant_method": "rtn", "bits": 4, "group_size": 128}).label == "rtn:int4-g128"
-    with pytest.raises(quantplug.ConfigError, match="its presets: int8, int4-g32-asym"):
+    with pytest.raises(quantplug.ConfigError, match="its presets: int8, int4-g32, int4-g32-asym"):
         resolve("rtn:int3")
     with pytest.raises(quantplug.UnknownMethodError):
         resolve("nope:int4")

@@ -74,7 +74,24 @@ def resolve(spec: Any) -> Spec:
             chosen = found[0]
         return Spec(f"{backend.name}:{chosen.name}", chosen.build(backend.config), dtype=chosen.dtype)
     config = as_config(spec)
+    preset = _preset_of(config)
+    if preset is not None:  # a config equal to a preset is that preset, built in its dtype
+        return Spec(_config_label(config), config, dtype=preset.dtype)
     return Spec(_config_label(config), config)
+
+
+def _preset_of(config: QuantConfig) -> Preset | None:
+    """The preset of ``config``'s backend that builds exactly ``config`` (None: none does)."""
+    from .dispatch import get_backend
+
+    backend = get_backend(config.quant_method)
+    for p in presets_of(backend):
+        try:
+            if p.build(backend.config) == config:
+                return p
+        except ConfigError:
+            continue
+    return None
 
 
 def _config_label(config: QuantConfig) -> str:
@@ -82,13 +99,9 @@ def _config_label(config: QuantConfig) -> str:
     the fields that differ from its defaults, e.g. ``rtn(bits=3)``."""
     from .dispatch import get_backend
 
-    backend = get_backend(config.quant_method)
-    for p in presets_of(backend):
-        try:
-            if p.build(backend.config) == config:
-                return f"{backend.name}:{p.name}"
-        except ConfigError:
-            continue
+    preset = _preset_of(config)
+    if preset is not None:
+        return f"{get_backend(config.quant_method).name}:{preset.name}"
     defaults = type(config)().to_dict() if _constructible(type(config)) else {}
     changed = {
         k: v for k, v in config.to_dict().items() if defaults.get(k, object()) != v and k != "quant_method"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .measure import Bench
 
 
 def check_arguments(
@@ -38,6 +39,20 @@ def check_arguments(
     if not (isinstance(max_quality_loss, (int, float)) and max_quality_loss >= 0):
         raise ConfigError(
             f"max_quality_loss must be a number >= 0, got {max_quality_loss!r}", field="max_quality_loss"
+        )
+
+
+def check_calibration_tokens(calibration_tokens: Any) -> None:
+    if (
+        not isinstance(calibration_tokens, int)
+        or isinstance(calibration_tokens, bool)
+        or calibration_tokens < 0
+    ):
+        raise ConfigError(
+            f"calibration_tokens must be an integer >= 0, got {calibration_tokens!r}",
+            field="calibration_tokens",
+            value=calibration_tokens,
+            allowed="an integer >= 0 (0: no calibrating candidates)",
         )
 
 
@@ -99,3 +114,34 @@ def threads_note(n: int, given: int | None, busy: float | None) -> str:
     if busy is None:
         return f"{n} (torch's default)"
     return f"{n} of {os.cpu_count()} cores (other processes kept {busy:.1f} core(s) busy before the run)"
+
+
+def run_settings(
+    model_name: str,
+    dev: torch.device,
+    bench: Bench,
+    text: str | None,
+    encoding: str,
+    workload: str,
+    priority: str,
+    max_quality_loss: float,
+) -> dict[str, Any]:
+    """How the comparison was run, as its report and JSON state it."""
+    return {
+        "model": model_name,
+        "device": str(dev),
+        "tokens": int(bench.eval_ids.numel()),
+        "window": bench.window,
+        "text": "custom" if text is not None else "pydoc_data.topics (Python stdlib)",
+        "encoding": encoding,
+        "prefill_tokens": int(bench.prefill_in.shape[-1])
+        if isinstance(bench.prefill_in, torch.Tensor)
+        else None,
+        "decode_tokens": bench.decode_tokens,
+        "repeats": bench.repeats,
+        "workload": workload,
+        "priority": priority,
+        "max_quality_loss": max_quality_loss,
+        "quality": "perplexity" if bench.causal else "output relative error vs unquantized",
+        "calibration": bench.calibration_note,
+    }

@@ -25,10 +25,12 @@ from torch import nn
 from .candidates import Spec, resolve
 from .compare_settings import (
     check_arguments,
+    check_calibration_tokens,
     check_threads,
     dtype_arg,
     dtype_note,
     other_dtypes_for,
+    run_settings,
     threads_note,
 )
 from .config import QuantConfig
@@ -120,17 +122,7 @@ def compare(
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_arguments(top, per_backend, tokens, window, decode_tokens, repeats, max_quality_loss)
-    if (
-        not isinstance(calibration_tokens, int)
-        or isinstance(calibration_tokens, bool)
-        or calibration_tokens < 0
-    ):
-        raise ConfigError(
-            f"calibration_tokens must be an integer >= 0, got {calibration_tokens!r}",
-            field="calibration_tokens",
-            value=calibration_tokens,
-            allowed="an integer >= 0 (0: no calibrating candidates)",
-        )
+    check_calibration_tokens(calibration_tokens)
     forced = dtype_arg(dtype)
     check_threads(threads)
     # prepare: named candidates are resolved first, so a typo fails before the model is loaded
@@ -145,21 +137,36 @@ def compare(
     selection = select(
         model, device=dev.type, workload=workload, priority=priority, calibration_data=can_calibrate
     )
-    specs = _specs(given, selection, top, per_backend)
-    if forced is not None:
-        for spec in specs:
-            spec.dtype = None
+    specs = _specs(given, selection, top, per_backend, forced is not None)
     other_dtypes = other_dtypes_for(model, dev, forced)
     bench, encoding = _bench(
         model, dev, text, tokenizer, inputs, tokens, window, prefill_tokens, decode_tokens, repeats,
         calibration_tokens if can_calibrate else 0,
     )  # fmt: skip
-    settings = _settings(
-        model_name, dev, bench, text, encoding, decode_tokens, repeats, workload, priority, max_quality_loss
-    )
+    settings = run_settings(model_name, dev, bench, text, encoding, workload, priority, max_quality_loss)
     settings["dtype"] = dtype_note(forced, other_dtypes, dev)
-    # measure, with torch's threads on the cores left free
+    # measure
     on_import = import_libraries(specs, say)
+    rows, env = _measure_on_free_cores(model, specs, bench, other_dtypes, threads, busy, settings, say)
+    # recommend
+    judge(rows, max_quality_loss)
+    recommended, text_out = recommend(rows, selection, priority, workload, max_quality_loss)
+    return Comparison(rows, selection, text_out, recommended, settings, env, on_import)
+
+
+def _measure_on_free_cores(
+    model: nn.Module,
+    specs: list[Spec],
+    bench: Bench,
+    other_dtypes: tuple[torch.dtype, ...],
+    threads: int | None,
+    busy: float | None,
+    settings: dict[str, Any],
+    say: Callable[[str], None],
+) -> tuple[list[Row], dict[str, Any]]:
+    """``measure_all`` with torch's threads on the cores other processes left free (or ``threads``),
+    watching what other processes take meanwhile; the rows, and the environment with both."""
+    dev = bench.device
     old_threads, monitor = torch.get_num_threads(), LoadMonitor()
     n_threads = threads or (free_cores(busy) if dev.type == "cpu" else old_threads)
     settings["threads"] = threads_note(n_threads, threads, busy)
@@ -173,43 +180,7 @@ def compare(
         torch.set_num_threads(old_threads)
     env = environment(dev)
     env["torch_threads"], env["load"] = n_threads, monitor.to_dict()
-    # recommend
-    judge(rows, max_quality_loss)
-    recommended, text_out = recommend(rows, selection, priority, workload, max_quality_loss)
-    return Comparison(rows, selection, text_out, recommended, settings, env, on_import)
-
-
-def _settings(
-    model_name: str,
-    dev: torch.device,
-    bench: Bench,
-    text: str | None,
-    encoding: str,
-    decode_tokens: int,
-    repeats: int,
-    workload: str,
-    priority: str,
-    max_quality_loss: float,
-) -> dict[str, Any]:
-    """How the comparison was run, as its report and JSON state it."""
-    return {
-        "model": model_name,
-        "device": str(dev),
-        "tokens": int(bench.eval_ids.numel()),
-        "window": bench.window,
-        "text": "custom" if text is not None else "pydoc_data.topics (Python stdlib)",
-        "encoding": encoding,
-        "prefill_tokens": int(bench.prefill_in.shape[-1])
-        if isinstance(bench.prefill_in, torch.Tensor)
-        else None,
-        "decode_tokens": decode_tokens,
-        "repeats": repeats,
-        "workload": workload,
-        "priority": priority,
-        "max_quality_loss": max_quality_loss,
-        "quality": "perplexity" if bench.causal else "output relative error vs unquantized",
-        "calibration": bench.calibration_note,
-    }
+    return rows, env
 
 
 # -- prepare --------------------------------------------------------------------------------------
@@ -284,10 +255,23 @@ def _given_specs(candidates: Any) -> list[Spec] | None:
 
 
 def _specs(
-    given: list[Spec] | None, selection: Selection, top: int | None, per_backend: int | None
+    given: list[Spec] | None,
+    selection: Selection,
+    top: int | None,
+    per_backend: int | None,
+    one_dtype: bool = False,
 ) -> list[Spec]:
     """The candidates to measure: the given ones (with select's ranks), or ``select``'s
-    (``per_backend`` then ``top``)."""
+    (``per_backend`` then ``top``); with ``one_dtype``, none in a dtype of its own."""
+    specs = _chosen_specs(given, selection, top, per_backend)
+    for spec in specs if one_dtype else ():
+        spec.dtype = None
+    return specs
+
+
+def _chosen_specs(
+    given: list[Spec] | None, selection: Selection, top: int | None, per_backend: int | None
+) -> list[Spec]:
     if given is None:
         specs, taken = [], {}
         for c in selection.candidates:
