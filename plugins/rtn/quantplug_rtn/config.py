@@ -21,7 +21,8 @@ class RtnConfig(quantplug.QuantConfig):
                 but a layer that cannot run a fused kernel is an error; "portable": always dequantize
     dense_from  fused layers given this many rows (batch x tokens) or more dequantize and run the
                 dense matmul, which is faster than the kernels there (prefill); fewer rows (decode)
-                run the kernel. Measured crossover on a 2-core Xeon: 32 rows
+                run the kernel. None: the crossover measured on a 2-core Xeon (AVX-512 BF16) with
+                SmolLM2's layer shapes (bench/results/fused_cpu.json): 32 rows for int8, 96 for int4
     """
 
     quant_method = "rtn"
@@ -30,12 +31,12 @@ class RtnConfig(quantplug.QuantConfig):
     group_size: int = 128
     symmetric: bool = True
     kernel: Literal["auto", "fused", "portable"] = "auto"
-    dense_from: int = 32
+    dense_from: int | None = None
 
     def validate(self) -> None:
         if self.group_size != -1 and self.group_size < 1:
             raise self.invalid("group_size", "-1 (one group per output channel) or a positive integer")
-        if self.dense_from < 1:
+        if self.dense_from is not None and self.dense_from < 1:
             raise self.invalid("dense_from", "a positive integer (rows from which the dense matmul runs)")
         if self.kernel == "fused":
             problem = layout_problem(self.bits, self.group_size, self.symmetric)
@@ -43,6 +44,8 @@ class RtnConfig(quantplug.QuantConfig):
                 raise self.invalid("kernel", "'auto' or 'portable'", why=problem)
 
 
+DENSE_FROM = {"int8": 32, "int4": 96}
+"""``dense_from`` when None, per fused layout (rows from which the dense matmul is faster)."""
 INT4_GROUPS = (32, 64, 128, 256)
 """Group sizes of torch's fused int4 CPU kernel."""
 

@@ -169,3 +169,15 @@ def test_asymmetric_and_two_bit_layers_stay_portable():
         model = tiny_llama().to(torch.bfloat16)
         quantplug.quantize(model, config)
         assert not any(isinstance(m, FusedRtnLinear) for m in model.modules())
+
+
+def test_the_dense_path_keeps_its_own_weight_when_autograd_needs_it():
+    portable, fused = _pair(4, 32, (192, 576), dense_from=1)
+    other = _pair(8, -1, (192, 576), dense_from=1)[1]  # dequantizes into the same scratch memory
+    x = torch.randn(3, 576, dtype=torch.bfloat16, requires_grad=True)
+    y = fused(x)
+    other(torch.randn(3, 576, dtype=torch.bfloat16))  # would overwrite a shared weight
+    y.float().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    portable(x_ref).float().sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
