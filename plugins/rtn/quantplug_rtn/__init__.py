@@ -17,9 +17,10 @@ __all__ = ["PRESETS", "RtnConfig", "register_backends"]
 # (int8) 8 + 32 / 2048. The presets with dtype="bfloat16" run torch's fused CPU kernels
 # (quantplug_rtn.fused) in a bfloat16 model; in memory an int4 layer keeps a zero point (0) next to
 # each bfloat16 scale: 4 + 32 / group bits per weight.
-# CPU speeds vs the fp32 model: the fused presets from bench/results/fused_cpu.md (SmolLM2-135M,
-# 2-core Xeon with AVX-512 BF16, `python bench/fused_cpu.py`); the others dequantize the whole
-# weight on every forward (SmolLM2-135M on a 2-core EPYC, bench/results/quality.md).
+# CPU speeds vs the fp32 model: the fused presets from `quantplug compare` on SmolLM2-135M, 2-core
+# Intel Xeon with AVX-512 BF16 (bench/results/fused_cpu_compare/, bench/RESULTS.md "Fused CPU
+# kernels"); the others dequantize the whole weight on every forward (SmolLM2-135M on a 2-core EPYC,
+# bench/results/quality.md).
 # cuda: an H200, 4 Llama-7B-sized blocks vs bf16 (bench/results/gpu.json): 15x slower at decode.
 _CPU = {"decode": 0.35, "prefill": 0.75}
 _CUDA = {"decode": 0.067, "prefill": 0.41}
@@ -30,7 +31,7 @@ PRESETS = (
         bits=8,
         bits_per_weight=8.02,
         rel_error=0.008,
-        speed={"cpu": {"decode": 1.27, "prefill": 2.1}, "cuda": _CUDA},
+        speed={"cpu": {"decode": 1.25, "prefill": 1.91}, "cuda": _CUDA},
         dtype="bfloat16",
     ),
     quantplug.Preset(
@@ -39,7 +40,7 @@ PRESETS = (
         bits=4,
         bits_per_weight=5.0,
         rel_error=0.097,
-        speed={"cpu": {"decode": 1.56, "prefill": 1.46}, "cuda": _CUDA},
+        speed={"cpu": {"decode": 1.51, "prefill": 1.52}, "cuda": _CUDA},
         dtype="bfloat16",
     ),
     quantplug.Preset(
@@ -56,7 +57,7 @@ PRESETS = (
         bits=4,
         bits_per_weight=4.25,
         rel_error=0.116,
-        speed={"cpu": {"decode": 1.45, "prefill": 1.56}, "cuda": _CUDA},
+        speed={"cpu": {"decode": 1.57, "prefill": 1.63}, "cuda": _CUDA},
         dtype="bfloat16",
     ),
     quantplug.Preset(
