@@ -255,3 +255,21 @@ def test_no_ranking_on_a_latency_difference_inside_the_spread():
         r.decode_spread = 0.01
     picked, _ = recommend(rows, None, "balanced", "decode", 0.05)
     assert picked == "bitsandbytes:int8"
+
+
+def test_layers_a_backend_leaves_unquantized_count_at_full_size_and_are_named(rtn_only):
+    skipped = "model.layers.0.mlp.down_proj"
+    config = {
+        "quant_method": "rtn",
+        "bits": 8,
+        "group_size": -1,
+        "modules_to_not_convert": [skipped, "lm_head"],
+    }
+    model = tiny_llama()
+    result = compare(model, [config, "rtn:int8"], **SMALL)
+    base, partial, full = result.rows
+    dense = model.get_submodule(skipped).weight
+    assert partial.left_full_precision == 1 and partial.converted == 13 and full.left_full_precision == 0
+    # the skipped layer's fp32 weight is in the total: not "as small as" the full conversion
+    assert partial.weight_bytes > full.weight_bytes + dense.numel() * 2  # 4 bytes, not 1
+    assert "1 of 14 layers left unquantized" in result.table()

@@ -40,7 +40,9 @@ class Row:
     dtype: str | None = None
     """The dtype of the model's floating-point parameters when it ran (``"bfloat16"``)."""
     weight_bytes: int | None = None
-    """Bytes of the layers quantize converted (full precision for the baseline row)."""
+    """Bytes of the weights of the layers a default config quantizes: the converted layers' stored
+    tensors plus the weights of those the backend left in full precision (every one of them, in
+    full precision, for the unquantized rows)."""
     model_bytes: int | None = None
     """Bytes of every tensor the loaded model holds (``footprint.model_bytes``): parameters, buffers
     and the tensors backends keep elsewhere (scales, zeros, quant states)."""
@@ -48,6 +50,9 @@ class Row:
     """Bytes of the tensors ``quantplug.save`` would write: the cross-check of ``model_bytes``."""
     quantize_seconds: float | None = None
     converted: int | None = None
+    left_full_precision: int | None = None
+    """Layers a default config targets that the backend did not convert (kept in full precision:
+    counted in ``weight_bytes`` at their full size, and named in the table's note)."""
     """Layers the backend quantized (the rest it left in full precision, with reasons in its report)."""
     quantize_peak_bytes: int | None = None
     """Peak resident memory while quantizing, above what the process held before (``PeakMemory``)."""

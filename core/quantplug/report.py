@@ -100,6 +100,9 @@ def _table(result: Comparison) -> str:
         note = "baseline" if r.backend is None else ("" if r.acceptable else "quality loss over the limit")
         if r.collapsed:
             note = "collapsed: quality beyond use"
+        if r.left_full_precision:
+            kept = f"{r.left_full_precision} of {r.left_full_precision + (r.converted or 0)} layers left unquantized"
+            note = f"{note}; {kept}" if note else kept
         lines.append(
             f"| {r.label} | {r.dtype or '-'} | {r.select_rank or '-'} | {w} | {fmt_bytes(r.model_bytes)} | "
             f"{_f(r.quantize_seconds, 1)} | {q} | {_f(r.prefill_ms, 0)}{_pm(r.prefill_spread)} | "
@@ -182,8 +185,9 @@ def _size_lines(result: Comparison) -> list[str]:
     """What the size columns count, and any row whose in-memory count is below its checkpoint's
     (something the model holds went uncounted)."""
     lines = [
-        "- Sizes: weights = the stored tensors of the layers each backend converted (the unquantized model's "
-        "layers for the baseline); model = every tensor the loaded model holds (parameters, buffers and the "
+        "- Sizes: weights = the stored tensors of the layers each backend converted, plus the full-precision "
+        "weights of the layers it left unquantized (the note counts them; the unquantized model's layers for the "
+        "baselines); model = every tensor the loaded model holds (parameters, buffers and the "
         "tensors backends keep elsewhere); comparison.json also has each model's checkpoint bytes."
     ]
     short = [
