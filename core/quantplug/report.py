@@ -327,24 +327,33 @@ _FONT = 6.5
 
 
 def _place_labels(fig, ax, labels: list[tuple[float, float, str]]) -> None:
-    """Write each label next to its point where it overlaps no label placed before it (trying
-    offsets right, below, above and left of the point, then further out, with a leader line)."""
+    """Write each label where it overlaps no other label and no point, inside the axes, as near its
+    point as that allows (the nearest free spot of a grid of offsets around it), with a leader line
+    when it had to move away."""
     fig.canvas.draw()  # the final limits, so data -> points is right
     to_pt = 72.0 / fig.dpi
-    placed: list[tuple[float, float, float, float]] = []
-    for x, y, text in sorted(labels, key=lambda item: (item[0], -item[1])):
-        px, py = (v * to_pt for v in ax.transData.transform((x, y)))
+    frame = ax.get_window_extent()
+    inside = (frame.x0 * to_pt, frame.y0 * to_pt, frame.x1 * to_pt, frame.y1 * to_pt)
+    points = [tuple(v * to_pt for v in ax.transData.transform((x, y))) for x, y, _ in labels]
+    taken = [(px - 6, py - 6, px + 6, py + 6) for px, py in points]  # the markers
+    order = sorted(range(len(labels)), key=lambda i: (-labels[i][1], labels[i][0]))
+    for i in order:
+        x, y, text = labels[i]
+        px, py = points[i]
         lines = text.split("\n")
         w, h = 0.55 * _FONT * max(len(line) for line in lines), 1.25 * _FONT * len(lines)
-        box = None
+        others = taken  # every marker, its own too, and the labels placed so far
+        best = None
         for dx, dy in _offsets(w, h):
-            cand = (px + dx, py + dy, px + dx + w, py + dy + h)
-            if not any(_overlap(cand, other) for other in placed):
-                box = (dx, dy, cand)
-                break
-        dx, dy, cand = box or (4.0, 3.0, (px + 4, py + 3, px + 4 + w, py + 3 + h))
-        placed.append(cand)
-        far = abs(dx) > w + 8 or abs(dy) > 2 * h
+            box = (px + dx, py + dy, px + dx + w, py + dy + h)
+            if not _within(box, inside) or any(_overlap(box, o) for o in others):
+                continue
+            dist = _gap(box, px, py) + (0 if dx > 0 else 4)  # nearest first, the right side on ties
+            if best is None or dist < best[0]:
+                best = (dist, dx, dy, box)
+        _, dx, dy, box = best or (0.0, 4.0, 3.0, (px + 4, py + 3, px + 4 + w, py + 3 + h))
+        taken.append(box)
+        far = _gap(box, px, py) > 8
         ax.annotate(
             text,
             (x, y),
@@ -356,12 +365,28 @@ def _place_labels(fig, ax, labels: list[tuple[float, float, str]]) -> None:
 
 
 def _offsets(w: float, h: float) -> list[tuple[float, float]]:
-    """Label offsets (points, lower-left corner from the point) in the order they are tried."""
-    near = [(4.0, 3.0), (4.0, -h - 3), (-w - 4, 3.0), (-w - 4, -h - 3)]
-    out = list(near)
-    for step in range(1, 6):
-        out += [(4.0, 3.0 + step * h), (4.0, -h - 3 - step * h), (-w - 4, 3.0 + step * h)]
-    return out
+    """Candidate offsets (points, lower-left corner of the label from its point): a grid around the
+    point, out to a few label sizes."""
+    xs = (
+        [4.0, -w - 4, -w / 2]
+        + [4.0 + k * w / 2 for k in range(1, 9)]
+        + [-w - 4 - k * w / 2 for k in range(1, 5)]
+    )
+    ys = (
+        [3.0, -h - 3, -h / 2]
+        + [3.0 + k * h / 2 for k in range(1, 9)]
+        + [-h - 3 - k * h / 2 for k in range(1, 9)]
+    )
+    return [(dx, dy) for dx in xs for dy in ys]
+
+
+def _within(box: tuple[float, float, float, float], frame: tuple[float, float, float, float]) -> bool:
+    return box[0] >= frame[0] and box[1] >= frame[1] and box[2] <= frame[2] and box[3] <= frame[3]
+
+
+def _gap(box: tuple[float, float, float, float], px: float, py: float) -> float:
+    """Distance from a point to a box (0 inside)."""
+    return math.hypot(max(box[0] - px, 0, px - box[2]), max(box[1] - py, 0, py - box[3]))
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
