@@ -199,6 +199,7 @@ def test_compare_calibrates_on_text_after_every_token_it_evaluates(calib_backend
         decode_tokens=2,
         repeats=1,
         calibration_tokens=80,
+        dtype="float32",
         log=lambda msg: None,
     )
     assert [r.error for r in result.rows] == [None, None, None]
@@ -214,7 +215,8 @@ def test_compare_calibrates_on_text_after_every_token_it_evaluates(calib_backend
 def test_compare_without_text_gives_calibrating_candidates_an_error_not_their_test_data(calib_backend):
     model = Model()
     result = quantplug.compare(
-        model, [calib_backend()], inputs=torch.randn(2, 8), decode_tokens=1, repeats=1, log=lambda msg: None
-    )
+        model, [calib_backend()], inputs=torch.randn(2, 8), decode_tokens=1, repeats=1, dtype="float32",
+        log=lambda msg: None,
+    )  # fmt: skip
     assert "needs calibration data" in result.rows[1].error
     assert "inputs= given" in result.rows[1].error

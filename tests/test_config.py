@@ -45,7 +45,7 @@ class RangeConfig(QuantConfig):
             raise self.invalid("hi", f"an integer >= lo ({self.lo})", why="hi must not be below lo")
 
 
-RTN_KEYS = ("bits", "group_size", "symmetric", "modules_to_not_convert")
+RTN_KEYS = ("bits", "group_size", "symmetric", "kernel", "dense_from", "modules_to_not_convert")
 
 
 # -- construction and validation ------------------------------------------------------------------
@@ -277,6 +277,8 @@ def test_to_dict_is_json_ready_and_starts_with_quant_method():
         "bits": 2,
         "group_size": 128,
         "symmetric": True,
+        "kernel": "auto",
+        "dense_from": None,
     }
     assert json.loads(c.to_json()) == d
     assert json.loads(c.to_json(indent=None)) == d

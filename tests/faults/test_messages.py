@@ -91,7 +91,8 @@ def test_an_unknown_keyword_raises_config_error_as_the_readme_promises():
     with pytest.raises(quantplug.ConfigError) as info:
         RtnConfig(bit=4)
     assert str(info.value) == (
-        "RtnConfig: unknown key(s) 'bit'; allowed keys: bits, group_size, modules_to_not_convert, symmetric "
+        "RtnConfig: unknown key(s) 'bit'; allowed keys: bits, dense_from, group_size, kernel, modules_to_not_convert, "
+        "symmetric "
         "(pass them by name)."
     )
     assert (info.value.field, info.value.value) == ("bit", 4)

@@ -197,10 +197,12 @@ class FusedRtnLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         if rows >= self.dense_from or not self._kernel_runs(x):
+            # the weight in the scales' dtype, then in the input's: what the portable layer computes
+            dtype = self.group_scales().dtype
             scratch = None  # autograd keeps the weight for the backward pass: then it gets its own memory
             if not (torch.is_grad_enabled() and x.requires_grad):
-                scratch = _scratch(self.out_features * max(self.kernel_in, self.padded_in), x.dtype, x.device)
-            return F.linear(x, self.dequantize(x.dtype, out=scratch), bias)
+                scratch = _scratch(self.out_features * max(self.kernel_in, self.padded_in), dtype, x.device)
+            return F.linear(x, self.dequantize(dtype, out=scratch).to(x.dtype), bias)
         flat = x.reshape(-1, x.shape[-1])
         if self.kernel_in != self.in_features:
             flat = F.pad(flat, (0, self.kernel_in - self.in_features))
@@ -244,8 +246,17 @@ def to_fused(layer, config, name: str) -> nn.Module:
         problem = f"layer {name!r} has {layer.in_features} inputs, fewer than one group"
     if problem is None and layer.scale.device.type != "cpu":
         problem = f"the fused kernels are CPU kernels and layer {name!r} is on {layer.scale.device}"
-    if problem is None and layer.scale.dtype not in (*KERNEL_DTYPES, torch.float32):
-        problem = f"the fused kernels take bfloat16, float16 or float32 scales, not {layer.scale.dtype}"
+    if problem is None and layer.scale.dtype not in KERNEL_DTYPES:
+        problem = (
+            f"the fused kernels run {' or '.join(map(str, KERNEL_DTYPES))} models, and layer {name!r} is "
+            f"{layer.scale.dtype}"
+        )
+        if config.kernel == "auto" and layer.scale.dtype == torch.float32:
+            _warn_once(
+                "float32",
+                "quantplug-rtn: a float32 model: its int8 / int4 layers dequantize on every forward (slower "
+                "than the unquantized model); build the model in torch.bfloat16 to run torch's fused CPU kernels",
+            )
     if problem is None:
         problem = kernel_problem()
         if problem is not None and config.kernel == "auto":

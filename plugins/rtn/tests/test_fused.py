@@ -113,15 +113,29 @@ def test_module_tensors_of_a_fused_layer_are_the_portable_layers_state_dict():
 
 def test_float32_activations_dequantize_and_say_so_once(monkeypatch):
     monkeypatch.setattr(fused_mod, "_warned", set())
-    portable, fused = _pair(8, -1, (192, 576), dtype=torch.float32)
+    portable, fused = _pair(8, -1, (192, 576))  # a bfloat16 layer given float32 inputs
     x = torch.randn(1, 576)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fused(x)
         fused(x)
-    assert torch.equal(out, portable(x))
+    assert torch.equal(out, torch.nn.functional.linear(x, portable.dequantize().float(), portable.bias.float()))
     said = [str(w.message) for w in caught if "float32 activations" in str(w.message)]
     assert len(said) == 1 and "bfloat16" in said[0]
+
+
+def test_a_float32_model_keeps_the_portable_layers_and_says_so_once(monkeypatch):
+    monkeypatch.setattr(fused_mod, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model = tiny_llama()
+            quantplug.quantize(model, RtnConfig(bits=8, group_size=-1))
+            assert not any(isinstance(m, FusedRtnLinear) for m in model.modules())
+    said = [str(w.message) for w in caught if "a float32 model" in str(w.message)]
+    assert len(said) == 1 and "torch.bfloat16" in said[0]
+    with pytest.raises(quantplug.ConfigError, match="torch.float32"):
+        quantplug.quantize(tiny_llama(), RtnConfig(bits=8, group_size=-1, kernel="fused"))
 
 
 def test_without_the_instructions_auto_runs_portable_and_says_so_once(monkeypatch):
