@@ -187,8 +187,9 @@ def _round_trips(cls: type, c: quantplug.QuantConfig) -> None:
     assert d["quant_method"] == cls.quant_method
     text = c.to_json()
     assert json.loads(text) == d or "NaN" in text  # NaN != NaN; the equality below still holds
-    assert cls.from_dict(d) == c, (d, cls.from_dict(d))
-    assert cls.from_json(text) == c
+    assert cls.from_dict(d) == c, (d, cls.from_dict(d))  # the same NaN object: equal by identity
+    again = cls.from_json(text)  # a new NaN float is never equal to the old: compare the JSON then
+    assert again == c or ("NaN" in text and again.to_json() == text), (text, again)
     assert quantplug.config_from_dict(d) == c
 
 
