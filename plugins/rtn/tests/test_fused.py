@@ -119,7 +119,9 @@ def test_float32_activations_dequantize_and_say_so_once(monkeypatch):
         warnings.simplefilter("always")
         out = fused(x)
         fused(x)
-    assert torch.equal(out, torch.nn.functional.linear(x, portable.dequantize().float(), portable.bias.float()))
+    assert torch.equal(
+        out, torch.nn.functional.linear(x, portable.dequantize().float(), portable.bias.float())
+    )
     said = [str(w.message) for w in caught if "float32 activations" in str(w.message)]
     assert len(said) == 1 and "bfloat16" in said[0]
 
