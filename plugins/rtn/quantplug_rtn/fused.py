@@ -108,11 +108,13 @@ def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``_pack_int4``: codes [out, in] as uint8."""
+    """Inverse of ``_pack_int4``, centred: codes - 8 as int8 [out, in] (-8..7)."""
     out_f, half = packed.shape
-    blocks = packed.reshape(out_f // 64, half * 2, 32)
-    codes = torch.stack([blocks & 15, blocks >> 4], dim=1)  # [blocks, 2, in, 32]
-    return codes.transpose(2, 3).reshape(out_f, half * 2)
+    blocks = packed.view(out_f // 64, half * 2, 32).transpose(1, 2)  # [blocks, 32, in]: row j, j + 32
+    codes = torch.empty(out_f // 64, 2, 32, half * 2, dtype=torch.int8, device=packed.device)
+    torch.bitwise_and(blocks, 15, out=codes[:, 0].view(torch.uint8))
+    torch.bitwise_right_shift(blocks, 4, out=codes[:, 1].view(torch.uint8))
+    return codes.view(out_f, half * 2).sub_(8)
 
 
 @functools.cache
@@ -162,7 +164,7 @@ class FusedRtnLinear(nn.Module):
         """rtn's codes (uint8, centred on 2**(bits-1)) [out, padded in]."""
         if self.layout == "int8":
             return (self.weight_int8[:, : self.padded_in].to(torch.int16) + 128).to(torch.uint8)
-        return _unpack_int4(self.weight_int4)[: self.out_features]
+        return (_unpack_int4(self.weight_int4)[: self.out_features] + 8).view(torch.uint8)
 
     def group_scales(self) -> torch.Tensor:
         """rtn's ``scale`` [out, groups]."""
@@ -181,14 +183,7 @@ class FusedRtnLinear(nn.Module):
             w = out[: self.out_features * self.kernel_in].view(self.out_features, self.kernel_in)
             w.copy_(self.weight_int8).mul_(scale.to(dtype))
             return w[:, : self.in_features]
-        # int4: torch's packing holds rows j and j + 32 of each block of 64 in one byte's nibbles
-        blocks = self.weight_int4.view(self.padded_out // 64, self.padded_in, 32).transpose(1, 2)
-        codes = torch.empty(
-            self.padded_out // 64, 2, 32, self.padded_in, dtype=torch.int8, device=scale.device
-        )
-        torch.bitwise_and(blocks, 15, out=codes[:, 0].view(torch.uint8))
-        torch.bitwise_right_shift(blocks, 4, out=codes[:, 1].view(torch.uint8))
-        codes = codes.view(self.padded_out, self.padded_in)[: self.out_features].sub_(8)
+        codes = _unpack_int4(self.weight_int4)[: self.out_features]  # centred: -8..7
         w = out[: self.out_features * self.padded_in].view(self.out_features, -1, self.group_size)
         w.copy_(codes.view_as(w)).mul_(scale.to(dtype).unsqueeze(-1))
         return w.view(self.out_features, -1)[:, : self.in_features]
