@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ import prepare  # noqa: E402  (demo/prepare.py: the SmolLM2 and MiniLM folders)
 import quantplug  # noqa: E402
 from quantplug.candidates import presets_of, resolve  # noqa: E402
 from quantplug.comparison import compare, default_text, to_markdown  # noqa: E402
+from quantplug.encoder_quality import sentences  # noqa: E402  (the sentences compare scores encoders on)
 
 
 def cpu_presets(only: list[str] | None, presets: list[str] | None = None) -> list[str]:
@@ -55,22 +55,6 @@ def cpu_presets(only: list[str] | None, presets: list[str] | None = None) -> lis
             if "cpu" in (p.devices or backend.capabilities.devices) and (not presets or label in presets):
                 out.append(label)
     return out
-
-
-def sentences(text: str, n: int) -> list[str]:
-    """``n`` prose sentences spread over ``text`` (8 to 40 words, no code)."""
-    pool = []
-    for para in re.split(r"\n\s*\n", text):
-        for s in re.split(r"(?<=[.!?])\s+", " ".join(para.split())):
-            if (
-                8 <= len(s.split()) <= 40
-                and s[:1].isupper()
-                and s.endswith(".")
-                and not re.search(r"[{}=>]|::", s)
-            ):
-                pool.append(s)
-    pool = list(dict.fromkeys(pool))
-    return pool[:: max(1, len(pool) // n)][:n]
 
 
 def minilm_cosines(folder: Path, specs: list, n_sentences: int) -> dict[str, float | str]:

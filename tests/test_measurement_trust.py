@@ -193,7 +193,7 @@ def test_report_and_plot_keep_collapsed_rows_apart(rtn_only, tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from quantplug.report import _scatter
+    from quantplug.plotting import _scatter
 
     fig, ax = plt.subplots()
     _scatter(ax, plt.get_cmap("tab10"), result.rows, use_ppl=True)

@@ -64,6 +64,12 @@ priority_option = click.option(
     "next to it bfloat16 where the device supports it, and each candidate in the dtype its preset is built for).",
 )
 @click.option(
+    "--task",
+    type=click.Choice(["causal-lm", "feature-extraction", "sequence-classification", "outputs"]),
+    help="What quality means (default: from the model's class): perplexity, pooled sentence embeddings "
+    "(cosine and recall@10), label agreement, or the output's relative error.",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     help="torch threads for the run (default on CPU: the cores other processes leave free).",
@@ -95,6 +101,7 @@ def compare_cmd(
     calibration_tokens,
     repeats,
     dtype,
+    task,
     threads,
     workload,
     priority,
@@ -130,6 +137,7 @@ def compare_cmd(
             priority=priority,
             max_quality_loss=max_quality_loss,
             dtype=dtype,
+            task=task,
             threads=threads,
         )
     except QuantplugError as exc:

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .measure import Bench
+from .measure import Bench, vocab_size
+from .text_quality import default_text
 
 
 def check_arguments(
@@ -40,6 +41,16 @@ def check_arguments(
         raise ConfigError(
             f"max_quality_loss must be a number >= 0, got {max_quality_loss!r}", field="max_quality_loss"
         )
+
+
+def check_run_arguments(calibration_tokens: Any, dtype: Any, threads: Any, task: Any) -> torch.dtype | None:
+    """Check the run's other arguments before any work; returns the dtype forced (None: none)."""
+    from .encoder_quality import check_task
+
+    check_calibration_tokens(calibration_tokens)
+    check_threads(threads)
+    check_task(task)
+    return dtype_arg(dtype)
 
 
 def check_calibration_tokens(calibration_tokens: Any) -> None:
@@ -142,6 +153,45 @@ def run_settings(
         "workload": workload,
         "priority": priority,
         "max_quality_loss": max_quality_loss,
-        "quality": "perplexity" if bench.causal else "output relative error vs unquantized",
+        "quality": _quality(bench),
         "calibration": bench.calibration_note,
     }
+
+
+def _quality(bench: Bench) -> str:
+    if bench.causal:
+        return "perplexity"
+    if bench.sentences is not None:
+        return bench.sentences.describe(bench.task) + ", against the unquantized model's"
+    return "output relative error vs unquantized"
+
+
+def with_sentences(
+    bench: Bench,
+    model: nn.Module,
+    task: str | None,
+    text: str | None,
+    tokenizer: Any,
+    inputs: Any,
+    pooling: str,
+) -> None:
+    """Set ``bench.task`` (given, or from the model's class) and, for encoders and classifiers
+    measured on text, the sentences their quality is scored on."""
+    from .encoder_quality import detect_task, sentence_bench
+
+    bench.task = task or detect_task(model, bench.causal)
+    if (bench.task == "causal-lm") != bench.causal:
+        raise ConfigError(
+            f"task {bench.task!r} does not fit {type(model).__name__}: causal-lm is for causal language models "
+            f"measured on text (not inputs=), and only for them",
+            field="task",
+            value=bench.task,
+        )
+    if bench.task in ("feature-extraction", "sequence-classification"):
+        if inputs is not None:
+            raise ConfigError(
+                f"task {bench.task!r} scores sentences of the text: leave inputs= out, or use task='outputs'",
+                field="task",
+            )
+        source = text if text is not None else default_text()
+        bench.sentences = sentence_bench(source, tokenizer, vocab_size(model), bench.device, pooling)

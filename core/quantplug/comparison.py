@@ -25,17 +25,17 @@ from torch import nn
 from .candidates import Spec, resolve
 from .compare_settings import (
     check_arguments,
-    check_calibration_tokens,
-    check_threads,
-    dtype_arg,
+    check_run_arguments,
     dtype_note,
     other_dtypes_for,
     run_settings,
     threads_note,
+    with_sentences,
 )
 from .config import QuantConfig
 from .devices import to_device
 from .dispatch import backends
+from .encoder_quality import pooling_of
 from .errors import ConfigError
 from .footprint import model_bytes
 from .machine_load import LoadMonitor, free_cores, others_busy
@@ -94,37 +94,34 @@ def compare(
     dtype: torch.dtype | str | None = None,
     calibration_tokens: int = 2048,
     threads: int | None = None,
+    task: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Quantize ``model`` with each candidate and measure each on this machine.
 
-    ``model``: an ``nn.Module`` (moved to ``device`` and put in eval mode, otherwise untouched: each
-    candidate quantizes a deep copy) or a full-precision checkpoint folder (its tokenizer is used
-    when present). ``candidates``: ``"backend:preset"`` strings, configs or config dicts; None =
-    every candidate ``select`` ranks for this device (``per_backend`` keeps each backend's best N,
-    ``top`` the first N). ``text``: for the perplexity of a causal LM (default: the stdlib's
-    ``pydoc_data`` topics); other models are scored by the relative error of their output against
-    the unquantized model's, on ``inputs`` (a tensor or a dict of keyword arguments; default: token
-    ids from the text, for models with a vocabulary). Latency: ``prefill_tokens`` in one forward
-    (default 256 on CPU, 2048 on GPU) and ``decode_tokens`` new tokens one at a time with a KV
-    cache; medians of ``repeats``. Candidates that need calibration data (GPTQ, ...) get
-    ``calibration_tokens`` tokens of the text that follow the evaluated ones (never the tokens they
-    are scored on), in ``window``-token batches; with ``inputs=`` there is no text to draw them from,
-    and such candidates are not ranked. A candidate that fails is reported with its error, and the run
-    goes on. ``dtype``: None runs the model in its own dtype (a folder: float32 on CPU, bfloat16 on
-    CUDA), the same model in bfloat16 next to it where the device supports bfloat16, and each
-    candidate in the dtype its preset is built for (``Preset.dtype``); a dtype runs everything in
-    it (an ``nn.Module`` is converted in place). ``threads``: torch's thread count for the run
-    (default on CPU: the cores other processes leave free, measured for a second before the run);
-    the CPU time other processes take during the run is measured, and the report says when it
-    makes the latency figures unreliable. Returns a ``Comparison`` (``table()``, ``to_dict()``,
-    ``plot(path)``).
+    ``model``: an ``nn.Module`` (moved to ``device``, put in eval mode; each candidate quantizes a
+    deep copy) or a full-precision checkpoint folder (with its tokenizer when present).
+    ``candidates``: ``"backend:preset"`` strings, configs or config dicts; None = what ``select``
+    ranks for this device (``per_backend`` keeps each backend's best N, ``top`` the first N).
+    ``task`` (default: from the model's class, ``encoder_quality.TASKS``) says what quality means:
+    perplexity on ``text`` (default: the stdlib's ``pydoc_data`` topics) for causal LMs; for base
+    models (``BertModel``) the cosine of pooled sentence embeddings on sentences of the text and
+    recall@10 of the unquantized model's neighbours; label agreement for classifiers; else
+    (``"outputs"``) the output's relative error on ``inputs`` (a tensor or a dict of keyword
+    arguments; default: token ids of the text). Latency: ``prefill_tokens`` in one forward (default
+    256 on CPU, 2048 on GPU) and ``decode_tokens`` new tokens with a KV cache, in ``repeats`` rounds.
+    Candidates that need calibration data get ``calibration_tokens`` tokens of the text after the
+    evaluated ones (none with ``inputs=``). A failing candidate is reported, and the run goes on.
+    ``dtype`` None: the model in its own dtype (a folder: float32 on CPU, bfloat16 on CUDA), a
+    bfloat16 copy next to it where the device computes in bfloat16, each candidate in its preset's
+    ``dtype``; a dtype runs everything in it (an ``nn.Module`` is converted in place). ``threads``
+    (default on CPU: the cores other processes leave free); other processes' CPU use during the run
+    is measured and unreliable latency flagged. Returns a ``Comparison`` (``table()``,
+    ``to_dict()``, ``plot(path)``).
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_arguments(top, per_backend, tokens, window, decode_tokens, repeats, max_quality_loss)
-    check_calibration_tokens(calibration_tokens)
-    forced = dtype_arg(dtype)
-    check_threads(threads)
+    forced = check_run_arguments(calibration_tokens, dtype, threads, task)
     # prepare: named candidates are resolved first, so a typo fails before the model is loaded
     given = _given_specs(candidates)
     # plugins load before the model: loading imports Transformers, which imports backend libraries
@@ -132,6 +129,7 @@ def compare(
     backends()
     dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     busy = others_busy(1.0) if dev.type == "cpu" and threads is None else None  # before our own load
+    pooling = pooling_of(model if isinstance(model, (str, os.PathLike)) else None)
     model, tokenizer, model_name = _prepare_model(model, dev, forced, tokenizer, say)
     can_calibrate = inputs is None and calibration_tokens > 0
     selection = select(
@@ -143,6 +141,7 @@ def compare(
         model, dev, text, tokenizer, inputs, tokens, window, prefill_tokens, decode_tokens, repeats,
         calibration_tokens if can_calibrate else 0,
     )  # fmt: skip
+    with_sentences(bench, model, task, text, tokenizer, inputs, pooling)
     settings = run_settings(model_name, dev, bench, text, encoding, workload, priority, max_quality_loss)
     settings["dtype"] = dtype_note(forced, other_dtypes, dev)
     # measure

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import __version__
 from .devices import run_batch
+from .encoder_quality import score
 from .hardware import cpu_hardware, detect_hardware
 from .text_quality import perplexity, windows
 from .versions import installed_version
@@ -61,6 +62,14 @@ class Row:
     """``||y_q - y|| / ||y||`` of the model's output (logits) against the unquantized model's."""
     output_cosine: float | None = None
     """Cosine similarity of the model's output (flattened) with the unquantized model's."""
+    embedding_cosine: float | None = None
+    """Encoders (``feature-extraction``): mean cosine of the pooled sentence embeddings with the
+    unquantized model's (``encoder_quality``)."""
+    recall_at_10: float | None = None
+    """Encoders: mean share of each sentence's 10 nearest neighbours (by the unquantized
+    embeddings) that this model's embeddings find too."""
+    label_agreement: float | None = None
+    """Classifiers (``sequence-classification``): share of sentences given the unquantized label."""
     collapsed: bool | None = None
     """Quality beyond usefulness (``recommendation.COLLAPSED``): never recommended, kept off the plot."""
     prefill_ms: float | None = None
@@ -123,6 +132,10 @@ class Bench:
     calibration: list[torch.Tensor] | None = None
     """Token-id batches for candidates that need calibration data: text disjoint from ``eval_ids``."""
     calibration_note: str = ""
+    task: str = "outputs"
+    """What quality means (``encoder_quality.TASKS``)."""
+    sentences: Any = None
+    """``encoder_quality.SentenceBench`` for encoders and classifiers (None: not measured)."""
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -144,6 +157,9 @@ def measure(
         row.output_rel_error = ((out - reference).norm() / reference.norm()).item()
         cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
         row.output_cosine = cosine.item()
+    if bench.sentences is not None:
+        for key, value in score(model, bench.sentences, bench.task).items():
+            setattr(row, key, value)
     if bench.causal:
         n = windows(bench.eval_ids.numel(), bench.window, bench.prefix)
         row.perplexity = perplexity(

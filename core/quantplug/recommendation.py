@@ -45,6 +45,9 @@ def other_baselines(rows: list[Row]) -> list[Row]:
 
 
 def is_collapsed(row: Row, base: Row) -> bool:
+    agreement = _agreement(row, base)
+    if agreement is not None:  # sentence embeddings or labels
+        return not agreement >= COLLAPSED_COSINE
     if base.perplexity is not None and row.perplexity is not None:
         return (
             not math.isfinite(row.perplexity) or row.perplexity > COLLAPSED_PERPLEXITY_RATIO * base.perplexity
@@ -53,12 +56,34 @@ def is_collapsed(row: Row, base: Row) -> bool:
 
 
 def loss_of(row: Row, base: Row) -> float | None:
-    """Relative quality loss vs the baseline: perplexity increase, or output error."""
+    """Relative quality loss vs the baseline: perplexity increase; for encoders 1 - embedding
+    cosine, for classifiers 1 - label agreement; else the output error."""
+    agreement = _agreement(row, base)
+    if agreement is not None:
+        return 1.0 - agreement
     if base.perplexity is not None and row.perplexity is not None:
         if not math.isfinite(row.perplexity):
             return math.inf
         return row.perplexity / base.perplexity - 1
     return row.output_rel_error
+
+
+def _agreement(row: Row, base: Row) -> float | None:
+    """The encoder / classifier figure the quality is judged by (None: not such a model)."""
+    for key in ("embedding_cosine", "label_agreement"):
+        if getattr(base, key) is not None:
+            value = getattr(row, key)
+            return value if value is not None else float("nan")
+    return None
+
+
+def quality_measure(base: Row) -> str:
+    """The name of what quality is judged by, for the recommendation's sentences."""
+    if base.embedding_cosine is not None:
+        return "embedding cosine"
+    if base.label_agreement is not None:
+        return "label agreement"
+    return "perplexity" if base.perplexity is not None else "output error"
 
 
 def latency(row: Row, workload: str) -> float | None:
@@ -74,9 +99,11 @@ def recommend(
 ) -> tuple[str | None, str]:
     """The recommended label (None: stay unquantized) and the recommendation in words."""
     base, cands = rows[0], [r for r in candidates(rows) if not r.error]
+    if base.decode_ms is None:  # not a causal LM: one forward is all there is to time
+        workload = "prefill"
     failed = [r for r in candidates(rows) if r.error]
     ok = [r for r in cands if r.acceptable]
-    measure = "perplexity" if base.perplexity is not None else "output error"
+    measure = quality_measure(base)
     if not ok:
         best = min(cands, key=lambda r: loss_of(r, base) or math.inf, default=None)
         lines = [

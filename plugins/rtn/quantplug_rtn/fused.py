@@ -198,7 +198,7 @@ class FusedRtnLinear(nn.Module):
             if not (torch.is_grad_enabled() and x.requires_grad):
                 scratch = _scratch(self.out_features * max(self.kernel_in, self.padded_in), dtype, x.device)
             return F.linear(x, self.dequantize(dtype, out=scratch).to(x.dtype), bias)
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels refuse strided inputs
         if self.kernel_in != self.in_features:
             flat = F.pad(flat, (0, self.kernel_in - self.in_features))
         if self.layout == "int8":

@@ -197,3 +197,13 @@ def test_the_dense_path_keeps_its_own_weight_when_autograd_needs_it():
     x_ref = x.detach().clone().requires_grad_(True)
     portable(x_ref).float().sum().backward()
     assert torch.equal(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("bits,group", [(8, -1), (4, 128)])
+def test_a_strided_input_runs_the_kernel(bits, group):
+    portable, fused = _pair(bits, group, (128, 256))
+    wide = torch.randn(3, 512, dtype=torch.bfloat16)
+    x = wide[:, ::2]  # strided, as attention outputs can be (seen on MiniLM: "expect A to be contiguous")
+    assert not x.is_contiguous()
+    assert torch.equal(fused(x), fused(x.contiguous()))
+    assert torch.allclose(fused(x).float(), portable(x).float(), rtol=0.02, atol=0.02)
