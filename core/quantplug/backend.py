@@ -294,6 +294,13 @@ class Quantizer:
                 f"another backend (`quantplug select`)."
             )
 
+    def model_attributes(self) -> dict[str, Any]:
+        """Attributes set on the model once it is quantized or loaded, for the libraries that read
+        them to recognise a quantized model the way Transformers marks one: PEFT picks its
+        bitsandbytes LoRA layers and ``prepare_model_for_kbit_training`` from ``is_loaded_in_4bit``
+        / ``is_loaded_in_8bit`` and ``quantization_method``. Default: none."""
+        return {}
+
     def check_config(self) -> None:
         """Raise ``ConfigError`` for settings the backend library refuses. Called once, when the
         quantizer is made (the library is imported by then), before any layer is touched: the

@@ -47,9 +47,12 @@ def quantized_info(model: nn.Module) -> QuantizedModelInfo | None:
 
 
 def attach_info(model: nn.Module, info: QuantizedModelInfo) -> None:
-    """Record ``info`` on ``model`` and, for a Transformers model, its ``quantization_config`` (as
-    Transformers does when it quantizes, so ``save_pretrained`` writes it). Only sets data."""
+    """Record ``info`` on ``model``, the quantizer's ``model_attributes`` (what PEFT reads) and, for
+    a Transformers model, its ``quantization_config`` (as Transformers does when it quantizes, so
+    ``save_pretrained`` writes it). Only sets data."""
     setattr(model, INFO_ATTR, info)
+    for key, value in info.quantizer.model_attributes().items():
+        setattr(model, key, value)
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_json_string"):
         # (quantplug.save derives quantization_config from INFO_ATTR instead, so a config object

@@ -63,6 +63,15 @@ def _state_tensors(state: bnb_functional.QuantState) -> dict[str, torch.Tensor]:
 class BnbQuantizer(quantplug.Quantizer):
     config: BnbConfig
 
+    def model_attributes(self) -> dict[str, object]:
+        """What Transformers sets on a bitsandbytes model, and PEFT reads to wrap these layers in its
+        bitsandbytes LoRA layers (a generic LoRA wrapper would not) and to prepare k-bit training."""
+        return {
+            "is_loaded_in_4bit": bool(self.config.load_in_4bit),
+            "is_loaded_in_8bit": bool(self.config.load_in_8bit),
+            "quantization_method": "bitsandbytes",
+        }
+
     def validate_environment(self, device: torch.device | str) -> None:
         super().validate_environment(device)
         kind = str(device).split(":")[0]
