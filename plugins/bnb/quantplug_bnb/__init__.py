@@ -74,7 +74,7 @@ def register_backends(register):
                 bits=(4, 8),
                 devices=("cpu", "cuda"),
                 needs_calibration=False,
-                trainable=True,  # QLoRA: adapters train on top of the frozen bnb layers
+                trainable=True,  # QLoRA through PEFT, every preset: tests/test_lora.py
                 serializable=True,
                 weight_dtypes=("int8", "nf4", "fp4"),
                 activation_dtypes=("int8",),  # 8-bit mode only: LLM.int8() quantizes activations per row
