@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # no skip: tox installs it
+from peft import (  # no skip: tox installs it
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+)
 from peft.tuners.lora import bnb as lora_bnb
 
 import quantplug
