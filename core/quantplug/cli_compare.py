@@ -81,7 +81,8 @@ priority_option = click.option(
     type=click.FloatRange(min=0),
     default=0.05,
     show_default=True,
-    help="Largest acceptable relative perplexity increase (or output error).",
+    help="Largest acceptable quality loss: relative perplexity increase, 1 - embedding cosine (encoders), "
+    "1 - label agreement (classifiers), or the output error.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (progress stays on stderr).")
 @click.option(

@@ -33,9 +33,9 @@ from torch import nn
 
 import quantplug
 
-from .config import DENSE_FROM, INT4_GROUPS, layout_problem
+from .config import DENSE_FROM, layout_problem
 
-__all__ = ["FusedRtnLinear", "fused_layout", "kernel_problem", "to_fused"]
+__all__ = ["FusedRtnLinear", "kernel_problem", "to_fused"]
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 """Activation dtypes the fused kernels run with (float32 dequantizes instead, see the docstring)."""
@@ -49,18 +49,6 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, stacklevel=3)
-
-
-def fused_layout(bits: int, group_size: int, in_features: int, symmetric: bool) -> str | None:
-    """``"int8"`` / ``"int4"`` when an rtn layer of this kind has a fused kernel, else None.
-    ``group_size`` is the layer's (``in_features`` for one group per channel)."""
-    if not symmetric:
-        return None
-    if bits == 8 and group_size >= in_features:
-        return "int8"
-    if bits == 4 and group_size in INT4_GROUPS:
-        return "int4"
-    return None
 
 
 @functools.cache
@@ -133,11 +121,11 @@ class FusedRtnLinear(nn.Module):
     """A symmetric rtn layer stored for torch's fused CPU kernels (see the module docstring)."""
 
     def __init__(self, src, *, dense_from: int | None):
-        """From an ``RtnLinear`` ``src`` whose layout ``fused_layout`` accepts (same weights)."""
+        """From a symmetric ``RtnLinear`` ``src`` whose settings ``layout_problem`` accepts (same weights)."""
         super().__init__()
         self.in_features, self.out_features = src.in_features, src.out_features
         self.bits, self.group_size, self.symmetric = src.bits, src.group_size, True
-        self.layout = fused_layout(src.bits, src.group_size, src.in_features, True)
+        self.layout = "int8" if src.bits == 8 else "int4"
         self.dense_from = DENSE_FROM[self.layout] if dense_from is None else dense_from
         self.padded_in = src.scale.shape[1] * src.group_size  # rtn's input width (whole groups)
         # the int8 kernel reads past the row end unless the input width is a multiple of 16 (measured:
@@ -237,8 +225,6 @@ def to_fused(layer, config, name: str) -> nn.Module:
     if config.kernel == "portable":
         return layer
     problem = layout_problem(config.bits, config.group_size, config.symmetric)
-    if problem is None and fused_layout(layer.bits, layer.group_size, layer.in_features, True) is None:
-        problem = f"layer {name!r} has {layer.in_features} inputs, fewer than one group"
     if problem is None and layer.scale.device.type != "cpu":
         problem = f"the fused kernels are CPU kernels and layer {name!r} is on {layer.scale.device}"
     if problem is None and layer.scale.dtype not in KERNEL_DTYPES:
