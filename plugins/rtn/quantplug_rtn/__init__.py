@@ -89,6 +89,6 @@ def register_backends(register):
             ),
             requires=(),  # plain PyTorch: nothing beyond quantplug's own dependencies
             presets=PRESETS,
-            description="Round-to-nearest, per-channel or group-wise, symmetric or asymmetric; dequantize on forward.",
+            description="Round-to-nearest, per-channel or group-wise, symmetric or asymmetric; fused CPU kernels for symmetric int8 / int4 in bfloat16, else dequantize on forward.",
         )
     )
