@@ -75,7 +75,7 @@ def register_backends(register):
                 bits=(1, 2, 3, 4, 8),
                 devices=("cpu", "cuda"),
                 needs_calibration=False,
-                trainable=False,  # no PEFT LoRA step on HQQLinear was tested (peft is not installed here)
+                trainable=True,  # LoRA through PEFT (its HqqLoraLinear), every preset: tests/test_lora.py
                 serializable=True,
                 weight_dtypes=("uint8", "uint4", "uint3", "uint2", "uint1"),
                 # Measured on the kit's Linear(512, 256), group 64 / 128, fp32: 0.005, 0.085-0.096,

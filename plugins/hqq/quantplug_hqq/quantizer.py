@@ -85,6 +85,11 @@ def _refuse(name: str, linear: nn.Module, settings: dict[str, Any]) -> None:
 class HqqQuantizer(quantplug.Quantizer):
     config: HqqConfig
 
+    def model_attributes(self) -> dict[str, object]:
+        """What Transformers sets on an HQQ model, and PEFT's ``prepare_model_for_kbit_training``
+        reads (PEFT wraps ``HQQLinear`` in its HQQ LoRA layer by type)."""
+        return {"quantization_method": "hqq"}
+
     def _settings(self, name: str, linear: nn.Module) -> dict[str, Any]:
         """The layer's nbits / group_size / axis / view_as_float, checked against its shape."""
         settings = self.config.layer_settings(name)

@@ -1,0 +1,88 @@
+"""The conformance kit's LoRA check: does fine-tuning with PEFT work on a backend's layers?
+
+``check_lora(config, folder)`` quantizes a tiny random Llama with ``config``, saves it, applies
+PEFT's ``prepare_model_for_kbit_training`` and a LoRA adapter (r=8 on q_proj and v_proj), trains
+12 AdamW steps on one batch and asserts what QLoRA users rely on: the loss falls, only the adapter
+weights change (the quantized layers stay bit-identical), and the adapter saved with PEFT's
+``save_pretrained`` re-applies to the model loaded fresh with ``quantplug.load``, giving the same
+logits. A backend whose presets declare ``trainable=True`` runs it in its tests, with ``peft`` in
+its test dependencies. Imports peft only when called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["check_lora"]
+
+
+def _snapshot(model: Any) -> dict[str, Any]:
+    """Every tensor of the model's state, copied; a library's tensor subclass (torchao's) as the
+    list of the plain tensors it holds (``__tensor_flatten__``), which ``torch.equal`` can compare."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        flatten = getattr(value, "__tensor_flatten__", None)
+        if type(value) in (torch.Tensor, torch.nn.Parameter) or flatten is None:
+            out[key] = value.detach().clone()
+        else:
+            out[key] = [getattr(value, name).detach().clone() for name in flatten()[0]]
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(a, list):
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b)
+
+
+def check_lora(config: Any, folder: str | Path, steps: int = 12) -> dict[str, Any]:
+    """Run the LoRA check (see the module docstring) with ``config``, writing into ``folder``;
+    returns the losses, the LoRA layer class PEFT used and the largest logit difference after
+    reloading. Raises AssertionError where LoRA does not work as it should."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    from .convert import quantize
+    from .loading import load
+    from .saving import save
+    from .testing import tiny_llama, token_ids
+
+    folder = Path(folder)
+    model = tiny_llama()
+    quantize(model, config, progress=False)
+    save(model, folder / "base")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    layer = type(model.base_model.model.model.layers[0].self_attn.q_proj)
+    before = _snapshot(model)
+    ids = token_ids()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, f"the loss does not fall: {losses}"
+    after = _snapshot(model)
+    changed = sorted(k for k in before if not _same(before[k], after[k]))
+    assert changed and all("lora_" in k for k in changed), (
+        f"tensors other than the adapter changed: {changed[:5]}"
+    )
+    model.eval()
+    model.save_pretrained(folder / "adapter")
+    fresh = PeftModel.from_pretrained(load(folder / "base"), folder / "adapter").eval()
+    with torch.no_grad():
+        want, got = model(ids).logits, fresh(ids).logits
+    diff = (got - want).abs().max().item()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (
+        f"the reloaded adapter gives other logits ({diff})"
+    )
+    return {"losses": losses, "lora_layer": layer, "reload_max_diff": diff}
