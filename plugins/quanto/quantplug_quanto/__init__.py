@@ -21,12 +21,20 @@ PRESETS = (
     quantplug.Preset(
         "int8",
         {"weights": "int8"},
+        trainable=True,  # LoRA through PEFT: tests/test_lora.py
         bits=8,
         bits_per_weight=8.02,
         rel_error=0.008,
         speed={"cuda": {"decode": 0.16, "prefill": 0.66}, "cpu": {"decode": 0.42, "prefill": 1.0}},
     ),
-    quantplug.Preset("float8", {"weights": "float8"}, bits=8, bits_per_weight=8.02, rel_error=0.026),
+    quantplug.Preset(
+        "float8",
+        {"weights": "float8"},
+        trainable=True,  # LoRA through PEFT: tests/test_lora.py
+        bits=8,
+        bits_per_weight=8.02,
+        rel_error=0.026,
+    ),
     quantplug.Preset(
         "int8-a8",
         {"weights": "int8", "activations": "int8"},
@@ -38,6 +46,7 @@ PRESETS = (
     quantplug.Preset(
         "int4",
         {"weights": "int4"},
+        trainable=True,  # LoRA through PEFT: tests/test_lora.py
         bits=4,
         bits_per_weight=4.5,
         rel_error=0.098,
@@ -46,6 +55,7 @@ PRESETS = (
     quantplug.Preset(
         "int2",
         {"weights": "int2"},
+        trainable=True,  # LoRA through PEFT: tests/test_lora.py
         bits=2,
         bits_per_weight=2.5,
         rel_error=0.50,

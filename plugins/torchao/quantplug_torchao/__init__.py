@@ -39,6 +39,7 @@ PRESETS = (
     quantplug.Preset(
         "int8-weight-only",
         TorchaoConfig.from_mode("int8_weight_only"),
+        trainable=True,  # LoRA through PEFT: tests/test_lora.py
         bits=8,
         bits_per_weight=8.02,
         rel_error=0.008,
@@ -71,6 +72,7 @@ PRESETS = (
     quantplug.Preset(
         "float8-weight-only",
         TorchaoConfig.from_mode("float8_weight_only"),
+        trainable=True,  # LoRA through PEFT: tests/test_lora.py
         bits=8,
         bits_per_weight=8.02,
         rel_error=0.026,
@@ -89,6 +91,7 @@ PRESETS = (
     quantplug.Preset(
         "intx4-g32",
         TorchaoConfig.from_mode("intx_weight_only", bits=4, group_size=32),
+        trainable=True,  # LoRA through PEFT: tests/test_lora.py
         bits=4,
         bits_per_weight=9.25,
         rel_error=0.093,
