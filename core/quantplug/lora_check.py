@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_lora"]
+__all__ = ["check_lora", "check_preset", "why_not_here"]
 
 
 def _snapshot(model: Any) -> dict[str, Any]:
@@ -86,3 +86,34 @@ def check_lora(config: Any, folder: str | Path, steps: int = 12) -> dict[str, An
         f"the reloaded adapter gives other logits ({diff})"
     )
     return {"losses": losses, "lora_layer": layer, "reload_max_diff": diff}
+
+
+def why_not_here(backend: Any, preset: Any, device: str = "cpu") -> str | None:
+    """Why the LoRA check cannot run ``preset`` on ``device`` (calibration data, the device), or None."""
+    from .dispatch import AutoQuantizer
+    from .errors import QuantplugError
+
+    quantizer = AutoQuantizer.from_config(preset.build(backend.config))
+    if quantizer.needs_calibration():
+        return "needs calibration data"
+    try:
+        quantizer.validate_environment(device)
+    except QuantplugError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+def check_preset(backend: Any, preset: Any, folder: str | Path) -> None:
+    """Hold ``preset``'s ``trainable`` flag (or, when None, the backend's) to the LoRA check: a
+    trainable preset passes ``check_lora``, any other fails it. Call ``why_not_here`` first: a
+    preset the check cannot run here must not claim ``trainable``."""
+    trainable = preset.trainable if preset.trainable is not None else backend.capabilities.trainable
+    config = preset.build(backend.config)
+    if trainable:
+        assert check_lora(config, folder)["reload_max_diff"] <= 1e-5
+        return
+    try:
+        check_lora(config, folder)
+    except (AssertionError, RuntimeError):
+        return
+    raise AssertionError(f"{preset.name} passes the LoRA check but does not declare trainable=True")
