@@ -301,6 +301,17 @@ class Quantizer:
         / ``is_loaded_in_8bit`` and ``quantization_method``. Default: none."""
         return {}
 
+    def offload_refusal(self) -> str | None:
+        """Why accelerate's hooks cannot offload this backend's layers, or ``None`` when they can.
+        ``quantplug.load(..., device_map=)`` offloads a layer placed on ``"disk"`` (or in CPU memory
+        while the model runs on an accelerator): its persistent parameters and buffers are written
+        out, left on the meta device, and put back before each forward. That works when a layer's
+        state is exactly those plain tensors and its forward reads them on every call; the
+        conformance kit checks it (outputs equal to a resident load) for every backend returning
+        ``None``, and checks the refusal otherwise. Default: not declared, so refused."""
+        who = self.backend.plugin or f"backend {self.backend.name!r}"
+        return f"{who} does not declare that accelerate can offload its layers (Quantizer.offload_refusal)"
+
     def check_config(self) -> None:
         """Raise ``ConfigError`` for settings the backend library refuses. Called once, when the
         quantizer is made (the library is imported by then), before any layer is touched: the

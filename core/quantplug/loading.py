@@ -34,6 +34,7 @@ from .errors import (
 from .integrations import register_if_transformers_loaded
 from .layers import as_linear, owner_of, transformers_tied_keys
 from .naming import adapt
+from .placement import Placement, placed, single_device
 from .skeleton import skeleton
 from .walk import LayerWalk, progress_bar
 
@@ -43,9 +44,12 @@ def load(
     *,
     config: QuantConfig | dict[str, Any] | None = None,
     model: nn.Module | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Load a checkpoint folder, reading one tensor at a time.
 
@@ -58,11 +62,18 @@ def load(
     ``model`` is an instance of the model class to fill (needed for non-Transformers models);
     by default the class comes from ``config.json``'s ``architectures``. Every tensor's key, shape
     and (for quantized modules) dtype is checked against what the config implies.
+
+    ``device`` puts the whole model on one device (default: the CPU). ``device_map`` spreads it
+    across devices with accelerate instead: ``"auto"`` (or ``"balanced"``, ``"balanced_low_0"``,
+    ``"sequential"``) plans within ``max_memory`` (device -> size) with each layer counted at its
+    quantized size, or a dict maps module names to devices (``0``, ``"cuda:1"``, ``"cpu"``,
+    ``"disk"``). Layers placed on ``"disk"`` are written to ``offload_folder`` as they are read;
+    a backend whose layers cannot be offloaded is refused before anything is read.
     """
     folder, config_json = _open(path)
     quantizer, prequantized = _quantizer(folder, config_json, config)
-    target = torch.device(device)
-    if quantizer is not None:
+    target = single_device(device, device_map, max_memory, offload_folder)
+    if quantizer is not None and target is not None:
         quantizer.validate_environment(target)
     ckpt = Checkpoint(folder)
     built_here = model is None
@@ -74,21 +85,27 @@ def load(
     layout.verify(folder, ckpt)
     if prequantized:  # the tensors fit the config; is it the config they were saved with?
         _check_recorded_config(folder / CONFIG_NAME, ckpt, quantizer.config)
+    place = None if target is not None else placed(model, walk, device_map, max_memory, offload_folder)
     float_dtype = dtype or (model.dtype if hasattr(model, "dtype") else None)
-    reader = _Reader(ckpt, layout.aliases, target, float_dtype)
+    reader = _Reader(ckpt, layout.aliases, target, float_dtype, place)
     with torch.no_grad():
         if walk is not None:
+            build = _layer_builder(walk, layout, reader, prequantized)
             walk.replace(
-                _layer_builder(walk, layout, reader, prequantized),
+                build if place is None else lambda name, module: place.settle(name, build(name, module)),
                 desc="loading",
                 progress=progress,
                 trim_every=0,
             )
-        _fill_the_rest(model, layout, reader, progress)
+        _fill_the_rest(model, layout, reader, progress, place)
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    left = [k for k in left if place is None or not place.on_disk(k)]
     if left:
         raise CheckpointError(f"{folder}: tensors {_fmt(left)} were not in the checkpoint")
-    model.to(target)
+    if place is None:
+        model.to(target)
+    else:
+        place.dispatch(model)
     if walk is not None:
         walk.finish()
         register_if_transformers_loaded()
@@ -214,16 +231,19 @@ class _Layout:
 
 @dataclasses.dataclass
 class _Reader:
-    """Reads a tensor (or the stored source of an alias) onto the target device; full-precision
-    floats are cast to the model's dtype, a quantized module's tensors stay as stored."""
+    """Reads a tensor (or the stored source of an alias) onto its device (the target, or where the
+    placement builds it); full-precision floats are cast to the model's dtype, a quantized
+    module's tensors stay as stored."""
 
     ckpt: Checkpoint
     aliases: dict[str, str]
-    target: torch.device
+    target: torch.device | None
     float_dtype: torch.dtype | None
+    place: Placement | None = None
 
     def __call__(self, key: str, cast: bool) -> torch.Tensor:
-        t = self.ckpt.read(self.aliases.get(key, key)).to(self.target)
+        device = self.target if self.place is None else self.place.build_device(key)
+        t = self.ckpt.read(self.aliases.get(key, key)).to(device)
         return (
             t.to(self.float_dtype) if cast and self.float_dtype is not None and t.is_floating_point() else t
         )
@@ -246,19 +266,29 @@ def _layer_builder(walk: LayerWalk, layout: _Layout, read: _Reader, prequantized
     return build
 
 
-def _fill_the_rest(model: nn.Module, layout: _Layout, read: _Reader, progress: bool) -> None:
+def _fill_the_rest(
+    model: nn.Module, layout: _Layout, read: _Reader, progress: bool, place: Placement | None
+) -> None:
     """Assign every tensor not owned by a quantized module (all of them in a plain load, with a
-    progress bar); tied tensors whose source stays in full precision share its storage, so they go last."""
+    progress bar); tied tensors whose source stays in full precision share its storage, so they go
+    last (read again where the placement puts the two apart, or either on disk)."""
     done = {k for keys in layout.owned.values() for k in keys}
     names = set(layout.owned)
     tied = {k for k, src in layout.aliases.items() if k not in done and not owner_of(src, names)}
     keys = sorted(k for k in layout.expected if k not in done and k not in tied)
     with progress_bar(len(keys), "loading tensors", progress, unit="tensor") as bar:
         for key in keys:
-            _assign(model, key, read(key, cast=True))
+            if place is None:
+                _assign(model, key, read(key, cast=True))
+            else:
+                place.assign(model, key, read(key, cast=True), _assign)
             bar.update(1)
     for key in sorted(tied):
-        _assign_alias(model, key, layout.aliases[key])
+        source = layout.aliases[key]
+        if place is not None and (place.on_disk(source) or place.device_of(key) != place.device_of(source)):
+            place.assign(model, key, read(key, cast=True), _assign)
+        else:
+            _assign_alias(model, key, source)
 
 
 def _fmt(keys) -> str:

@@ -41,8 +41,15 @@ def checkpoint_tensors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]]
     out: list[tuple[str, torch.Tensor]] = []
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
+    placed = set((getattr(model, "hf_device_map", None) or {}).values())
+    offloaded = len(placed) > 1 or "disk" in placed  # accelerate's hooks hold some tensors
 
     def add(key: str, t: torch.Tensor) -> None:
+        if t.device.type == "meta" and offloaded:
+            raise CheckpointError(
+                f"tensor {key!r} is offloaded by accelerate (the model was loaded with a device_map); "
+                f"quantplug.save needs every tensor in memory: load it with device= to save it"
+            )
         if t.device.type == "meta":
             raise CheckpointError(f"tensor {key!r} is on the meta device (never loaded); cannot save it")
         ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.numel() else None

@@ -193,6 +193,9 @@ class RtnQuantizer(quantplug.Quantizer):
         """rtn's packed layout, also for a layer held in a fused kernel's layout."""
         return super().module_tensors(name, canonical(qmodule))
 
+    def offload_refusal(self) -> str | None:
+        return None  # a layer is its buffers (codes, scales, zero points; or a kernel's layout of them)
+
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         return RtnLinear.like(module, self.config)  # module is on the meta device: so is the result
 
