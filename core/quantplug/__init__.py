@@ -52,6 +52,7 @@ _LAZY = {
     "export": ".exporting",
     "run_batch": ".devices",
     "bench_presets": ".local_speed",
+    "check_lora_targets": ".lora_check",
 }
 
 

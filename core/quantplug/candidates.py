@@ -74,13 +74,13 @@ def resolve(spec: Any) -> Spec:
             chosen = found[0]
         return Spec(f"{backend.name}:{chosen.name}", chosen.build(backend.config), dtype=chosen.dtype)
     config = as_config(spec)
-    preset = _preset_of(config)
+    preset = preset_of(config)
     if preset is not None:  # a config equal to a preset is that preset, built in its dtype
         return Spec(_config_label(config), config, dtype=preset.dtype)
     return Spec(_config_label(config), config)
 
 
-def _preset_of(config: QuantConfig) -> Preset | None:
+def preset_of(config: QuantConfig) -> Preset | None:
     """The preset of ``config``'s backend that builds exactly ``config`` (None: none does)."""
     from .dispatch import get_backend
 
@@ -99,7 +99,7 @@ def _config_label(config: QuantConfig) -> str:
     the fields that differ from its defaults, e.g. ``rtn(bits=3)``."""
     from .dispatch import get_backend
 
-    preset = _preset_of(config)
+    preset = preset_of(config)
     if preset is not None:
         return f"{get_backend(config.quant_method).name}:{preset.name}"
     defaults = type(config)().to_dict() if _constructible(type(config)) else {}

@@ -14,7 +14,57 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_lora", "check_preset", "why_not_here"]
+__all__ = ["check_lora", "check_lora_targets", "check_preset", "trainable", "why_not_here"]
+
+
+def trainable(config: Any) -> tuple[bool, str]:
+    """Whether adapters train on layers quantized with ``config`` (the ``trainable`` flag of the
+    preset that builds exactly ``config``, else the backend's), and where that flag comes from."""
+    from .candidates import preset_of
+    from .dispatch import get_backend
+
+    backend = get_backend(config.quant_method)
+    preset = preset_of(config)
+    if preset is not None and preset.trainable is not None:
+        return preset.trainable, f"preset {backend.name}:{preset.name}"
+    return backend.capabilities.trainable, f"backend {backend.name!r}"
+
+
+def check_lora_targets(model: Any, lora_config: Any) -> list[str]:
+    """The quantized layers of ``model`` that ``lora_config`` (PEFT's ``LoraConfig``) targets, or a
+    ``ConfigError`` naming them when their backend's layers do not train adapters (its ``trainable``
+    flag, which the LoRA check holds it to: PEFT refuses rtn's and compressed-tensors' layers with
+    "Target module ... is not supported", and some wrapped layers have no backward). Call it before
+    ``peft.get_peft_model``; a model quantplug did not quantize gives ``[]``."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from .errors import ConfigError
+    from .walk import quantized_info
+
+    info = quantized_info(model)
+    if info is None:
+        return []
+    wanted = getattr(lora_config, "target_modules", None)
+    if wanted == "all-linear":  # PEFT expands it from nn.Linear: quantized layers would drop out
+        hit = list(info.modules)
+    else:
+        hit = [name for name in info.modules if check_target_module_exists(lora_config, name)]
+    ok, source = trainable(info.config)
+    if not hit or ok:
+        return hit
+    shown = ", ".join(map(repr, hit[:3])) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
+    layer = type(model.get_submodule(hit[0])).__name__
+    wanted = sorted(wanted) if isinstance(wanted, (set, frozenset, list, tuple)) else wanted
+    raise ConfigError(
+        f"LoRA target_modules={wanted!r} match {len(hit)} layer{'s' if len(hit) > 1 else ''} quantized by "
+        f"{info.config.quant_method!r} "
+        f"({shown}: {layer}), on which adapters do not train ({source} is not trainable). Quantize with a "
+        f"trainable preset (`quantplug select --finetune` lists them), keep these layers in full "
+        f"precision (modules_to_not_convert), or target other modules",
+        field="target_modules",
+        value=wanted,
+        allowed="modules not quantized by a non-trainable backend",
+    )
 
 
 def _snapshot(model: Any) -> dict[str, Any]:
@@ -109,6 +159,7 @@ def check_preset(backend: Any, preset: Any, folder: str | Path) -> None:
     preset the check cannot run here must not claim ``trainable``."""
     trainable = preset.trainable if preset.trainable is not None else backend.capabilities.trainable
     config = preset.build(backend.config)
+    _check_targets_follow_flag(config, trainable)
     if trainable:
         assert check_lora(config, folder)["reload_max_diff"] <= 1e-5
         return
@@ -117,3 +168,28 @@ def check_preset(backend: Any, preset: Any, folder: str | Path) -> None:
     except (AssertionError, RuntimeError):
         return
     raise AssertionError(f"{preset.name} passes the LoRA check but does not declare trainable=True")
+
+
+def _check_targets_follow_flag(config: Any, trainable: bool) -> None:
+    """``check_lora_targets`` passes the check's q_proj / v_proj targets on a trainable preset and
+    refuses them on any other."""
+    from peft import LoraConfig
+
+    from .convert import quantize
+    from .errors import ConfigError
+    from .testing import tiny_llama
+
+    model = tiny_llama()
+    quantize(model, config, progress=False)
+    lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    if trainable:
+        assert len(check_lora_targets(model, lora)) == 4
+        return
+    try:
+        check_lora_targets(model, lora)
+    except ConfigError as exc:
+        assert "model.layers.0.self_attn.q_proj" in str(exc)
+        return
+    raise AssertionError(
+        f"check_lora_targets accepts {config.quant_method} layers that do not declare trainable"
+    )

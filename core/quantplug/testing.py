@@ -16,8 +16,9 @@ config round trips and ``ConfigError``s (at construction for ``bad_configs``; fo
 that a quantized layer stores exactly the tensors ``expected_tensors`` declares (so what
 ``quantize`` writes is what ``load`` accepts), one-layer error within the declared
 ``Capabilities.max_rel_error`` and storage near the declared bits, a tiny Transformers model
-quantized and still generating, save -> load in a fresh process with identical logits, and clear
-errors for corrupt checkpoints. Needs pytest, torch and transformers.
+quantized and still generating, save -> load in a fresh process with identical logits, a layer
+offloaded to disk by ``load(device_map=)`` with identical logits (or, where the quantizer's
+``offload_refusal`` says it cannot be, a clear refusal), and clear errors for corrupt checkpoints. Needs pytest, torch and transformers.
 """
 
 from __future__ import annotations
@@ -328,6 +329,32 @@ class BackendConformance:
         _load_and_dump(ckpt, tmp_path / "ids.safetensors", tmp_path / "out.safetensors")
         loaded = load_file(tmp_path / "out.safetensors")["logits"]
         assert torch.equal(loaded, out.cpu()), f"max abs diff {(loaded - out.cpu()).abs().max().item()}"
+
+    def test_disk_offload_matches_a_resident_load_or_is_refused(self, case, tmp_path):
+        """``Quantizer.offload_refusal() is None`` holds: a decoder layer offloaded to disk by
+        ``load(device_map=)`` gives the resident load's logits; otherwise the load is refused,
+        naming the layer and the backend, before anything is written."""
+        import torch
+
+        pytest.importorskip("accelerate")
+        model, ids, _, report = self._quantized_model(case[0])
+        ckpt = quantplug.save(model, tmp_path / "ckpt")
+        with torch.no_grad():
+            ref = quantplug.load(ckpt, device=self.device, progress=False)(ids).logits
+        block = ".".join(report.converted[-1].split(".")[:3])  # e.g. model.layers.1
+        kwargs = {"device_map": {"": self.device, block: "disk"}, "offload_folder": tmp_path / "off"}
+        if quantplug.AutoQuantizer.from_config(self.make_config(case[0])).offload_refusal() is not None:
+            with pytest.raises(quantplug.ConfigError, match="cannot be offloaded") as err:
+                quantplug.load(ckpt, progress=False, **kwargs)
+            assert f"'{block}." in str(err.value) and repr(self.backend_name) in str(err.value)
+            assert not any((tmp_path / "off").iterdir())
+            return
+        offloaded = quantplug.load(ckpt, progress=False, **kwargs)
+        assert offloaded.hf_device_map[block] == "disk"
+        assert (tmp_path / "off" / "index.json").exists()
+        with torch.no_grad():
+            out = offloaded(ids).logits
+        assert torch.equal(out, ref), f"max abs diff {(out - ref).abs().max().item()}"
 
     def test_corrupt_checkpoints_give_clear_errors(self, tmp_path):
         model, _, _, _ = self._quantized_model(self.configs[0][0])

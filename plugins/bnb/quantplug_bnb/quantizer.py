@@ -89,6 +89,13 @@ class BnbQuantizer(quantplug.Quantizer):
         # when training, so follow the layer it replaces (an eval() model stays in eval).
         return q.train(module.training)
 
+    def offload_refusal(self) -> str | None:
+        return (
+            "bitsandbytes keeps each layer's quantization state (Params4bit.quant_state, Int8Params.SCB) "
+            "beside its weight tensor, outside what accelerate writes out and puts back (Transformers "
+            "refuses to offload bitsandbytes layers too)"
+        )
+
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         return self.quantize_module(name, module)  # bitsandbytes' functions run on meta tensors too
 

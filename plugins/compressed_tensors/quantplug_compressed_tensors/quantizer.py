@@ -188,6 +188,9 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
             specs["bias"] = ((out_f,), dt)
         return specs
 
+    def offload_refusal(self) -> str | None:
+        return None  # CompressedTensorsLinear is its buffers, read on every forward
+
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         scheme, fmt = self.scheme_of(name, module)
         tensors = {

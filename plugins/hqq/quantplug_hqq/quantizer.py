@@ -134,6 +134,12 @@ class HqqQuantizer(quantplug.Quantizer):
     def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in qmodule.state_dict().items()}
 
+    def offload_refusal(self) -> str | None:
+        return (
+            "HQQLinear keeps its scales and zero points in its meta dict, not in parameters or buffers: "
+            "accelerate would offload W_q alone and run it against scales left where they were built"
+        )
+
     def empty_module(self, name: str, module: nn.Linear) -> HQQLinear:
         return self._meta_module(self._settings(name, module), module)
 

@@ -25,3 +25,15 @@ def test_lora_trains_on_every_preset_and_the_adapter_reloads(preset, tmp_path):
 def test_the_presets_trainable_flag_is_what_the_test_shows():
     assert BACKEND.capabilities.trainable is True
     assert all(p.trainable in (None, True) for p in PRESETS)
+
+
+def test_check_lora_targets_accepts_every_preset():
+    from peft import LoraConfig
+
+    from quantplug.testing import tiny_llama
+
+    for preset in PRESETS:
+        model = tiny_llama()
+        quantplug.quantize(model, preset.build(BACKEND.config), progress=False)
+        targets = quantplug.check_lora_targets(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        assert len(targets) == 4 and targets[0] == "model.layers.0.self_attn.q_proj"

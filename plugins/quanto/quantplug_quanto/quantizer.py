@@ -116,6 +116,12 @@ class QuantoQuantizer(quantplug.Quantizer):
         qmodule.calibrated = activations is None
         return qmodule
 
+    def offload_refusal(self) -> str | None:
+        return (
+            "optimum-quanto's weights are QTensor subclasses (WeightQBytesTensor, WeightQBitsTensor), which "
+            "accelerate cannot rebuild on the meta device to offload them"
+        )
+
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         return self.quantize_module(name, module)  # module is on the meta device: so is the result
 

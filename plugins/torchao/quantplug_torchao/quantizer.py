@@ -233,6 +233,12 @@ class TorchaoQuantizer(quantplug.Quantizer):
     def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
         return TorchaoLinear(self._quantize_weight(name, module.weight), module.bias)
 
+    def offload_refusal(self) -> str | None:
+        return (
+            "torchao's weights are tensor subclasses (e.g. Int8Tensor), which accelerate's offload cannot "
+            "write out ('.numpy() is not supported for tensor subclasses')"
+        )
+
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         """``quantize_`` on the meta device gives the subclass's layout without data. Where a layout's
         packing op has no meta kernel (int4 on CUDA), a zero weight is quantized on the target device."""
