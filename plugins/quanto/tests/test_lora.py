@@ -1,7 +1,8 @@
 """LoRA through PEFT on quantplug's quanto models (issue 19, part 1): a preset declares
 ``trainable=True`` exactly where the conformance kit's LoRA check passes on this machine (it trains,
 only the adapters change, the adapter reloads on ``quantplug.load``); the others are shown not to
-train, or are not runnable here (CUDA-only, or calibrated) and keep the backend's False."""
+train, or are not runnable here (CUDA-only) and keep the backend's False. Calibrated presets are
+calibrated on token ids first."""
 
 from __future__ import annotations
 
