@@ -58,7 +58,7 @@ def register_backends(register):
                     "cpu",
                 ),  # the CUDA path (AutoRound on the GPU, auto-round's CUDA kernels) is untested
                 needs_calibration=True,
-                trainable=False,  # no backward through auto-round's packed layers was tested
+                trainable=False,  # PEFT refuses auto-round's QuantLinear: tests/test_lora.py
                 serializable=True,
                 weight_dtypes=("int8", "int4", "int3", "int2"),
                 # The kit's Linear(512, 256), N(0, 0.02) weights, default iters (bench/presets.py), at
