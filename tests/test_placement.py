@@ -201,3 +201,37 @@ def test_saving_an_offloaded_model_says_to_load_it_resident(rtn_checkpoint, tmp_
     with pytest.raises(quantplug.CheckpointError, match="offloaded by accelerate .* load it with device="):
         quantplug.save(model, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        {"": "cpu", "model.embed_tokens": "disk"},  # the tied head stays in memory: read again, not shared
+        {"": "cpu", "lm_head": "disk", "model.layers.0": "disk"},
+        {"": "disk"},
+    ],
+    ids=["embedding-on-disk", "head-on-disk", "all-on-disk"],
+)
+def test_tied_embeddings_split_across_memory_and_disk(tmp_path, placement):
+    model = tiny_llama(tie_word_embeddings=True)
+    quantplug.quantize(model, RtnConfig(bits=4), progress=False)
+    folder = quantplug.save(model, tmp_path / "ckpt")
+    ids = token_ids()
+    ref = logits(quantplug.load(folder, progress=False), ids)
+    placed = quantplug.load(folder, device_map=placement, offload_folder=tmp_path / "off", progress=False)
+    assert torch.equal(logits(placed, ids), ref)
+
+
+def test_a_plain_checkpoint_is_placed_too(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "fp")
+    ids = token_ids()
+    ref = logits(quantplug.load(tmp_path / "fp", progress=False), ids)
+    model = quantplug.load(
+        tmp_path / "fp",
+        device_map={"": "cpu", "model.layers.1": "disk"},
+        offload_folder=tmp_path / "off",
+        progress=False,
+    )
+    assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    assert "model.layers.1.mlp.up_proj.weight" in json.loads((tmp_path / "off" / "index.json").read_text())
+    assert torch.equal(logits(model, ids), ref)

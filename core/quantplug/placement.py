@@ -271,7 +271,8 @@ def refuse_unoffloadable(placement: Placement, layers: list[str], quantizer: Any
         return
     where = placement.device_of(offloaded[0])
     raise ConfigError(
-        f"{offloaded[0]!r} (and {len(offloaded) - 1} more quantized layers) would be offloaded to {where} "
+        f"{offloaded[0]!r}{f' (and {len(offloaded) - 1} more quantized layers)' if len(offloaded) > 1 else ''} "
+        f"would be offloaded to {where} "
         f"by the device map, but backend {quantizer.backend.name!r} cannot be offloaded: {reason}. Give the "
         f"accelerators more max_memory (or place these layers on one) so every quantized layer stays "
         f"resident, or use a backend whose layers offload (quantplug-rtn does)",
