@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_lora", "check_lora_targets", "check_preset", "trainable", "why_not_here"]
+__all__ = ["check_lora", "check_lora_targets", "check_preset", "trainable", "trainable_test", "why_not_here"]
 
 
 def trainable(config: Any) -> tuple[bool, str]:
@@ -202,3 +202,28 @@ def _check_targets_follow_flag(config: Any, trainable: bool) -> None:
     raise AssertionError(
         f"check_lora_targets accepts {config.quant_method} layers that do not declare trainable"
     )
+
+
+def trainable_test(backend_name: str):
+    """A pytest test, parametrized over ``backend_name``'s presets, holding each preset's
+    ``trainable`` flag to the LoRA check (``check_preset``); a preset the check cannot run here
+    (``why_not_here``) is skipped, and must not claim ``trainable``. In a plugin's tests::
+
+        test_trainable_is_what_the_lora_check_shows = trainable_test("mymethod")
+    """
+    import pytest
+
+    from .candidates import presets_of
+    from .dispatch import get_backend
+
+    backend = get_backend(backend_name)
+
+    @pytest.mark.parametrize("preset", presets_of(backend), ids=lambda p: p.name)
+    def test(preset, tmp_path):
+        why = why_not_here(backend, preset)
+        if why is not None:
+            assert not preset.trainable, f"{preset.name} claims trainable without the check"
+            pytest.skip(f"{preset.name}: {why}")
+        check_preset(backend, preset, tmp_path)
+
+    return test
