@@ -10,7 +10,9 @@ quantplug adds what accelerate cannot know:
   replaced by a stand-in holding the tensors the backend will store, so 4-bit layers are planned
   at 4-bit sizes);
 - building each layer on its device as it is read, and writing the layers placed on ``"disk"`` to
-  ``offload_folder`` one at a time, so no device ever holds more than its share;
+  ``offload_folder`` one at a time, so loading holds no more on a device than the plan gives it,
+  plus the layer being built (while it runs, accelerate copies each offloaded block in for its
+  forward: bench/placement.py);
 - refusing, before anything is read, a plan that offloads the layers of a backend whose modules
   accelerate's hooks cannot offload (``Quantizer.offload_refusal``), naming the layer.
 """
