@@ -249,6 +249,13 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             k: (tuple(t.shape), t.dtype) for k, t in self._packing_module(name, module).state_dict().items()
         }
 
+    def offload_refusal(self) -> str | None:
+        return (
+            "auto-round-lib's CPU kernel repacks a layer's weights on load, and the layer keeps the "
+            "checkpoint's tensors beside them as attributes (for saving), which accelerate's hooks "
+            "neither offload nor move"
+        )
+
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         return self._packing_module(name, module)
 

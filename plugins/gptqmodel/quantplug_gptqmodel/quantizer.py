@@ -136,6 +136,15 @@ class GptqQuantizer(quantplug.Quantizer):
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    def offload_refusal(self) -> str | None:
+        # Forced through the kit's check on CPU, a disk-offloaded layer did give equal logits; but
+        # TorchLinear caches decoded zero points and g_idx as plain attributes at its first forward.
+        return (
+            "GPTQModel's TorchLinear keeps caches built at its first forward (decoded zero points, g_idx on "
+            "the execution device) as attributes beside its buffers, which accelerate's hooks neither "
+            "offload nor move"
+        )
+
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         with torch.device("meta"):
             return GptqLinear(
