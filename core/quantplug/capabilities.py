@@ -136,6 +136,10 @@ class Preset:
         }
         object.__setattr__(self, "speed", types.MappingProxyType(speed))
 
+    def is_trainable(self, capabilities: Capabilities) -> bool:
+        """This preset's ``trainable``, or its backend's ``capabilities.trainable`` when it says none."""
+        return capabilities.trainable if self.trainable is None else self.trainable
+
     def build(self, config_class: type[QuantConfig]) -> QuantConfig:
         """The preset's config as an instance of ``config_class`` (raises ``ConfigError``)."""
         if isinstance(self.config, QuantConfig):

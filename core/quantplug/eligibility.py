@@ -187,7 +187,7 @@ def _check(
     it. ``serving``: the labels of the presets the requested engine serves."""
     caps, size, hw = backend.capabilities, request.size, request.hardware
     devices = preset.devices or caps.devices
-    trainable = caps.trainable if preset.trainable is None else preset.trainable
+    trainable = preset.is_trainable(caps)
     calib = caps.needs_calibration if preset.needs_calibration is None else preset.needs_calibration
     bpw = preset.bits_per_weight or preset.bits + ASSUMED_GROUP_OVERHEAD_BITS
     from_checkpoint = request.pre_method and size.checkpoint_bytes

@@ -169,7 +169,7 @@ def check_preset(backend: Any, preset: Any, folder: str | Path) -> None:
     """Hold ``preset``'s ``trainable`` flag (or, when None, the backend's) to the LoRA check: a
     trainable preset passes ``check_lora``, any other fails it. Call ``why_not_here`` first: a
     preset the check cannot run here must not claim ``trainable``."""
-    trainable = preset.trainable if preset.trainable is not None else backend.capabilities.trainable
+    trainable = preset.is_trainable(backend.capabilities)
     config = preset.build(backend.config)
     _check_targets_follow_flag(config, trainable)
     if trainable:
@@ -222,7 +222,9 @@ def trainable_test(backend_name: str):
     def test(preset, tmp_path):
         why = why_not_here(backend, preset)
         if why is not None:
-            assert not preset.trainable, f"{preset.name} claims trainable without the check"
+            assert not preset.is_trainable(backend.capabilities), (
+                f"{preset.name} claims trainable without the check"
+            )
             pytest.skip(f"{preset.name}: {why}")
         check_preset(backend, preset, tmp_path)
 
