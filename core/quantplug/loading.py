@@ -85,7 +85,11 @@ def load(
     layout.verify(folder, ckpt)
     if prequantized:  # the tensors fit the config; is it the config they were saved with?
         _check_recorded_config(folder / CONFIG_NAME, ckpt, quantizer.config)
-    place = None if target is not None else placed(model, walk, device_map, max_memory, offload_folder)
+    place = (
+        None
+        if target is not None
+        else placed(model, walk, layout.metas, device_map, max_memory, offload_folder)
+    )
     float_dtype = dtype or (model.dtype if hasattr(model, "dtype") else None)
     reader = _Reader(ckpt, layout.aliases, target, float_dtype, place)
     with torch.no_grad():

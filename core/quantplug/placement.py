@@ -133,14 +133,16 @@ def single_device(device, device_map, max_memory, offload_folder) -> torch.devic
     return None
 
 
-def placed(model: nn.Module, walk: Any, device_map, max_memory, offload_folder) -> Placement:
+def placed(
+    model: nn.Module, walk: Any, metas: Mapping[str, nn.Linear], device_map, max_memory, offload_folder
+) -> Placement:
     """The ``Placement`` of ``load``: ``model`` (the skeleton) planned with each layer of ``walk``
-    (a ``LayerWalk``, or ``None`` for a plain load) at its quantized size, refused before anything
-    is read where it would offload layers the backend cannot offload, and the backend's devices
-    checked."""
+    (a ``LayerWalk``, or ``None`` for a plain load; ``metas``: its layers as meta Linears) at its
+    quantized size, refused before anything is read where it would offload layers the backend
+    cannot offload, and the backend's devices checked."""
     sizes = {}
     if walk is not None:
-        for name, meta in walk.meta_linears().items():
+        for name, meta in metas.items():
             spec = walk.quantizer.expected_tensors(name, meta)
             sizes[name] = {k: (shape or (), dt or meta.weight.dtype) for k, (shape, dt) in spec.items()}
     place = plan(model, device_map, max_memory, offload_folder, sizes)
