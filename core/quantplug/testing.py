@@ -14,11 +14,13 @@ It checks the plugin contract the same way for every backend: registration and l
 config round trips and ``ConfigError``s (at construction for ``bad_configs``; for
 ``library_bad_configs``, which build, at ``Quantizer.check_config`` before any layer is touched),
 that a quantized layer stores exactly the tensors ``expected_tensors`` declares (so what
-``quantize`` writes is what ``load`` accepts), one-layer error within the declared
-``Capabilities.max_rel_error`` and storage near the declared bits, a tiny Transformers model
-quantized and still generating, save -> load in a fresh process with identical logits, a layer
-offloaded to disk by ``load(device_map=)`` with identical logits (or, where the quantizer's
-``offload_refusal`` says it cannot be, a clear refusal), and clear errors for corrupt checkpoints. Needs pytest, torch and transformers.
+``quantize`` writes is what ``load`` accepts), one-layer error within ``Capabilities.max_rel_error``
+and storage near the declared bits, each preset's declared ``bits``, ``bits_per_weight`` and
+``rel_error`` against what its own layer measures (``quantplug.preset_check`` states the layer and
+the tolerances), a tiny Transformers model quantized and still generating, save -> load in a fresh
+process with identical logits, a layer offloaded to disk by ``load(device_map=)`` with identical
+logits (or, where ``offload_refusal`` says it cannot be, a clear refusal), and clear errors for
+corrupt checkpoints. Needs pytest, torch and transformers.
 """
 
 from __future__ import annotations
@@ -84,9 +86,7 @@ def _load_and_dump(checkpoint: Path, ids_file: Path, out_file: Path) -> None:
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
-    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"loading in a fresh process failed:\n{proc.stderr[-4000:]}"
 
 
@@ -113,6 +113,13 @@ class BackendConformance:
         if "case" in metafunc.fixturenames:
             ids = [json.dumps(c, sort_keys=True, separators=(",", ":")) for c, _ in self.configs]
             metafunc.parametrize("case", self.configs, ids=ids)
+        if "preset_name" in metafunc.fixturenames:
+            try:
+                names = [p.name for p in quantplug.get_backend(self.backend_name).presets]
+            except quantplug.QuantplugError:  # test_registered_and_available says why
+                names = []
+            skip = pytest.mark.skip(reason="the backend declares no presets")
+            metafunc.parametrize("preset_name", names or [pytest.param(None, marks=skip)], ids=names or ["none"])
         for fixture, cases in (
             ("bad_case", self.bad_configs),
             ("library_bad_case", self.library_bad_configs),
@@ -234,6 +241,16 @@ class BackendConformance:
         assert weight_bits <= bits + self.max_overhead_bits, (
             f"{weight_bits:.2f} stored bits per weight; nominal {bits} + {self.max_overhead_bits} overhead allowed"
         )
+
+    def test_preset_figures_are_what_its_layer_measures(self, preset_name):
+        """A preset's declared ``bits``, ``bits_per_weight`` and ``rel_error`` (what ``select`` ranks
+        by) hold on its own layer, within the tolerances ``quantplug.preset_check`` states."""
+        from .preset_check import check_preset
+
+        skip, problems = check_preset(quantplug.get_backend(self.backend_name), preset_name, self.device)
+        if skip:
+            pytest.skip(skip)
+        assert not problems, "\n".join(problems)
 
     def test_quantized_layer_stores_what_expected_tensors_declares(self, case):
         import torch
