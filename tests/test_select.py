@@ -242,6 +242,29 @@ def test_cli_text_output_names_ranks_reasons_and_rejections(subprocess_env):
     assert " 1. rtn:" in proc.stdout and "ranked first" in proc.stdout
     assert "rejected:" in proc.stdout and "  rtn: over budget: int8 " in proc.stdout
     assert "quantplug-hqq" not in proc.stdout  # a plugin that is not installed is not mentioned
+    # every candidate's reasons, not only the first three's (issue 28): those --json gives
+    env = subprocess_env(QUANTPLUG_PLUGINS="rtn")
+    text = _run_cli("select", "--params", "7e9", "--device", "cpu", env=env).stdout
+    as_json = json.loads(_run_cli("select", "--params", "7e9", "--device", "cpu", "--json", env=env).stdout)
+    assert len(as_json["candidates"]) > 3
+    for c in as_json["candidates"]:
+        assert all(f"      - {r}\n" in text + "\n" for r in c["reasons"]), c["label"]
+
+
+def test_the_text_table_gives_every_candidate_and_rejection_its_reason(rtn_only, make_backend):
+    quantplug.register_backend(
+        make_backend(
+            "tp-gpu",
+            presets=(quantplug.Preset("cuda-only", {"bits": 4}, bits=4, devices=("cuda",)),),
+        )
+    )
+    sel = select(7e9, device="cpu")
+    text = sel.table()
+    assert len(sel.candidates) > 3
+    for c in sel.candidates:
+        block = text.split(f"{c.rank:>2}. {c.label}", 1)[1].split("\n\n")[0]
+        assert all(f"      - {r}" in block for r in c.reasons), c.label
+    assert sel.rejected and all(f"{r.backend}: {r.reason}" in text for r in sel.rejected)
 
 
 @pytest.mark.parametrize(

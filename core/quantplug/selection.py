@@ -109,9 +109,10 @@ class Selection:
             "notes": list(self.notes),
         }
 
-    def table(self, reasons_for: int = 3) -> str:
-        """The ranking as text for a terminal: every candidate, the reasons of the first
-        ``reasons_for`` (``to_dict()`` has them all), and the rejections grouped by backend."""
+    def table(self, reasons_for: int | None = None) -> str:
+        """The ranking as text for a terminal: every candidate with its reasons (only the first
+        ``reasons_for`` candidates' reasons when given), and every rejection with its reason,
+        grouped by backend (presets rejected for one reason share a line)."""
         lines = [f"device: {self.hardware.describe()}", f"model: {self.model.source}"]
         lines.append(
             f"unquantized: {fmt_bytes(self.model.unquantized_bytes)}"
@@ -131,7 +132,7 @@ class Selection:
                 f"{c.rank:>2}. {c.label:<28} {fmt_bytes(c.predicted_bytes):>10}  "
                 f"err~{c.rel_error:.3f}  speed {speed}"
             )
-            if c.rank <= reasons_for:
+            if reasons_for is None or c.rank <= reasons_for:
                 lines += [f"      - {r}" for r in c.reasons]
         if self.rejected:
             lines += ["", "rejected:", *self._rejection_lines()]
