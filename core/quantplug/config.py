@@ -5,22 +5,36 @@ string Transformers uses where Transformers knows the method, so ``config.json``
 interoperate). Construction validates every field against its type annotation (``Literal`` gives
 the allowed values) and then calls ``validate()`` for cross-field rules; anything wrong raises
 ``ConfigError`` naming the field, the value and what is allowed. Unknown keys are an error, never
-silently dropped.
+silently dropped, in a config a user writes (``from_dict``, keyword construction). A config read
+from a checkpoint (``from_checkpoint``) keeps the keys other tools add, unread, in ``extra`` and
+writes them back on save, as Transformers does.
 
 This module imports nothing heavy: listing backends and validating configs never imports torch.
 """
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import dataclasses
 import json
+import logging
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union
 
 from .errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 _HINTS: dict[type, dict[str, Any]] = {}
+
+#: set while ``from_checkpoint`` runs: ``from_dict`` then keeps unknown keys instead of refusing them
+_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("quantplug_from_checkpoint", default=False)
+#: the kept keys on their way from ``from_dict`` to the instance ``__post_init__`` is building
+_PENDING_EXTRA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "quantplug_pending_extra", default=None
+)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -171,6 +185,10 @@ class QuantConfig:
         cls = type(self)
         if not cls.quant_method:
             raise TypeError(f"{cls.__name__} must set the class attribute quant_method")
+        # the keys from_checkpoint kept (before validate(), which may refuse some of them by name)
+        pending = _PENDING_EXTRA.get()
+        _PENDING_EXTRA.set(None)  # a config that validate() builds does not take them
+        object.__setattr__(self, "_extra", pending or {})
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             tp = _hints(cls)[f.name]
@@ -204,7 +222,16 @@ class QuantConfig:
         return self.invalid(field, allowed)
 
     def validate(self) -> None:
-        """Check rules that involve more than one field. Raise ``self.invalid(...)`` on failure."""
+        """Check rules that involve more than one field. Raise ``self.invalid(...)`` on failure.
+        ``self.extra`` is already set here: refuse a kept key that would change the weights."""
+
+    @property
+    def extra(self) -> types.MappingProxyType[str, Any]:
+        """Keys of a checkpoint's ``quantization_config`` that are not fields of this config, as
+        ``from_checkpoint`` kept them (other tools' bookkeeping, e.g. auto-round's ``iters``); empty
+        for a config a user built. Read-only; not part of ``==`` or ``hash``; ``to_dict`` writes
+        them back. ``dataclasses.replace`` builds a config without them."""
+        return types.MappingProxyType(self.__dict__.get("_extra", {}))
 
     def invalid(self, field: str, allowed: str, why: str = "") -> ConfigError:
         """Build the ConfigError for ``field``: names the config, the field, the value and what is allowed."""
@@ -234,11 +261,14 @@ class QuantConfig:
     # -- serialization --------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict that starts with ``quant_method``; tuples become lists."""
+        """A JSON-ready dict that starts with ``quant_method``; tuples become lists; the ``extra``
+        keys a checkpoint brought follow the fields."""
         out: dict[str, Any] = {"quant_method": self.quant_method}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
+        for key, value in self.extra.items():
+            out.setdefault(key, copy.deepcopy(value))
         return out
 
     @classmethod
@@ -262,6 +292,16 @@ class QuantConfig:
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)  # keys may be non-strings in a hand-made dict
+        extra: dict[str, Any] = {}
+        if unknown and _FROM_CHECKPOINT.get() and all(isinstance(k, str) for k in unknown):
+            extra = {k: data.pop(k) for k in unknown}
+            unknown = []
+            logger.info(
+                "%s: kept key(s) %s of the checkpoint's quantization_config as they are (another tool's; "
+                "quantplug does not read them, and writes them back on save)",
+                cls.__name__,
+                ", ".join(map(repr, extra)),
+            )
         if unknown:
             raise ConfigError(
                 f"{cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}; "
@@ -270,7 +310,27 @@ class QuantConfig:
                 value=data[unknown[0]],
                 allowed=sorted(known),
             )
-        return cls(**data)
+        token = _PENDING_EXTRA.set(extra)
+        try:
+            return cls(**data)
+        finally:
+            _PENDING_EXTRA.reset(token)
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any]) -> QuantConfig:
+        """Build a config from a checkpoint's ``quantization_config``: as ``from_dict``, except that
+        keys which are not fields of this config are kept in ``extra`` (logged at INFO) instead of
+        refused. Other tools add their own bookkeeping to the configs they write (auto-round's
+        ``iters`` / ``provider`` in a GPTQ config, ...); the library that wrote a checkpoint loads
+        it, and so must quantplug. Every known key is still validated; a backend refuses a kept key
+        that would change the stored weights in its ``validate()`` (``self.extra``). A subclass's
+        ``from_dict`` that ends in ``super().from_dict`` gets this for free. Configs a user writes
+        go through ``from_dict`` and stay strict."""
+        token = _FROM_CHECKPOINT.set(True)
+        try:
+            return cls.from_dict(data)
+        finally:
+            _FROM_CHECKPOINT.reset(token)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)

@@ -72,9 +72,10 @@ def get_backend(name: str) -> Backend:
     raise UnknownMethodError(" ".join(parts), method=name)
 
 
-def config_from_dict(data: dict[str, Any]) -> QuantConfig:
-    """Validate a config dict (e.g. ``config.json``'s ``quantization_config``) into the owning
-    backend's config class. Light: imports no backend library."""
+def config_from_dict(data: dict[str, Any], *, from_checkpoint: bool = False) -> QuantConfig:
+    """Validate a config dict into the owning backend's config class. Light: imports no backend
+    library. ``from_checkpoint=True`` for a checkpoint's ``quantization_config``: keys the config
+    does not know are kept (``QuantConfig.from_checkpoint``) instead of refused."""
     if not isinstance(data, dict):
         raise ConfigError(
             f"a quantization config must be a dict, got {type(data).__name__}", value=data, allowed="a dict"
@@ -95,7 +96,8 @@ def config_from_dict(data: dict[str, Any]) -> QuantConfig:
             value=method,
             allowed=sorted(registry().backends),
         )
-    return get_backend(method).config.from_dict(data)
+    config_class = get_backend(method).config
+    return config_class.from_checkpoint(data) if from_checkpoint else config_class.from_dict(data)
 
 
 def as_config(config: QuantConfig | dict[str, Any]) -> QuantConfig:

@@ -15,8 +15,10 @@ from .backend import Backend
 from .candidates import presets_of
 from .capabilities import Preset
 from .config import QuantConfig
+from .descriptor_cache import preset_config
 from .errors import ConfigError
 from .hardware import Hardware
+from .lazy import LazyField
 from .model_size import ModelSize
 from .sizes import fmt_bytes
 
@@ -73,6 +75,11 @@ class Eligible:
     needs_calibration: bool
 
 
+# A backend read from the descriptor cache gets its preset's config built on first read, so ranking
+# does not import the plugin's module (``quantplug.descriptor_cache``).
+Eligible.config = LazyField("config")  # type: ignore[assignment]
+
+
 def eligible(request: Request) -> tuple[list[Eligible], list[Rejection], list[str]]:
     """The registered presets that may run, the rejected ones with reasons, and notes (a
     pre-quantized checkpoint; a compute capability that could not be checked)."""
@@ -114,7 +121,7 @@ def _presets(backend: Backend, request: Request) -> list[Preset] | Rejection:
             )
         return presets_of(backend)
     try:
-        config = backend.config.from_dict(dict(request.size.pre_quantized))
+        config = backend.config.from_checkpoint(dict(request.size.pre_quantized))
     except ConfigError as exc:
         return Rejection(backend.name, None, f"the checkpoint's quantization_config is invalid: {exc}")
     bits = getattr(config, "bits", None)
@@ -225,7 +232,7 @@ def _check(
     if fits is False:
         return reject(f"over budget: predicted {fmt_bytes(predicted)} > {fmt_bytes(budget)}")
     try:
-        config = preset.build(backend.config)
+        config = preset_config(backend, preset)  # not built yet for a cached plugin: see Eligible
     except ConfigError as exc:
         return reject(f"its config is invalid: {exc}")
     return Eligible(backend, preset, config, bpw, predicted, fits, calib)

@@ -165,7 +165,7 @@ def _quantizer(folder: Path, config_json: dict, config: Any) -> tuple[Any, bool]
     if not isinstance(saved_qc, dict):
         raise CheckpointError(f"{config_path}: quantization_config must be an object, got {saved_qc!r}")
     with _naming(config_path):
-        return AutoQuantizer.from_config(config_from_dict(saved_qc)), True
+        return AutoQuantizer.from_config(config_from_dict(saved_qc, from_checkpoint=True)), True
 
 
 @dataclasses.dataclass
@@ -323,7 +323,7 @@ def _check_recorded_config(config_path: Path, ckpt: Checkpoint, config: QuantCon
     try:
         data = json.loads(recorded)
         same = isinstance(data, dict) and data.get("quant_method") == config.quant_method
-        same = same and type(config).from_dict(data) == config
+        same = same and type(config).from_checkpoint(data) == config
     except (json.JSONDecodeError, ConfigError) as exc:
         raise CheckpointError(f"{where}: header metadata quantization_config is corrupt ({exc})") from None
     if not same:

@@ -105,8 +105,29 @@ def before_transformers_load(config: Any, quantization_config: Any = None) -> No
         from .transformers import register_with_transformers
 
         register_with_transformers()
+    if isinstance(quantization_config, dict):
+        _check_user_dict(quantization_config)
     if isinstance(from_checkpoint, dict):
         check_checkpoint_config(from_checkpoint)
+
+
+def _check_user_dict(qconfig: dict[str, Any]) -> None:
+    """A dict given to ``from_pretrained(quantization_config=...)`` is the user's, and a quantplug
+    backend's config from it stays strict (an unknown key is a ``ConfigError``): the bridge's
+    ``from_dict``, which Transformers calls for it and for ``config.json`` alike, keeps unknown keys."""
+    method = qconfig.get("quant_method")
+    if not isinstance(method, str):
+        return
+    from ..dispatch import get_backend
+    from .transformers import transformers_methods
+
+    if method in transformers_methods():
+        return  # Transformers' own config class reads it
+    try:
+        backend = get_backend(method)
+    except UnknownMethodError:
+        return  # Transformers says what it does with an unknown method
+    backend.config.from_dict(qconfig)
 
 
 def check_checkpoint_config(qconfig: dict[str, Any]) -> None:

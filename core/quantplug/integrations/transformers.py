@@ -103,7 +103,8 @@ class QuantplugHfConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        config = cls(**config_dict)
+        # Transformers calls this with config.json's quantization_config: keys other tools add are kept
+        config = cls(get_backend(cls.quant_method).config.from_checkpoint(config_dict))
         unused = config.update(**kwargs)
         return (config, unused) if return_unused_kwargs else config
 
@@ -124,7 +125,8 @@ class QuantplugHfConfig(QuantizationConfigMixin):
         changes = {k: v for k, v in kwargs.items() if k in self._fields()}
         if changes:
             config = self.quantplug_config
-            self.__dict__["quantplug_config"] = type(config).from_dict({**config.to_dict(), **changes})
+            # from_checkpoint: the config's kept keys (``extra``) stay; changes are only its own keys
+            self.__dict__["quantplug_config"] = type(config).from_checkpoint({**config.to_dict(), **changes})
         return {k: v for k, v in kwargs.items() if k not in changes}
 
     def __getattr__(self, name: str) -> Any:
