@@ -1,9 +1,12 @@
 """The conformance kit's LoRA check: does fine-tuning with PEFT work on a backend's layers?
 
 ``check_lora(config, folder)`` quantizes a tiny random Llama with ``config`` (calibrated on token
-ids where the config needs it), saves it, applies
+ids where the config needs it), evaluates it once (an eval-mode forward under ``torch.no_grad()``,
+as a user does before fine-tuning: a backend whose first inference forward switches its layers to
+a kernel without a backward, as bitsandbytes' CPU repack does, fails here), saves it, applies
 PEFT's ``prepare_model_for_kbit_training`` and a LoRA adapter (r=8 on q_proj and v_proj), trains
-12 AdamW steps on one batch and asserts what QLoRA users rely on: the loss falls, only the adapter
+12 AdamW steps on one batch and asserts what QLoRA users rely on: every adapter weight gets a
+gradient, the loss falls, only the adapter
 weights change (the quantized layers stay bit-identical), and the adapter saved with PEFT's
 ``save_pretrained`` re-applies to the model loaded fresh with ``quantplug.load``, giving the same
 logits. A backend whose presets declare ``trainable=True`` runs it in its tests, with ``peft`` in
@@ -106,6 +109,41 @@ def _same(a: Any, b: Any) -> bool:
     return torch.equal(a, b)
 
 
+def _assert_gradients(adapters: dict[str, Any], step: int) -> None:
+    """Every adapter weight got a gradient from ``backward`` (a quantized layer whose forward ran a
+    kernel without a backward stops it: the adapters before it get None and the loss stays flat)."""
+    missing = [name for name, p in adapters.items() if p.grad is None]
+    assert not missing, (
+        f"step {step}: {len(missing)} of {len(adapters)} adapter weights got no gradient after the model "
+        f"was evaluated once under torch.no_grad() ({', '.join(missing[:3])}"
+        f"{' ...' if len(missing) > 3 else ''}): backward stops at a quantized layer"
+    )
+
+
+def _train(model: Any, ids: Any, steps: int) -> list[float]:
+    """``steps`` AdamW steps on the adapters, holding each step to ``_assert_gradients``; the losses."""
+    import torch
+
+    adapters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(adapters.values(), lr=5e-3)
+    model.train()
+    losses = []
+    for step in range(1, steps + 1):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        _assert_gradients(adapters, step)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _base_key(key: str) -> str:
+    """A PEFT model's state-dict key as the wrapped model's (``base_model.model.`` and
+    ``.base_layer`` dropped)."""
+    return key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
 def check_lora(config: Any, folder: str | Path, steps: int = 12, device: str = "cpu") -> dict[str, Any]:
     """Run the LoRA check (see the module docstring) with ``config``, writing into ``folder``;
     returns the losses, the LoRA layer class PEFT used and the largest logit difference after
@@ -119,27 +157,24 @@ def check_lora(config: Any, folder: str | Path, steps: int = 12, device: str = "
 
     folder = Path(folder)
     model = _quantized_tiny_llama(config, device)
+    # taken before anything runs: a state_dict() between the evaluation and training could undo
+    # what the evaluation left behind and hide it
+    before = _snapshot(model)
+    ids = token_ids().to(device)
+    with torch.no_grad():  # evaluate first, as users do: what inference leaves must not stop training
+        model.eval()(ids)
     save(model, folder / "base")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     layer = type(model.base_model.model.model.layers[0].self_attn.q_proj)
-    before = _snapshot(model)
-    ids = token_ids().to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    losses = _train(model, ids, steps)
     assert losses[-1] < losses[0] - 0.1, f"the loss does not fall: {losses}"
-    after = _snapshot(model)
-    changed = sorted(k for k in before if not _same(before[k], after[k]))
-    assert changed and all("lora_" in k for k in changed), (
-        f"tensors other than the adapter changed: {changed[:5]}"
-    )
+    after = {_base_key(k): v for k, v in _snapshot(model).items() if "lora_" not in k}
+    changed = sorted(k for k in before if k not in after or not _same(before[k], after[k]))
+    assert not changed, f"tensors other than the adapter changed: {changed[:5]}"
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(initial[k], params[k]) for k in initial), "no adapter weight changed"
     model.eval()
     model.save_pretrained(folder / "adapter")
     fresh = PeftModel.from_pretrained(load(folder / "base", device=device), folder / "adapter").eval()

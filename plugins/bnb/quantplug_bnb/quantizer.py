@@ -60,6 +60,59 @@ def _state_tensors(state: bnb_functional.QuantState) -> dict[str, torch.Tensor]:
     return {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}
 
 
+def _unpacked_codes(name: str, qmodule: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A CPU-repacked 4-bit layer's codes, un-permuted by bitsandbytes' own inverse (exact, run on
+    a copy of the quant state so the live layer is untouched), and the quant state tensors
+    recorded when quantplug built the layer (the repack rounds the block scales to bfloat16)."""
+    saved = getattr(qmodule, _SAVED_STATE, None)
+    if saved is None:
+        raise quantplug.PluginError(
+            f"{name}: this 4-bit layer was repacked for bitsandbytes' CPU kernel by a forward pass, and "
+            f"its original quant state was not recorded (it was not built by quantplug-bnb), so it "
+            f"cannot be saved faithfully; quantize or load the model with quantplug and save before or after forwards"
+        )
+    state = copy.copy(qmodule.weight.quant_state)
+    state.original_nested = False  # skip re-quantizing the (bf16) scales: we have the originals
+    weight, _ = bnb_functional._convert_weight_packed_for_cpu_inverse(qmodule.weight.data, state)
+    return weight, saved
+
+
+def _is_repacked(qmodule: nn.Module) -> bool:
+    return bool(getattr(getattr(qmodule.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def _unpack(qmodule: nn.Module) -> None:
+    """Put a CPU-repacked 4-bit layer back in bitsandbytes' ordinary layout, exactly as quantplug
+    built it (codes and the recorded quant state); a layer that is not repacked is left alone."""
+    if not _is_repacked(qmodule):
+        return
+    weight, saved = _unpacked_codes(type(qmodule).__name__, qmodule)
+    stats = {k: v.clone() for k, v in saved.items()}  # from_dict pops entries; the record stays intact
+    state = bnb_functional.QuantState.from_dict(stats, device=weight.device)
+    qmodule.weight.data = weight
+    qmodule.weight.quant_state = qmodule.quant_state = state
+
+
+def _unpack_when_gradients_flow(qmodule: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of quantplug's 4-bit layers. bitsandbytes repacks a layer for its CPU
+    kernel on an inference forward (eval mode, input without grad) and then always runs that
+    kernel, which has no backward: after one evaluation, training would get no gradient through
+    the layer (so none reaches LoRA adapters before it). Where bitsandbytes would not repack (a
+    training-mode layer, or an input that requires grad) the layer is unpacked first, so the
+    differentiable path runs; the next inference forward repacks it again."""
+    x = args[0] if args else None
+    if _is_repacked(qmodule) and (qmodule.training or (isinstance(x, torch.Tensor) and x.requires_grad)):
+        _unpack(qmodule)
+
+
+def _unpack_before_state_dict(qmodule: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook of quantplug's 4-bit layers: bitsandbytes' own ``_save_to_state_dict``
+    on a repacked layer writes its bfloat16-rounded scales and leaves the layer altered; unpacking
+    exactly first makes ``state_dict()`` (and Transformers' ``save_pretrained``) write the layer
+    as quantized."""
+    _unpack(qmodule)
+
+
 class BnbQuantizer(quantplug.Quantizer):
     config: BnbConfig
 
@@ -145,20 +198,9 @@ class BnbQuantizer(quantplug.Quantizer):
 
     def _unrepacked_4bit_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
         # On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer on its first eval
-        # forward and keeps the block scales as transposed bfloat16; its state_dict() then writes
-        # those (and corrupts the layer for later forwards). So write the quant state recorded when
-        # the layer was built, and the codes un-permuted by bitsandbytes' own inverse (exact).
-        saved = getattr(qmodule, _SAVED_STATE, None)
-        if saved is None:
-            raise quantplug.PluginError(
-                f"{name}: this 4-bit layer was repacked for bitsandbytes' CPU kernel by a forward pass, and "
-                f"its original quant state was not recorded (it was not built by quantplug-bnb), so it "
-                f"cannot be saved faithfully; quantize or load the model with quantplug and save before or after forwards"
-            )
-        # run on a copy of the quant state, so the live layer keeps working
-        state = copy.copy(qmodule.weight.quant_state)
-        state.original_nested = False  # skip re-quantizing the (bf16) scales: we have the originals
-        weight, _ = bnb_functional._convert_weight_packed_for_cpu_inverse(qmodule.weight.data, state)
+        # forward and keeps the block scales as transposed bfloat16. Write the quant state recorded
+        # when the layer was built and the codes un-permuted, leaving the live layer repacked.
+        weight, saved = _unpacked_codes(name, qmodule)
         bias = {} if qmodule.bias is None else {"bias": qmodule.bias.detach()}
         return {"weight": weight, **bias, **saved}
 
@@ -226,6 +268,8 @@ class BnbQuantizer(quantplug.Quantizer):
             )
         q.weight = weight
         setattr(q, _SAVED_STATE, _state_tensors(qs))  # (small: ~0.5 bit per weight)
+        q.register_forward_pre_hook(_unpack_when_gradients_flow)
+        q.register_state_dict_pre_hook(_unpack_before_state_dict)
         return q
 
     def _load_8bit(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
