@@ -123,6 +123,7 @@ def _no_backends_text(reg) -> str:
 @main.command()
 def doctor() -> None:
     """Report every plugin and backend problem with its fix. Exits 1 when there are problems."""
+    discovery.verify_plugins()  # import every plugin: the descriptor cache must not hide a broken one
     click.echo(f"quantplug {__version__}, Python {sys.version.split()[0]}")
     for p in discovery.plugins():
         where = f"{p.dist} {p.version}" if p.dist else p.module

@@ -31,7 +31,7 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import descriptor_cache, hookspecs
 from .backend import Backend
 from .errors import PluginError
 from .plugin_env import PluginFilter
@@ -44,7 +44,9 @@ ENTRY_POINT_GROUP = "quantplug"
 class Registry:
     """The backends registered by plugins, and what went wrong while loading them."""
 
-    def __init__(self) -> None:
+    def __init__(self, verify: bool = False) -> None:
+        #: import every plugin, never reading the descriptor cache (``quantplug doctor``)
+        self.verify = verify
         self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.trace = os.environ.get("QUANTPLUG_TRACE_PLUGINS", "") not in ("", "0")
@@ -83,24 +85,62 @@ class Registry:
                 self.plugins.setdefault(ep.name, info)
                 self._log(f"plugin {ep.name!r} disabled by {why}")
                 continue
-            self._log(f"loading plugin {ep.name!r} ({dist_name} {dist_version}) from {ep.value}")
-            t0 = time.perf_counter()
-            try:
-                obj = ep.load()
-            except BaseException as exc:  # noqa: BLE001 - a plugin must never take the others down
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                self._fail(
-                    info,
-                    f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}",
-                    f"reinstall it (pip install --force-reinstall {dist_name or ep.name}) or disable it "
-                    f"with QUANTPLUG_DISABLE_PLUGINS={ep.name}",
-                )
-                continue
-            info.import_seconds = time.perf_counter() - t0
-            self._log(f"plugin {ep.name!r} imported in {info.import_seconds * 1e3:.1f} ms")
-            self._register(obj, info)
+            self._load_entry_point(ep, dist, info)
         self.problems += [Problem(var, problem, fix) for var, problem, fix in chosen.unknown_names(installed)]
+
+    def _load_entry_point(self, ep: Any, dist: Any, info: PluginInfo) -> None:
+        """Register one entry point's backends: from the descriptor cache when it holds them (the
+        module is not imported), else by importing it (and caching what it registered)."""
+        key = descriptor_cache.fingerprint(ep, dist) if descriptor_cache.enabled() else None
+        if key is not None and not self.verify:
+            cached = descriptor_cache.read(ep, key, info.label, info.version or "")
+            if cached is not None and self._taken(info) is None:
+                info.import_seconds, info.hook_seconds = cached.import_seconds, cached.hook_seconds
+                info.cached = True
+                self._log(
+                    f"plugin {ep.name!r} ({info.dist} {info.version}) read from the descriptor cache, not "
+                    f"imported (its import took {info.import_seconds * 1e3:.1f} ms when cached)"
+                )
+                self.plugins[info.name] = info
+                for backend in cached.backends:
+                    self.accept(info, backend)
+                return
+        self._log(f"loading plugin {ep.name!r} ({info.dist} {info.version}) from {ep.value}")
+        t0 = time.perf_counter()
+        try:
+            obj = ep.load()
+        except BaseException as exc:  # noqa: BLE001 - a plugin must never take the others down
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            self._fail(
+                info,
+                f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}",
+                f"reinstall it (pip install --force-reinstall {info.dist or ep.name}) or disable it "
+                f"with QUANTPLUG_DISABLE_PLUGINS={ep.name}",
+            )
+            descriptor_cache.forget(ep, key)
+            return
+        info.import_seconds = time.perf_counter() - t0
+        self._log(f"plugin {ep.name!r} imported in {info.import_seconds * 1e3:.1f} ms")
+        before = len(self.problems)
+        self._register(obj, info)
+        written = False
+        if key is not None and info.status == "loaded" and len(self.problems) == before:
+            mine = [self._claim(info, name) for name in info.backends]
+            written = descriptor_cache.write(ep, key, info.import_seconds, info.hook_seconds, mine)
+        if not written:  # a plugin with a problem is never left in the cache
+            descriptor_cache.forget(ep, key)
+
+    def _claim(self, info: PluginInfo, name: str) -> Backend:
+        """The backend ``name`` as ``info`` registered it (also when the name is ambiguous)."""
+        if name in self.ambiguous:
+            return next(b for i, b in self.ambiguous[name] if i is info)
+        return self.backends[name]
+
+    def _taken(self, info: PluginInfo) -> PluginInfo | None:
+        """The plugin already registered under ``info``'s name, if any."""
+        other = self.plugins.get(info.name)
+        return other if other is not None and other.status != "disabled" else None
 
     def add_plugin(
         self,
@@ -117,11 +157,12 @@ class Registry:
 
     def _register(self, obj: Any, info: PluginInfo) -> PluginInfo:
         name, label = info.name, info.dist or info.name
-        if name in self.plugins and self.plugins[name].status != "disabled":
+        other = self._taken(info)
+        if other is not None:
             return self._fail(
                 info,
                 f"a plugin named {name!r} is already registered "
-                f"(from {self.plugins[name].dist or self.plugins[name].module or 'register_plugin'})",
+                f"(from {other.dist or other.module or 'register_plugin'})",
                 f"uninstall one of the two, or disable one with QUANTPLUG_DISABLE_PLUGINS={name}",
             )
         try:
@@ -180,10 +221,9 @@ class Registry:
     def accept(self, info: PluginInfo, backend: Backend) -> None:
         """Register ``backend`` (already checked by ``refusal``) as ``info``'s. When another plugin
         already registered that name, the name becomes ambiguous: no plugin gets it."""
-        label = info.dist or info.name
-        backend = dataclasses.replace(
-            backend, plugin=label, plugin_version=info.version or backend.plugin_version
-        )
+        label, version = info.dist or info.name, info.version or backend.plugin_version
+        if (backend.plugin, backend.plugin_version) != (label, version):  # a cached one is filled in
+            backend = dataclasses.replace(backend, plugin=label, plugin_version=version)
         if backend.name in self.backends:
             self.ambiguous[backend.name] = [(self._owner(backend.name), self.backends.pop(backend.name))]
         info.backends.append(backend.name)
@@ -284,6 +324,18 @@ def reload_plugins() -> None:
     global _registry
     with _lock:
         _registry = None
+
+
+def verify_plugins() -> Registry:
+    """Load every plugin again by importing its entry point (never from the descriptor cache, which
+    is rewritten): what ``quantplug doctor`` reports, so a plugin that no longer imports is named
+    even while its cached descriptors are unchanged. Plugins registered programmatically are dropped."""
+    global _registry
+    with _lock:
+        reg = Registry(verify=True)
+        reg.load_entry_points()
+        _registry = reg
+        return reg
 
 
 def register_plugin(plugin: Any, name: str | None = None) -> PluginInfo:

@@ -28,6 +28,9 @@ class PluginInfo:
     from_entry_point: bool = False
     import_seconds: float | None = None  # ep.load(); None when not imported from an entry point
     hook_seconds: float = 0.0  # register_backends, all calls together
+    cached: bool = False
+    """Read from the descriptor cache (``quantplug.descriptor_cache``): the entry point was not
+    imported, and the timings are those of the import that wrote the cache."""
 
     @property
     def label(self) -> str:
@@ -113,7 +116,8 @@ def slow_problems(info: PluginInfo) -> list[Problem]:
             Problem(
                 info.label,
                 f"importing its entry point module {info.module!r} takes {info.import_seconds:.2f} s "
-                f"(over {SLOW_PLUGIN_SECONDS} s), which every quantplug command pays, even `quantplug list`",
+                f"(over {SLOW_PLUGIN_SECONDS} s), which every quantplug command that quantizes or loads with it "
+                "pays, and `quantplug list` too whenever its descriptors are not cached (after each install)",
                 "keep the entry point module light: import the backend's library in the quantizer module "
                 f"(Backend(quantizer='module:Class')), which quantplug imports on first use; {disable}",
             )

@@ -19,6 +19,7 @@ from typing import Any
 from .capabilities import WORKLOADS, Preset
 from .config import QuantConfig
 from .eligibility import Eligible, Rejection, Request
+from .lazy import LazyField, config_dict
 from .sizes import fmt_bytes
 from .speed_store import DECLARED, MEASURED, LocalSpeeds
 
@@ -68,7 +69,7 @@ class Candidate:
             "rank": self.rank,
             "backend": self.backend,
             "preset": self.preset,
-            "config": self.config.to_dict(),
+            "config": config_dict(self),
             "bits": self.bits,
             "bits_per_weight": self.bits_per_weight,
             "predicted_bytes": self.predicted_bytes,
@@ -81,6 +82,10 @@ class Candidate:
             "servable_by": list(self.servable_by),
             "dtype": self.dtype,
         }
+
+
+# built on first read when ``select`` ranked a cached plugin's preset (``quantplug.lazy``)
+Candidate.config = LazyField("config")  # type: ignore[assignment]
 
 
 # -- set aside the dominated ----------------------------------------------------------------------
@@ -193,7 +198,7 @@ def rank(
         candidate = Candidate(
             backend=option.backend.name,
             preset=preset.name,
-            config=option.config,
+            config=Eligible.config.peek(option),  # built on first read (a cached plugin's)
             bits=preset.bits,
             bits_per_weight=option.bits_per_weight,
             predicted_bytes=option.predicted_bytes,

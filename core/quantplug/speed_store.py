@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .cache_folder import cache_dir
 from .hardware import Hardware
 from .versions import installed_version
 
@@ -41,16 +42,6 @@ REFERENCE_DTYPE = {"cuda": "bfloat16"}
 def reference_dtype(device: str) -> str:
     """The baseline dtype ``select`` ranks measured figures against on ``device`` (a type)."""
     return REFERENCE_DTYPE.get(device, "float32")
-
-
-def cache_dir() -> Path:
-    """``$QUANTPLUG_CACHE_DIR``, else ``$XDG_CACHE_HOME/quantplug``, else ``~/.cache/quantplug``."""
-    own = os.environ.get("QUANTPLUG_CACHE_DIR")
-    if own:
-        return Path(own).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "quantplug"
 
 
 def _slug(text: str) -> str:

@@ -464,13 +464,24 @@ def test_cli_list_does_not_import_torch(run):
     assert proc.stderr.strip().splitlines()[-1] == "NO-TORCH", proc.stderr
 
 
-def test_trace_in_a_fresh_process_shows_every_plugin(run):
-    proc = run(["-m", "quantplug.cli", "list"], QUANTPLUG_TRACE_PLUGINS="1")
+def test_trace_in_a_fresh_process_shows_every_plugin(run, tmp_path):
+    cache = str(tmp_path)  # an empty descriptor cache: every plugin is imported
+    proc = run(["-m", "quantplug.cli", "list"], QUANTPLUG_TRACE_PLUGINS="1", QUANTPLUG_CACHE_DIR=cache)
     assert proc.returncode == 0
     for ep_name in ["rtn", *BROKEN]:
         assert f"quantplug: loading plugin '{ep_name}'" in proc.stderr
     assert "problem in test-importerror" in proc.stderr
     assert "quantplug: plugin 'rtn' imported in " in proc.stderr
+    # the second time, the plugins that loaded cleanly are read from the descriptor cache; those
+    # with a problem are never cached: they are imported (and their problem found) every time
+    again = run(["-m", "quantplug.cli", "list"], QUANTPLUG_TRACE_PLUGINS="1", QUANTPLUG_CACHE_DIR=cache)
+    assert again.stdout == proc.stdout
+    for ep_name in ["rtn", "test-missinglib", "test-outofrange"]:
+        assert f"quantplug: plugin '{ep_name}' (quantplug-" in again.stderr
+        assert f"quantplug: loading plugin '{ep_name}'" not in again.stderr
+    for ep_name in ["test-importerror", "test-hookraises", "test-baddescriptor", "test-duprtn"]:
+        assert f"quantplug: loading plugin '{ep_name}'" in again.stderr
+    assert "problem in test-importerror" in again.stderr
 
 
 def test_pythonpath_is_what_installs_the_broken_plugins(run):
