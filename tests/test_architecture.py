@@ -18,8 +18,10 @@ CORE = ROOT / "core" / "quantplug"
 PLUGIN_PACKAGES = sorted(p.parent for p in (ROOT / "plugins").glob("*/quantplug_*/__init__.py"))
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
-#: what a plugin may import from the core: the package itself and its public modules
-PUBLIC_CORE_MODULES = {"quantplug", "quantplug.matching", "quantplug.testing"}
+#: what a plugin may import from the core: the package itself and its public modules (CONTRIBUTING.md,
+#: section 1, names the same ones): the module-name matcher, the conformance kit and the LoRA check
+#: plugins' tests run (``trainable_test``, ``check_lora``)
+PUBLIC_CORE_MODULES = {"quantplug", "quantplug.matching", "quantplug.testing", "quantplug.lora_check"}
 
 
 def _sources() -> list[Path]:
@@ -120,6 +122,22 @@ def test_plugins_use_only_the_public_core_api(package: Path):
                 private.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not private, (
         "plugins may import only " + ", ".join(sorted(PUBLIC_CORE_MODULES)) + ":\n" + "\n".join(private)
+    )
+
+
+def test_contributing_names_only_the_public_core_modules():
+    """CONTRIBUTING.md, the plugin author's guide, lists the public modules and points to no other
+    module of the core (issue 28: it pointed to two modules a plugin may not import)."""
+    import re
+
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    section = re.findall(r"plus the public modules(.*?);", text, re.S)[0]
+    listed = {m for m in section.split("`")[1::2] if m.startswith("quantplug.")}
+    assert listed == PUBLIC_CORE_MODULES - {"quantplug"}
+    named = {m.split(".")[1] for m in re.findall(r"`(quantplug(?:\.\w+)+)", text)}
+    modules = {f"quantplug.{n}" for n in named if (CORE / f"{n}.py").exists() or (CORE / n).is_dir()}
+    assert modules <= PUBLIC_CORE_MODULES, (
+        f"CONTRIBUTING.md points to private modules: {sorted(modules - PUBLIC_CORE_MODULES)}"
     )
 
 

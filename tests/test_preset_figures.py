@@ -12,7 +12,6 @@ import dataclasses
 import re
 
 import pytest
-from quantplug_rtn.config import RtnConfig
 
 import quantplug
 from quantplug.preset_check import (
@@ -25,6 +24,7 @@ from quantplug.preset_check import (
     measure_preset,
 )
 from quantplug.testing import BackendConformance
+from quantplug_rtn.config import RtnConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,9 @@ class AbsmaxConfig(RtnConfig):
 
 
 LYING = quantplug.Preset("int4", {"bits": 4, "group_size": 128}, bits=8, bits_per_weight=2.0, rel_error=0.01)
-HONEST = quantplug.Preset("int8", {"bits": 8, "group_size": -1}, bits=8, bits_per_weight=8.02, rel_error=0.008)
+HONEST = quantplug.Preset(
+    "int8", {"bits": 8, "group_size": -1}, bits=8, bits_per_weight=8.02, rel_error=0.008
+)
 
 
 @pytest.fixture
@@ -71,7 +73,10 @@ def test_the_kit_fails_the_lying_preset_naming_each_figure(absmax):
     with pytest.raises(AssertionError) as err:
         AbsmaxKit().test_preset_figures_are_what_its_layer_measures("int4")
     lines = str(err.value).splitlines()
-    assert all(line.startswith("preset 'int4' (measured on a float32 Linear(2048, 2048, bias=False))") for line in lines)
+    assert all(
+        line.startswith("preset 'int4' (measured on a float32 Linear(2048, 2048, bias=False))")
+        for line in lines
+    )
     text = str(err.value)
     assert "declares bits=8, measured 4: its integer grid (Quantizer.integer_grid) is 4-bit" in text
     bpw = re.search(r"declares bits_per_weight=2\.0, measured (\d+\.\d+) ", text)
@@ -111,9 +116,17 @@ def test_each_figure_fails_on_its_own_just_outside_the_tolerance(absmax):
 def test_a_preset_without_rel_error_is_held_to_the_backend_bound(absmax):
     m = measure_preset(absmax, LYING)
     bound = {4: m.rel_error * 0.5}
-    (bad,) = [p for p in figure_problems(dataclasses.replace(LYING, rel_error=None, bits=4), m, bound) if "rel_error" in p]
+    (bad,) = [
+        p
+        for p in figure_problems(dataclasses.replace(LYING, rel_error=None, bits=4), m, bound)
+        if "rel_error" in p
+    ]
     assert "declares no rel_error" in bad and "max_rel_error[4]" in bad
-    assert not [p for p in figure_problems(dataclasses.replace(LYING, rel_error=None, bits=4), m, {4: 0.16}) if "rel_error" in p]
+    assert not [
+        p
+        for p in figure_problems(dataclasses.replace(LYING, rel_error=None, bits=4), m, {4: 0.16})
+        if "rel_error" in p
+    ]
 
 
 def test_a_preset_for_another_device_is_skipped_saying_why(absmax):

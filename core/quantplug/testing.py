@@ -37,6 +37,8 @@ import pytest
 
 import quantplug
 
+from .preset_check import check_preset, figure_problems, measure_preset  # noqa: F401 (public)
+
 
 def tiny_llama(seed: int = 0, **overrides: Any):
     """A small random-weight Llama (2 layers, hidden 128) built locally; nothing is downloaded."""
@@ -86,7 +88,9 @@ def _load_and_dump(checkpoint: Path, ids_file: Path, out_file: Path) -> None:
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, f"loading in a fresh process failed:\n{proc.stderr[-4000:]}"
 
 
@@ -118,8 +122,8 @@ class BackendConformance:
                 names = [p.name for p in quantplug.get_backend(self.backend_name).presets]
             except quantplug.QuantplugError:  # test_registered_and_available says why
                 names = []
-            skip = pytest.mark.skip(reason="the backend declares no presets")
-            metafunc.parametrize("preset_name", names or [pytest.param(None, marks=skip)], ids=names or ["none"])
+            none = pytest.param(None, marks=pytest.mark.skip(reason="the backend declares no presets"))
+            metafunc.parametrize("preset_name", names or [none], ids=names or ["none"])
         for fixture, cases in (
             ("bad_case", self.bad_configs),
             ("library_bad_case", self.library_bad_configs),
@@ -243,10 +247,7 @@ class BackendConformance:
         )
 
     def test_preset_figures_are_what_its_layer_measures(self, preset_name):
-        """A preset's declared ``bits``, ``bits_per_weight`` and ``rel_error`` (what ``select`` ranks
-        by) hold on its own layer, within the tolerances ``quantplug.preset_check`` states."""
-        from .preset_check import check_preset
-
+        """Its declared bits, bits per weight and error hold on its layer (``preset_check``)."""
         skip, problems = check_preset(quantplug.get_backend(self.backend_name), preset_name, self.device)
         if skip:
             pytest.skip(skip)
