@@ -75,7 +75,11 @@ class Preset:
 
     ``select`` knows nothing about any backend: it ranks a plugin's presets by what is declared
     here (and falls back to ``Config.for_bits`` for each of ``Capabilities.bits`` when a backend
-    declares none). Declare measured figures and say where they come from in ``note``.
+    declares none). Declare measured figures and say where they come from in ``note``. The
+    conformance kit measures ``bits``, ``bits_per_weight`` and ``rel_error`` on the preset's own
+    layer, ``nn.Linear(2048, 2048, bias=False)`` with N(0, 0.02) weights in the preset's ``dtype``
+    (else float32), and fails a figure the layer contradicts (``quantplug.preset_check`` states the
+    tolerances; ``quantplug.testing.measure_preset`` measures a preset the same way).
     """
 
     name: str
@@ -84,10 +88,12 @@ class Preset:
     """The config: a ``QuantConfig`` of the backend's class, or the dict of its fields
     (``quant_method`` may be left out)."""
     bits: int
-    """Nominal weight bit width."""
+    """Nominal weight bit width: the width of the integer codes (an ``IntegerGrid``'s ``bits``)."""
     bits_per_weight: float | None = None
-    """Stored bits per quantized weight, scales and zero points included (what sizes are predicted
-    from). ``None``: ``bits`` plus an assumed 0.5 for per-group metadata, and ``select`` says so."""
+    """Stored bits per quantized weight (what sizes are predicted from): 8 x the bytes of every tensor
+    ``Quantizer.module_tensors`` returns for the layer (codes, scales, zero points, code books, index
+    tensors), the bias left out, / its weights. ``None``: ``bits`` plus an assumed 0.5 for per-group
+    metadata, and ``select`` says so."""
     devices: tuple[str, ...] = ()
     """Device types this preset runs on; empty = the backend's ``capabilities.devices``."""
     min_cuda_capability: tuple[int, int] | None = None
@@ -97,8 +103,8 @@ class Preset:
     trainable: bool | None = None
     """``None`` = the backend's ``capabilities.trainable``."""
     rel_error: float | None = None
-    """Typical relative output error of one quantized Linear layer (Gaussian weights and inputs,
-    like ``Capabilities.max_rel_error``), the quality estimate. ``None`` = ``max_rel_error[bits]``."""
+    """Typical relative output error ``||y_q - y|| / ||y||`` of one quantized Linear layer on Gaussian
+    inputs (``y`` the dense layer's output), the quality estimate. ``None`` = ``max_rel_error[bits]``."""
     speed: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
     """Measured throughput relative to the unquantized model on the same device (on CPU the float32
     model, on CUDA the bfloat16 one), per device type and workload: ``{"cuda": {"decode": 1.5,
