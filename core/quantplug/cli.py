@@ -16,6 +16,7 @@ from . import __version__, discovery, dispatch, plugin_env
 from .cli_bench import bench_presets_cmd
 from .cli_compare import compare_cmd, priority_option, workload_option
 from .hints import install_command
+from .stdout_guard import GuardedGroup, echo
 
 
 def _library_text(backend) -> str:
@@ -41,10 +42,13 @@ def _caps_text(caps) -> str:
     return " ".join(flags)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="quantplug")
 def main() -> None:
-    """Quantize PyTorch / Transformers models with any installed backend."""
+    """Quantize PyTorch / Transformers models with any installed backend.
+
+    Each command's stdout holds only its product (table, JSON, list); whatever a backend library
+    prints goes to stderr."""
 
 
 @main.command("list")
@@ -76,10 +80,10 @@ def list_cmd(as_json: bool) -> None:
             "ambiguous_backends": ambiguous,
             "plugin_problems": [p.__dict__ for p in problems],
         }
-        click.echo(json.dumps(out, indent=2))
+        echo(json.dumps(out, indent=2))
         return
     if not backends:
-        click.echo(_no_backends_text(reg))
+        echo(_no_backends_text(reg))
     rows = [("backend", "plugin", "library", "status", "capabilities")]
     for b in backends:
         status = "available" if b.available else "unavailable: " + b.status.reason
@@ -94,12 +98,12 @@ def list_cmd(as_json: bool) -> None:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
+        echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
     for b in backends:
         if b.notes:
-            click.echo(f"note: {b.name}: {b.notes}")
+            echo(f"note: {b.name}: {b.notes}")
     for name, owners in ambiguous.items():
-        click.echo(
+        echo(
             f"ambiguous: {name} is registered by {' and '.join(owners)}; neither is used (see `quantplug doctor`)"
         )
     if problems:
@@ -124,7 +128,7 @@ def _no_backends_text(reg) -> str:
 def doctor() -> None:
     """Report every plugin and backend problem with its fix. Exits 1 when there are problems."""
     discovery.verify_plugins()  # import every plugin: the descriptor cache must not hide a broken one
-    click.echo(f"quantplug {__version__}, Python {sys.version.split()[0]}")
+    echo(f"quantplug {__version__}, Python {sys.version.split()[0]}")
     for p in discovery.plugins():
         where = f"{p.dist} {p.version}" if p.dist else p.module
         ambiguous = discovery.registry().ambiguous
@@ -134,21 +138,21 @@ def doctor() -> None:
             detail = f" ({p.error})"
         if p.import_seconds is not None:
             detail += f" [import {p.import_seconds * 1e3:.0f} ms]"
-        click.echo(f"  plugin {p.name} [{where}]: {p.status}{detail}")
+        echo(f"  plugin {p.name} [{where}]: {p.status}{detail}")
     notes = [b for b in dispatch.backends() if b.notes]
     for b in notes:
-        click.echo(f"  note: {b.name}: {b.notes}")
+        echo(f"  note: {b.name}: {b.notes}")
     from .integrations.guard import hook_status
 
     hook_ok, hook_text = hook_status()
-    click.echo(f"  {hook_text}")
+    echo(f"  {hook_text}")
     problems = discovery.problems() + ([] if hook_ok else [hook_text])
     if not problems:
-        click.echo("No problems found.")
+        echo("No problems found.")
         return
-    click.echo(f"\n{len(problems)} problem(s):")
+    echo(f"\n{len(problems)} problem(s):")
     for p in problems:
-        click.echo(f"- {p}")
+        echo(f"- {p}")
     sys.exit(1)
 
 
@@ -206,7 +210,7 @@ def export_cmd(model_dir, fmt, output, requantize, max_shard_size, progress) -> 
     except QuantplugError as exc:
         raise click.ClickException(str(exc)) from None
     qc = json.loads((out / "config.json").read_text()).get("quantization_config", {})
-    click.echo(
+    echo(
         f"exported {model_dir} as {fmt} ({len(qc.get('config_groups') or {})} group(s)) in "
         f"{time.perf_counter() - t0:.1f} s; wrote {out}"
     )
@@ -282,7 +286,7 @@ def quantize(
         raise click.ClickException(str(exc)) from None
     info = quantized_info(model)
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
-    click.echo(
+    echo(
         f"quantized {len(info.modules)} module(s) with {config.quant_method} "
         f"({json.dumps(config.to_dict())}) in {time.perf_counter() - t0:.1f} s; "
         f"wrote {out} ({size / 2**20:.1f} MiB of weights)"
@@ -376,9 +380,9 @@ def select_cmd(
     if top is not None:
         sel.candidates = sel.candidates[:top]
     if as_json:
-        click.echo(json.dumps(sel.to_dict(), indent=2))
+        echo(json.dumps(sel.to_dict(), indent=2))
     else:
-        click.echo(sel.table())
+        echo(sel.table())
     if not sel.candidates:
         sys.exit(1)
 

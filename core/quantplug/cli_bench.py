@@ -7,8 +7,10 @@ import json
 
 import click
 
+from .stdout_guard import GuardedCommand, echo
 
-@click.command("bench-presets")
+
+@click.command("bench-presets", cls=GuardedCommand)
 @click.argument("model", required=False, type=click.Path(exists=True))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps, ...")
 @click.option(
@@ -56,5 +58,5 @@ def bench_presets_cmd(model, device, candidates, shapes, budget_s, as_json) -> N
         )
     except QuantplugError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+    echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
     click.echo(f"figures written to {result.path}", err=True)

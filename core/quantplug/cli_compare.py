@@ -7,6 +7,8 @@ import json
 
 import click
 
+from .stdout_guard import GuardedCommand, echo
+
 workload_option = click.option(
     "--workload",
     type=click.Choice(["decode", "prefill", "mixed"]),
@@ -22,7 +24,7 @@ priority_option = click.option(
 )
 
 
-@click.command("compare")
+@click.command("compare", cls=GuardedCommand)
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "-c",
@@ -146,7 +148,7 @@ def compare_cmd(
     # what was measured is out before the plot, which can still fail
     if out_dir:
         result.write(out_dir)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+    echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
     if plot:
         try:
             result.plot(plot)
