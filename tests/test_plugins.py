@@ -632,8 +632,9 @@ def test_a_disabled_plugin_name_can_still_be_registered_programmatically(
     assert quantplug.get_backend("rtn").plugin == "rtn"
 
 
-def test_trace_prints_plugin_loading_and_hook_calls(monkeypatch, capsys, make_backend):
+def test_trace_prints_plugin_loading_and_hook_calls(monkeypatch, capsys, make_backend, tmp_path):
     monkeypatch.setenv("QUANTPLUG_TRACE_PLUGINS", "1")
+    monkeypatch.setenv("QUANTPLUG_CACHE_DIR", str(tmp_path))  # no descriptor cache yet: rtn is imported
     quantplug.reload_plugins()
     quantplug.backends()
     quantplug.register_backend(make_backend("traced"))

@@ -9,7 +9,8 @@ raises in a hook or registers an invalid descriptor is recorded as a ``Problem``
 ``quantplug doctor``); the other plugins are unaffected. A backend name registered by two plugins
 is ambiguous: neither is used (load order never decides who owns a ``quant_method``), each
 claimant gets a problem, and ``get_backend`` says how to choose. Each plugin's import and
-``register_backends`` times are kept; a plugin whose import is slow is a problem too.
+``register_backends`` times are kept; a plugin whose import is slow is a problem too. What a
+plugin registered is cached (``quantplug.descriptor_cache``): later processes do not import it.
 
 Environment:
     QUANTPLUG_PLUGINS          comma list of plugins to load (entry point or distribution names);
@@ -44,9 +45,9 @@ ENTRY_POINT_GROUP = "quantplug"
 class Registry:
     """The backends registered by plugins, and what went wrong while loading them."""
 
-    def __init__(self, verify: bool = False) -> None:
-        #: import every plugin, never reading the descriptor cache (``quantplug doctor``)
-        self.verify = verify
+    def __init__(self) -> None:
+        #: plugin name -> (entry point, cache key) of the plugins read from the descriptor cache
+        self.from_cache: dict[str, tuple[Any, str]] = {}
         self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.trace = os.environ.get("QUANTPLUG_TRACE_PLUGINS", "") not in ("", "0")
@@ -92,14 +93,15 @@ class Registry:
         """Register one entry point's backends: from the descriptor cache when it holds them (the
         module is not imported), else by importing it (and caching what it registered)."""
         key = descriptor_cache.fingerprint(ep, dist) if descriptor_cache.enabled() else None
-        if key is not None and not self.verify:
+        if key is not None:
             cached = descriptor_cache.read(ep, key, info.label, info.version or "")
             if cached is not None and self._taken(info) is None:
                 info.import_seconds, info.hook_seconds = cached.import_seconds, cached.hook_seconds
                 info.cached = True
+                self.from_cache[info.name] = (ep, key)
+                took = f"its import took {info.import_seconds * 1e3:.1f} ms when cached"
                 self._log(
-                    f"plugin {ep.name!r} ({info.dist} {info.version}) read from the descriptor cache, not "
-                    f"imported (its import took {info.import_seconds * 1e3:.1f} ms when cached)"
+                    f"plugin {ep.name!r} ({info.dist} {info.version}) read from the descriptor cache, not imported ({took})"
                 )
                 self.plugins[info.name] = info
                 for backend in cached.backends:
@@ -112,33 +114,51 @@ class Registry:
         except BaseException as exc:  # noqa: BLE001 - a plugin must never take the others down
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            self._fail(
-                info,
-                f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}",
-                f"reinstall it (pip install --force-reinstall {info.dist or ep.name}) or disable it "
-                f"with QUANTPLUG_DISABLE_PLUGINS={ep.name}",
-            )
-            descriptor_cache.forget(ep, key)
+            self._import_failed(ep, key, info, exc)
             return
         info.import_seconds = time.perf_counter() - t0
         self._log(f"plugin {ep.name!r} imported in {info.import_seconds * 1e3:.1f} ms")
         before = len(self.problems)
         self._register(obj, info)
-        written = False
-        if key is not None and info.status == "loaded" and len(self.problems) == before:
-            mine = [self._claim(info, name) for name in info.backends]
-            written = descriptor_cache.write(ep, key, info.import_seconds, info.hook_seconds, mine)
-        if not written:  # a plugin with a problem is never left in the cache
+        clean = key is not None and info.status == "loaded" and len(self.problems) == before
+        mine = [self._claim(info, name) for name in info.backends] if clean else []
+        if not (clean and descriptor_cache.write(ep, key, info.import_seconds, info.hook_seconds, mine)):
+            # a plugin with a problem (or descriptors that are not plain data) is never cached
             descriptor_cache.forget(ep, key)
 
-    def _claim(self, info: PluginInfo, name: str) -> Backend:
-        """The backend ``name`` as ``info`` registered it (also when the name is ambiguous)."""
-        if name in self.ambiguous:
-            return next(b for i, b in self.ambiguous[name] if i is info)
-        return self.backends[name]
+    def _import_failed(self, ep: Any, key: str | None, info: PluginInfo, exc: BaseException) -> None:
+        self._fail(
+            info,
+            f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}",
+            f"reinstall it (pip install --force-reinstall {info.dist or ep.name}) or disable it "
+            f"with QUANTPLUG_DISABLE_PLUGINS={ep.name}",
+        )
+        descriptor_cache.forget(ep, key)
 
-    def _taken(self, info: PluginInfo) -> PluginInfo | None:
-        """The plugin already registered under ``info``'s name, if any."""
+    def verify_cached(self) -> None:
+        """Import the entry point module of every plugin read from the descriptor cache: one that
+        fails is removed with its backends and recorded as a problem (and its record deleted), as
+        if it had failed on load; the others get their import time measured now."""
+        for name, (ep, key) in list(self.from_cache.items()):
+            info = self.plugins[name]
+            self._log(f"verifying cached plugin {name!r}: importing {ep.value}")
+            t0 = time.perf_counter()
+            try:
+                ep.load()
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self.remove_plugin(name)
+                info.backends, info.cached = [], False
+                self._import_failed(ep, key, info, exc)
+            else:
+                info.import_seconds, info.cached = time.perf_counter() - t0, False
+            del self.from_cache[name]
+
+    def _claim(self, info: PluginInfo, name: str) -> Backend:  # also when the name is ambiguous
+        return next((b for i, b in self.ambiguous.get(name, []) if i is info), None) or self.backends[name]
+
+    def _taken(self, info: PluginInfo) -> PluginInfo | None:  # the plugin already under its name
         other = self.plugins.get(info.name)
         return other if other is not None and other.status != "disabled" else None
 
@@ -327,14 +347,12 @@ def reload_plugins() -> None:
 
 
 def verify_plugins() -> Registry:
-    """Load every plugin again by importing its entry point (never from the descriptor cache, which
-    is rewritten): what ``quantplug doctor`` reports, so a plugin that no longer imports is named
-    even while its cached descriptors are unchanged. Plugins registered programmatically are dropped."""
-    global _registry
+    """Import the entry point module of every plugin whose descriptors were read from the cache
+    (``Registry.verify_cached``): what ``quantplug doctor`` runs first, so a plugin that no longer
+    imports is named even while its cached descriptors are unchanged."""
     with _lock:
-        reg = Registry(verify=True)
-        reg.load_entry_points()
-        _registry = reg
+        reg = registry()
+        reg.verify_cached()
         return reg
 
 

@@ -476,10 +476,12 @@ def test_trace_in_a_fresh_process_shows_every_plugin(run, tmp_path):
     # with a problem are never cached: they are imported (and their problem found) every time
     again = run(["-m", "quantplug.cli", "list"], QUANTPLUG_TRACE_PLUGINS="1", QUANTPLUG_CACHE_DIR=cache)
     assert again.stdout == proc.stdout
-    for ep_name in ["rtn", "test-missinglib", "test-outofrange"]:
+    # (the impostor's descriptor is valid: 'rtn' is found ambiguous again from the cached descriptors)
+    for ep_name in ["rtn", "test-missinglib", "test-outofrange", "test-duprtn"]:
         assert f"quantplug: plugin '{ep_name}' (quantplug-" in again.stderr
         assert f"quantplug: loading plugin '{ep_name}'" not in again.stderr
-    for ep_name in ["test-importerror", "test-hookraises", "test-baddescriptor", "test-duprtn"]:
+    assert "backend 'rtn' is ambiguous: quantplug-rtn, quantplug-test-duprtn" in again.stderr
+    for ep_name in ["test-importerror", "test-hookraises", "test-baddescriptor"]:
         assert f"quantplug: loading plugin '{ep_name}'" in again.stderr
     assert "problem in test-importerror" in again.stderr
 

@@ -17,19 +17,22 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import quantplug
 from quantplug.testing import token_ids
 
 from ._support import installed_methods, quantized_llama
 
-# What plain from_pretrained must do with each first-party backend's checkpoint.
-LOADS_RIGHT = {"rtn", "bitsandbytes", "torchao"}  # bridged (rtn) or Transformers' own format
-REFUSED = {"quanto", "hqq"}  # Transformers knows the name but not quantplug's format
+# What plain from_pretrained must do with each first-party backend's checkpoint: every one loads
+# right, bridged (rtn), in Transformers' own format (bitsandbytes, torchao), or routed to the bridge
+# because Transformers knows the name but not quantplug's format (quanto, hqq: the guard reads the
+# quantplug metadata in the safetensors header).
+LOADS_RIGHT = {"rtn", "bitsandbytes", "torchao"}
+ROUTED = {"quanto", "hqq"}
 
 CHILD = """
-import json, sys
+import json, os, sys
 import torch
 from safetensors.torch import load_file
 
@@ -48,6 +51,13 @@ except Exception as exc:
 else:
     with torch.no_grad():
         out["max_diff"] = (model(expected["ids"]).logits - expected["logits"]).abs().max().item()
+    out["quantizer"] = type(getattr(model, "hf_quantizer", None)).__name__
+    out["saved_method"] = model.config.to_dict().get("quantization_config", {}).get("quant_method")
+    if os.environ.get("QPT_RESAVE"):  # save_pretrained, then plain from_pretrained of that
+        model.save_pretrained(os.environ["QPT_RESAVE"])
+        again = AutoModelForCausalLM.from_pretrained(os.environ["QPT_RESAVE"])
+        with torch.no_grad():
+            out["resaved_diff"] = (again(expected["ids"]).logits - expected["logits"]).abs().max().item()
 print(json.dumps(out))
 """
 
@@ -84,19 +94,70 @@ def require(method: str) -> None:
         pytest.skip(f"the {method} plugin is not installed in this env (the integration env runs it)")
 
 
-@pytest.mark.parametrize("method", sorted(LOADS_RIGHT | REFUSED))
+@pytest.mark.parametrize("method", sorted(LOADS_RIGHT | ROUTED))
 def test_plain_from_pretrained_in_a_fresh_process(method, tmp_path):
     require(method)
-    out = run_child(*saved(method, tmp_path))
+    resave = {"QPT_RESAVE": str(tmp_path / "resaved")} if method in ROUTED else {}
+    out = run_child(*saved(method, tmp_path), resave)
     assert out["quantplug_before"] is False
-    if method in LOADS_RIGHT:
-        assert "error" not in out, out
-        assert out["max_diff"] < 1e-4, out  # the model quantplug quantized, not a wrong one
-    else:
-        name, message = out["error"]
-        assert name == "CheckpointError", out
-        assert f"written by quantplug's {method!r} backend" in message
-        assert "quantplug.load(path)" in message
+    assert "error" not in out, out
+    assert out["max_diff"] < 1e-4, out  # the model quantplug quantized, not a wrong one
+    if method in ROUTED:  # through quantplug's bridge, not Transformers' own quantizer for the name
+        assert out["quantizer"] == f"Routed{method.capitalize()}QuantplugHfQuantizer", out
+        assert out["saved_method"] == method  # config.json keeps the method's own name
+        # save_pretrained writes quantplug's header metadata: the re-saved folder is routed again
+        assert out["resaved_diff"] < 1e-4, out
+        reloaded = quantplug.load(tmp_path / "resaved")  # and quantplug.load reads what it wrote
+        expected = load_file(tmp_path / f"{method}-expected.safetensors")
+        with torch.no_grad():
+            assert (reloaded(expected["ids"]).logits - expected["logits"]).abs().max().item() < 1e-4
+
+
+def strip_quantplug_metadata(folder) -> None:
+    """Rewrite ``folder``'s model.safetensors with Transformers' own header metadata only, as a
+    checkpoint another tool wrote (Transformers 5.25 cannot quantize with HQQ itself)."""
+    tensors = {k: v.clone() for k, v in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_checkpoint_quantplug_did_not_write_is_not_routed(tmp_path):
+    """hqq without quantplug's header metadata goes Transformers' way (its HqqHfQuantizer, whatever it
+    then makes of the tensors); quanto without it is refused: neither Transformers nor quantplug
+    wrote it."""
+    for method in sorted(ROUTED):
+        require(method)
+        folder, expected = saved(method, tmp_path)
+        strip_quantplug_metadata(folder)
+        out = run_child(folder, expected)
+        if method == "hqq":
+            assert out.get("quantizer") == "HqqHfQuantizer" or out["error"][0] not in (
+                "CheckpointError",
+                "UnknownMethodError",
+            ), out
+        else:
+            name, message = out["error"]
+            assert name == "CheckpointError", out
+            assert "written neither by Transformers" in message and "nor by quantplug" in message
+
+
+def test_the_guard_decides_from_the_header(tmp_path):
+    from quantplug.errors import CheckpointError
+    from quantplug.integrations.guard import check_checkpoint_config, written_by_quantplug
+
+    require("hqq")
+    folder, _ = saved("hqq", tmp_path)
+    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert written_by_quantplug(folder, "hqq") is True
+    assert written_by_quantplug(folder, "quanto") is False
+    assert check_checkpoint_config(qconfig, folder) == "quantplug-hqq"
+    # a Hub id (or anything but a readable local folder): who wrote it cannot be told, so it is refused
+    for where in (None, "someone/hqq-model", str(tmp_path / "missing")):
+        assert written_by_quantplug(where, "hqq") is None
+        with pytest.raises(CheckpointError, match=r"Load it with quantplug.load\(path\)"):
+            check_checkpoint_config(qconfig, where)
+    strip_quantplug_metadata(folder)
+    assert written_by_quantplug(folder, "hqq") is False
+    assert check_checkpoint_config(qconfig, folder) is None  # Transformers' way
 
 
 def test_hook_off_then_register_with_transformers_by_hand(tmp_path):

@@ -12,7 +12,15 @@ before Transformers decides, a checkpoint's quantization config is checked here:
 - a method of one of quantplug's own plugins that is not installed: ``UnknownMethodError`` saying
   what to install;
 - a method Transformers knows, with a quantplug checkpoint in the plugin's own format
-  (``Backend.transformers_format`` is false): ``CheckpointError`` saying to use ``quantplug.load``;
+  (``Backend.transformers_format`` is false, e.g. quanto and hqq): when the checkpoint is a local
+  folder whose safetensors header says quantplug wrote it with that method (``quantplug_version``
+  and ``quant_method`` in the metadata ``checkpoint.header_metadata`` writes), it is routed to the
+  bridge (``route``: registered with Transformers under ``quantplug-<method>``, and the config's
+  ``quant_method`` read as that name for this load) and loads right; a local folder without that
+  header was written by another tool (Transformers' own hqq integration) and is left to
+  Transformers, except quanto, which Transformers cannot have saved (refused). When the folder
+  cannot be read (a Hub id, a ``subfolder``), the checkpoint is refused with ``CheckpointError``
+  saying to use ``quantplug.load`` if the backend's config class accepts its config;
 - anything else (no quantization config, a format Transformers reads): untouched, at the cost of
   one attribute lookup.
 
@@ -32,7 +40,15 @@ from typing import Any
 from ..errors import CheckpointError, UnknownMethodError
 from ..hints import PLUGIN_FOR_METHOD
 
-__all__ = ["before_transformers_load", "check_checkpoint_config", "hook_status", "install", "installed"]
+__all__ = [
+    "before_transformers_load",
+    "check_checkpoint_config",
+    "hook_status",
+    "install",
+    "installed",
+    "route",
+    "written_by_quantplug",
+]
 
 _GUARD = "__quantplug_guard__"
 
@@ -43,6 +59,16 @@ NOT_SAVED_BY_TRANSFORMERS = {
     "quanto": "Transformers cannot save quanto models, so it would build fresh quanto layers and fill the "
     "weights it does not find in the checkpoint with random values",
 }
+
+
+#: First-party backends whose checkpoints are in their own format under a name Transformers
+#: implements (``Backend.transformers_format`` false): used when the plugin is not usable here.
+OWN_FORMAT = frozenset({"hqq", "quanto"})
+
+#: A checkpoint routed to the bridge is registered with Transformers under this prefix + its method.
+ROUTE_PREFIX = "quantplug-"
+#: routed name -> (config class, quantizer class) registered with Transformers by ``route``
+_routes: dict[str, tuple[type, type]] = {}
 
 
 def installed() -> bool:
@@ -93,9 +119,44 @@ def _from_checkpoint(config: Any) -> Any:
     return found
 
 
+def _holder(config: Any) -> Any:
+    """The config object holding the checkpoint's ``quantization_config`` (the model config or its
+    text config)."""
+    if getattr(config, "quantization_config", None) is not None:
+        return config
+    return config.get_text_config(decoder=True)
+
+
+def written_by_quantplug(folder: Any, method: str) -> bool | None:
+    """Whether the checkpoint in local folder ``folder`` was written by quantplug with ``method``
+    (its first safetensors file's header metadata records ``quantplug_version`` and that
+    ``quant_method``): True / False, or None when it cannot tell (not a local folder, no readable
+    safetensors file)."""
+    import json
+    from pathlib import Path
+
+    from ..errors import CheckpointError
+    from ..safetensors_header import read_header
+
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder) or not Path(folder).is_dir():
+        return None
+    folder = Path(folder)
+    try:
+        if (folder / "model.safetensors.index.json").is_file():
+            weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+            first = folder / sorted(set(weight_map.values()))[0]
+        else:
+            first = folder / "model.safetensors"
+        meta = read_header(first).metadata
+    except (OSError, ValueError, KeyError, TypeError, IndexError, CheckpointError):
+        return None
+    return bool(meta.get("quantplug_version")) and meta.get("quant_method") == method
+
+
 def before_transformers_load(config: Any, quantization_config: Any = None) -> None:
     """Called by the guard with ``get_hf_quantizer``'s first two arguments (the model config, the
-    ``quantization_config`` given to ``from_pretrained``)."""
+    ``quantization_config`` given to ``from_pretrained``). A checkpoint routed to the bridge gets
+    its ``quantization_config``'s ``quant_method`` replaced by the routed name (``route``)."""
     from_checkpoint = _from_checkpoint(config)
     if from_checkpoint is None and quantization_config is None:
         return
@@ -108,7 +169,10 @@ def before_transformers_load(config: Any, quantization_config: Any = None) -> No
     if isinstance(quantization_config, dict):
         _check_user_dict(quantization_config)
     if isinstance(from_checkpoint, dict):
-        check_checkpoint_config(from_checkpoint)
+        folder = getattr(config, "_name_or_path", None)
+        routed = check_checkpoint_config(from_checkpoint, folder)
+        if routed is not None:
+            _holder(config).quantization_config = {**from_checkpoint, "quant_method": routed}
 
 
 def _check_user_dict(qconfig: dict[str, Any]) -> None:
@@ -130,16 +194,18 @@ def _check_user_dict(qconfig: dict[str, Any]) -> None:
     backend.config.from_dict(qconfig)
 
 
-def check_checkpoint_config(qconfig: dict[str, Any]) -> None:
-    """Make Transformers load a checkpoint with this ``quantization_config`` right, or raise."""
+def check_checkpoint_config(qconfig: dict[str, Any], folder: Any = None) -> str | None:
+    """Make Transformers load a checkpoint with this ``quantization_config`` (read from local
+    folder ``folder``, when known) right, or raise. Returns the name to route it under when it must
+    go to the bridge although Transformers implements its method (``route``), else None."""
     method = qconfig.get("quant_method")
     if not isinstance(method, str) or qconfig.get("load_in_4bit") or qconfig.get("load_in_8bit"):
-        return  # Transformers' own checks (bitsandbytes' legacy keys, no quant_method)
+        return None  # Transformers' own checks (bitsandbytes' legacy keys, no quant_method)
     from ..dispatch import get_backend
     from .transformers import bridged_methods, register_with_transformers, transformers_methods
 
     if method in bridged_methods():
-        return
+        return None
     try:
         backend = get_backend(method)  # AmbiguousBackendError propagates: never settled by order
     except UnknownMethodError as exc:
@@ -147,7 +213,7 @@ def check_checkpoint_config(qconfig: dict[str, Any]) -> None:
     known = method in transformers_methods()
     if backend is not None and not known:
         register_with_transformers()
-        return
+        return None
     if backend is None and not known and method in PLUGIN_FOR_METHOD:
         raise UnknownMethodError(
             f"from_pretrained: this checkpoint was quantized by quantplug's {method!r} backend. Without it, "
@@ -155,19 +221,99 @@ def check_checkpoint_config(qconfig: dict[str, Any]) -> None:
             f"wrong model). {missing}",
             method=method,
         ) from missing
-    if backend is not None and known and not backend.transformers_format and _accepts(backend, qconfig):
+    if not known or (backend is not None and backend.transformers_format):
+        return None
+    written = written_by_quantplug(folder, method)
+    if backend is None:
+        _refuse_without_plugin(method, written, missing)
+        return None
+    if written:
+        return route(method)
+    if written is None and _accepts(backend, qconfig):
         raise CheckpointError(
-            f"from_pretrained: this checkpoint was written by quantplug's {method!r} backend "
-            f"({backend.plugin or 'a plugin'}) in its own format, which Transformers' {method!r} integration "
-            f"cannot read (it would load a wrong model). Load it with quantplug.load(path): it returns the "
-            f"same Transformers model class"
+            f"from_pretrained: this {method!r} checkpoint may have been written by quantplug's {method!r} "
+            f"backend ({backend.plugin or 'a plugin'}) in its own format, which Transformers' {method!r} "
+            f"integration cannot read (it would load a wrong model), and it is not a local folder whose "
+            f"safetensors header tells who wrote it. Load it with quantplug.load(path) (a local folder, or "
+            f"download it first): it returns the same Transformers model class"
         )
-    if backend is None and method in NOT_SAVED_BY_TRANSFORMERS:
+    if written is False and method in NOT_SAVED_BY_TRANSFORMERS:
+        raise CheckpointError(
+            f"from_pretrained: this pre-quantized {method!r} checkpoint was written neither by Transformers "
+            f"({NOT_SAVED_BY_TRANSFORMERS[method]}) nor by quantplug (its safetensors header has no "
+            f"quantplug metadata for {method!r}): neither can load it right"
+        )
+    return None
+
+
+def _refuse_without_plugin(method: str, written: bool | None, missing: Exception) -> None:
+    """Raise for a checkpoint of a method Transformers implements whose quantplug backend is not
+    usable here (not installed, disabled), when Transformers would load it wrong."""
+    if written and method in OWN_FORMAT:
+        raise CheckpointError(
+            f"from_pretrained: this checkpoint was written by quantplug's {method!r} backend in its own "
+            f"format, which Transformers' {method!r} integration cannot read (it would load a wrong "
+            f"model), and that backend is not usable here: {missing}"
+        ) from missing
+    if method in NOT_SAVED_BY_TRANSFORMERS:
         raise CheckpointError(
             f"from_pretrained: this pre-quantized {method!r} checkpoint was not written by Transformers: "
             f"{NOT_SAVED_BY_TRANSFORMERS[method]}. It is most likely a quantplug checkpoint: load it with "
             f"quantplug.load(path). {missing}"
         ) from missing
+
+
+def route(method: str) -> str:
+    """Register with Transformers (once per process) the bridge for backend ``method`` under the
+    name ``quantplug-<method>``, and return that name: a checkpoint whose ``quant_method`` reads as
+    that name loads through the bridge although Transformers implements ``method`` itself. Its
+    ``config.json`` keeps ``method`` (the bridge config's ``to_dict`` is quantplug's)."""
+    from transformers.quantizers import auto as hf_auto
+
+    from . import transformers as bridge
+    from .hf_quantizer import QuantplugHfQuantizer
+
+    name = ROUTE_PREFIX + method
+    with bridge._lock:
+        if name not in _routes:
+            config_name = bridge.get_backend(method).config.__name__
+            config_cls = type(
+                config_name,
+                (bridge.QuantplugHfConfig,),
+                {
+                    "quant_method": name,
+                    "backend_method": method,
+                    "__reduce__": _reduce_config,
+                    "__module__": __name__,
+                },
+            )
+            quantizer_cls = type(
+                f"Routed{bridge._camel(method)}QuantplugHfQuantizer",
+                (QuantplugHfQuantizer,),
+                {
+                    "quant_method": name,
+                    "config_class": config_cls,
+                    "rebuild": staticmethod(_routed_quantizer),
+                    "__module__": __name__,
+                },
+            )
+            hf_auto.register_quantization_config(name)(config_cls)
+            hf_auto.register_quantizer(name)(quantizer_cls)
+            _routes[name] = (config_cls, quantizer_cls)
+    return name
+
+
+def _reduce_config(self: Any) -> tuple[Any, tuple[Any, ...]]:
+    return _routed_config, (self.quantplug_config,)
+
+
+def _routed_config(config: Any) -> Any:
+    """The routed bridge config of a quantplug config (pickle and deepcopy rebuild through this)."""
+    return _routes[route(config.quant_method)][0](config)
+
+
+def _routed_quantizer(config: Any, pre_quantized: bool) -> Any:
+    return _routes[route(config.quant_method)][1](config, pre_quantized=pre_quantized)
 
 
 def _accepts(backend: Any, qconfig: dict[str, Any]) -> bool:

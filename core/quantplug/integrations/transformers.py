@@ -80,10 +80,13 @@ class QuantplugHfConfig(QuantizationConfigMixin):
     """
 
     quant_method: ClassVar[str] = ""
+    backend_method: ClassVar[str] = ""
+    """The quantplug backend's ``quant_method`` when Transformers finds this class under another
+    name (a checkpoint ``integrations.guard`` routes to the bridge); empty: ``quant_method``."""
     quantplug_config: QuantConfig
 
     def __init__(self, quantplug_config: QuantConfig | dict[str, Any] | None = None, **kwargs: Any):
-        method = type(self).quant_method
+        method = type(self).backend_method or type(self).quant_method
         if not method:
             raise TypeError(
                 "QuantplugHfConfig is a base class; use quantplug.integrations.transformers.to_transformers(config)"
@@ -104,7 +107,8 @@ class QuantplugHfConfig(QuantizationConfigMixin):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         # Transformers calls this with config.json's quantization_config: keys other tools add are kept
-        config = cls(get_backend(cls.quant_method).config.from_checkpoint(config_dict))
+        method = cls.backend_method or cls.quant_method
+        config = cls(get_backend(method).config.from_checkpoint({**config_dict, "quant_method": method}))
         unused = config.update(**kwargs)
         return (config, unused) if return_unused_kwargs else config
 
