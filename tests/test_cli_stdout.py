@@ -193,7 +193,7 @@ def test_select(run, model_dir):
     proc = run("select", str(model_dir), "--device", "cpu", "--calibration-data", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(_clean(proc))
-    labels = [f"{c['backend']}:{c['preset']}" if c["preset"] else c["backend"] for c in data["candidates"]]
+    labels = [f"{c['backend']}:{c['preset']}" for c in data["candidates"]]
     assert "test-loud:fp16" in labels
     proc = run("select", str(model_dir), "--device", "cpu", "--calibration-data")
     assert proc.returncode == 0, proc.stderr[-3000:]
