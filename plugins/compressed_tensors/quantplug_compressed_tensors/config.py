@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import quantplug
 
+from .args import stored_dtype_problems
+
 
 def _weights(num_bits: int, type_: str, symmetric: bool, strategy: str, group_size: int | None) -> dict:
     return {
@@ -310,8 +312,8 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
             )
         if not isinstance(weights.get("symmetric", True), bool):
             raise bad("weights.symmetric must be true or false")
-        if weights.get("scale_dtype") is not None or weights.get("zp_dtype") is not None:
-            raise bad("weights.scale_dtype / zp_dtype (FP4 / MX formats) are not supported")
+        for why in stored_dtype_problems("weights", weights):
+            raise bad(why)
         inputs = group.get("input_activations")
         if inputs is not None:
             if not isinstance(inputs, dict):
@@ -331,6 +333,8 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
                 raise bad(
                     "input_activations.type must equal weights.type (W4AFP8-style mixes are not supported)"
                 )
+            for why in stored_dtype_problems("input_activations", inputs):
+                raise bad(why)
         fmt = group.get("format")
         derived = infer_format(group)
         if fmt is None:

@@ -30,12 +30,20 @@ import quantplug
 from .layers import CompressedTensorsLinear
 
 _PACKED_ZP = ("group", "channel")  # strategies whose asymmetric zero points pack-quantized packs
+#: llm-compressor's observers whose ranges quantize_module computes: the min/max of each weight (one
+#: observation, so the memoryless, static and moving-average min/max agree) ...
+_WEIGHT_OBSERVERS = (None, "memoryless_minmax", "static_minmax", "minmax")
+#: ... and of static inputs over all calibration batches (calibrate)
+_STATIC_INPUT_OBSERVERS = (None, "static_minmax")
+#: the float dtypes compressed-tensors keeps scales in (``initialize_qparams``)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class CompressedTensorsQuantizer(quantplug.Quantizer):
     def __init__(self, backend, config):
         super().__init__(backend, config)
         self._targets: OrderedDict[str, tuple[QuantizationScheme, str]] = OrderedDict()
+        self._observers_checked = False
 
     def check_config(self) -> None:
         """Each group parsed by compressed-tensors' own ``QuantizationScheme`` (its validation)."""
@@ -92,6 +100,9 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
     # -- quantize ----------------------------------------------------------------------------
 
     def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
+        if not self._observers_checked:  # before the first layer changes
+            self._check_observers()
+            self._observers_checked = True
         scheme, fmt = self.scheme_of(name, module)
         args = scheme.weights
         weight = module.weight.detach()
@@ -104,6 +115,35 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
         compressed.update(_activation_placeholders(scheme, weight.dtype, weight.device))
         bias = module.bias.detach() if module.bias is not None else None
         return CompressedTensorsLinear(scheme, fmt, module.in_features, module.out_features, compressed, bias)
+
+    def _check_observers(self) -> None:
+        """Quantizing computes weight ranges with min/max and static input ranges with the running
+        min/max over all batches; a config naming another llm-compressor observer (``mse``, the
+        moving-average ``minmax`` for inputs, ...) asks for ranges this plugin does not compute.
+        Loading reads any observer: it only records how the stored scales were found."""
+        for name, group in self.config.config_groups.items():
+            scheme, _ = self._targets[group["targets"][0]]
+            checks = [("weights", scheme.weights, _WEIGHT_OBSERVERS, "each weight's min/max")]
+            if scheme.input_activations is not None and scheme.input_activations.dynamic is False:
+                checks.append(
+                    (
+                        "input_activations",
+                        scheme.input_activations,
+                        _STATIC_INPUT_OBSERVERS,
+                        "the min/max of the inputs over all calibration batches",
+                    )
+                )
+            for where, args, allowed, how in checks:
+                if args.observer not in allowed:
+                    raise quantplug.ConfigError(
+                        f"CompressedTensorsConfig: config_groups[{name!r}].{where}.observer={args.observer!r}: this "
+                        f"plugin quantizes with {how} ({', '.join(a for a in allowed if a)}), not with "
+                        f"{args.observer!r}; give one of those or null, or quantize with llm-compressor and load "
+                        f"its checkpoint here (loading reads any observer)",
+                        field="config_groups",
+                        value=group,
+                        allowed=[a for a in allowed if a is not None],
+                    )
 
     def calibrate(self, model: nn.Module, batches: list) -> None:
         """Static input scales: the min/max of every static layer's inputs over all batches."""
@@ -246,16 +286,19 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
 
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         tensors = dict(tensors)
-        allowed = (module.weight.dtype, torch.float32)
         for key in ("weight_scale", "input_scale", "bias"):
             t = tensors.get(key)
-            # llm-compressor stores them in the model's dtype (float32 by some versions); any other float
-            # dtype would dequantize to other values than the ones written
-            if t is not None and t.dtype not in allowed:
+            if t is None:
+                continue
+            # compressed-tensors keeps scales in the float dtype it observed them in (auto-round writes
+            # float16 ones for a bfloat16 model) and its reader casts them to the model's dtype
+            if t.dtype not in _FLOAT_DTYPES:
                 raise quantplug.CheckpointError(
-                    f"{name}.{key}: stored as {t.dtype}, expected the model's {module.weight.dtype} or "
-                    f"torch.float32: the checkpoint is damaged or not of this model's dtype"
+                    f"{name}.{key}: stored as {t.dtype}; compressed-tensors reads float scales and biases "
+                    f"({', '.join(map(str, _FLOAT_DTYPES))}) only, so this tensor is not one it wrote for a "
+                    f"{self.scheme_of(name, module)[1]} layer"
                 )
+            tensors[key] = t.to(module.weight.dtype)
         shape = tensors.get("weight_shape")
         if shape is not None and shape.tolist() != [module.out_features, module.in_features]:
             raise quantplug.CheckpointError(
