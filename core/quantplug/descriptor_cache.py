@@ -135,9 +135,8 @@ def _encode_backend(backend: Backend) -> dict[str, Any] | None:
         return None
     presets = []
     for p in backend.presets:
-        if not isinstance(p.config, dict):  # a config object: kept only by the real import
-            return None
-        presets.append({**_fields(p), "built": p.build(cls).to_dict()})
+        config = p.config.to_dict() if isinstance(p.config, QuantConfig) else _plain(p.config)
+        presets.append({**_fields(p), "config": config, "built": p.build(cls).to_dict()})
     return {
         **_fields(backend, skip=("capabilities", "presets", "plugin", "plugin_version")),
         "config": f"{cls.__module__}:{cls.__qualname__}",
@@ -310,10 +309,20 @@ def write(ep: Any, key: str, import_seconds: float, hook_seconds: float, backend
 
 
 def _same(real: Backend, cached: CachedBackend) -> bool:
+    """Whether ``cached`` describes ``real``; a preset given as a config object is cached as its
+    ``to_dict()``, which must build an equal config."""
     for f in dataclasses.fields(Backend):
-        if f.name in ("plugin", "plugin_version"):
-            continue
-        if getattr(real, f.name) != getattr(cached, f.name):
+        if f.name not in ("plugin", "plugin_version", "presets") and getattr(real, f.name) != getattr(
+            cached, f.name
+        ):
+            return False
+    if len(real.presets) != len(cached.presets):
+        return False
+    for a, b in zip(real.presets, cached.presets):
+        same_fields = all(
+            getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(Preset) if f.name != "config"
+        )
+        if not same_fields or a.build(real.config) != b.build(real.config):
             return False
     return True
 

@@ -40,8 +40,12 @@ PLUGIN_SOURCE = (
         def register_backends(register):
             register(quantplug.Backend(
                 name="test-cacheslow", config=Config, quantizer="qpt_cacheslow:Q",
-                capabilities=quantplug.Capabilities(bits=(4,), max_rel_error={4: 0.2}),
-                presets=(quantplug.Preset("int4", {"bits": 4}, bits=4, bits_per_weight=4.5, rel_error=0.1),),
+                capabilities=quantplug.Capabilities(bits=(4, 8), max_rel_error={4: 0.2, 8: 0.02}),
+                presets=(
+                    quantplug.Preset("int4", {"bits": 4}, bits=4, bits_per_weight=4.5, rel_error=0.1),
+                    # a config object: cached as its to_dict(), which must build an equal config
+                    quantplug.Preset("int8", Config(bits=8), bits=8, bits_per_weight=8.5, rel_error=0.01),
+                ),
             ))
         """
     )
@@ -101,9 +105,11 @@ label = "test-cacheslow:int4"
 mine = next(c for c in sel.candidates if c.label == label)
 text = sel.table()
 data = json.loads(json.dumps(sel.to_dict()))
-config = next(c["config"] for c in data["candidates"] if c["backend"] == "test-cacheslow")
+config = next(c["config"] for c in data["candidates"] if c["backend"] == "test-cacheslow" and c["preset"] == "int4")
 out["select"] = [label in text, config, "qpt_cacheslow" in sys.modules]
+out["presets"] = [[p.name, dict(p.config)] for p in backend.presets]
 # the positive control: the config object itself needs the plugin's class
+out["int8"] = backend.presets[1].build(backend.config).to_dict()
 out["config"] = [type(mine.config).__module__, mine.config.to_dict(), "qpt_cacheslow" in sys.modules]
 print(json.dumps(out))
 """
@@ -130,6 +136,7 @@ def test_a_warm_cache_lists_and_selects_without_importing_the_plugin(run, tmp_pa
     out = json.loads(proc.stdout)
     assert out["get_backend"] == ["CachedBackend", SLOW, False]
     assert out["select"][0] is True and out["select"][2] is False
+    assert out["presets"] == [["int4", {"bits": 4}], ["int8", out["int8"]]]
     assert out["select"][1]["bits"] == 4
     # the JSON's config (the one recorded in the cache) is the one the plugin's class builds
     assert out["config"] == [MODULE, out["select"][1], True]
