@@ -27,11 +27,11 @@ CASES = {
 IDS = token_ids()
 
 
-def _model(cfg, evaluate_first):
+def _model(cfg, evaluate_first, under=torch.no_grad):
     model = tiny_llama()
     quantplug.quantize(model, cfg, progress=False)
     if evaluate_first:
-        with torch.no_grad():
+        with under():
             model.eval()(IDS)
     return model
 
@@ -80,6 +80,13 @@ def test_lora_trains_after_an_inference_forward(case):
     # the evaluation changes nothing about training: the same losses as without it
     _, plain = _train(_model(CASES[case], evaluate_first=False))
     assert losses == pytest.approx(plain, rel=1e-5)
+
+
+def test_lora_trains_after_an_inference_mode_forward():
+    # torch.inference_mode(): the repacked codes are inference tensors, which backward cannot save;
+    # the unpacked ones are ordinary tensors
+    model, losses = _train(_model(CASES["nf4-dq"], evaluate_first=True, under=torch.inference_mode))
+    assert losses[-1] < losses[0] - 0.1, losses
 
 
 def test_lora_trains_in_eval_mode_after_an_inference_forward():
