@@ -33,7 +33,9 @@ class StrictAboutFloatsConfig(QuantConfig):
 
     def validate(self) -> None:
         if self.extra.get("data_type", "int") != "int":
-            raise ConfigError(f"data_type={self.extra['data_type']!r}: only integer weights", field="data_type")
+            raise ConfigError(
+                f"data_type={self.extra['data_type']!r}: only integer weights", field="data_type"
+            )
 
     @classmethod
     def from_dict(cls, data):
@@ -56,7 +58,9 @@ class BuildsAnotherConfig(QuantConfig):
 
 
 def test_a_users_dict_and_keywords_stay_strict():
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'autoround_version', 'iters', 'meta', 'provider'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key\(s\) 'autoround_version', 'iters', 'meta', 'provider'"
+    ):
         RtnConfig.from_dict({"bits": 4, **FOREIGN})
     with pytest.raises(ConfigError, match="unknown key"):
         quantplug.config_from_dict({"quant_method": "rtn", "bits": 4, **FOREIGN})

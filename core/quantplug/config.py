@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 _HINTS: dict[type, dict[str, Any]] = {}
 
 #: set while ``from_checkpoint`` runs: ``from_dict`` then keeps unknown keys instead of refusing them
-_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("quantplug_from_checkpoint", default=False)
+_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "quantplug_from_checkpoint", default=False
+)
 #: the kept keys on their way from ``from_dict`` to the instance ``__post_init__`` is building
 _PENDING_EXTRA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "quantplug_pending_extra", default=None

@@ -5,8 +5,10 @@ Light: imports neither torch nor gptqmodel. A hub checkpoint's ``quantization_co
 it is; every key either changes what quantplug does (and is honoured) or is calibration-time
 bookkeeping that changes nothing about the stored weights (and is kept, so a re-save writes it
 back). A key that would change the weights in a way quantplug does not implement (per-layer
-``dynamic`` bits, a quantized ``lm_head``, a pack dtype other than int32) is refused by name,
-never ignored.
+``dynamic`` bits, a quantized ``lm_head``, a pack dtype other than int32, a ``data_type`` other
+than int) is refused by name, never ignored. Keys other tools add that are not fields here
+(auto-round's ``autoround_version``, ``provider``, ``iters``, ...) are kept as they are when the
+config is read from a checkpoint (``QuantConfig.from_checkpoint``) and written back on save.
 """
 
 from __future__ import annotations
@@ -151,6 +153,15 @@ class GptqConfig(quantplug.QuantConfig):
                 "null",
                 "quantplug takes calibration data as quantplug.quantize(model, config, "
                 "calibration_data=[token-id tensors]), not from the config",
+            )
+        data_type = self.extra.get("data_type", "int")  # auto-round's export records it
+        if data_type != "int":
+            raise quantplug.ConfigError(
+                f"{type(self).__name__}: data_type={data_type!r} is not supported: GPTQ's packed layout "
+                f"stores integer weights (data_type 'int'); load this checkpoint with the library that wrote it",
+                field="data_type",
+                value=data_type,
+                allowed=["int"],
             )
         blocks = self.modules_in_block_to_quantize
         if blocks is not None and not all(blocks):

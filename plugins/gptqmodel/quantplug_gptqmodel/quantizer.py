@@ -22,6 +22,7 @@ from torch import nn  # noqa: E402
 import quantplug  # noqa: E402
 
 from .calibration import calibrate_model, check_batches  # noqa: E402
+from .config import GptqConfig  # noqa: E402
 from .layers import PACK_MULTIPLE, GptqLinear  # noqa: E402
 
 
@@ -221,10 +222,36 @@ class GptqQuantizer(quantplug.Quantizer):
                 f"groups of {name}.scales; the checkpoint is corrupt or its group_size ({self.config.group_size}) "
                 f"is not the one it was quantized with"
             )
+        _refuse_v2_zeros_labelled_v1(name, self.config, tensors["qzeros"])
         layer = GptqLinear(
             self.config, module.in_features, module.out_features, module.bias is not None, module.weight.dtype
         )
         return layer.load_checkpoint_tensors(dict(tensors))
+
+
+def _refuse_v2_zeros_labelled_v1(name: str, config: GptqConfig, qzeros: torch.Tensor) -> None:
+    """A symmetric v1 ("gptq") checkpoint stores every zero point as 2**(bits-1) - 1. Every one at
+    2**(bits-1) is GPTQModel's v2 layout under a v1 label: what Transformers' ``save_pretrained``
+    writes after loading a v1 checkpoint with GPTQModel's CPU kernels (they convert the zero points
+    in memory, and the save does not convert them back). Read as v1, every weight would be off by
+    one step; Transformers itself reloads it so. Asymmetric zero points cannot be told apart."""
+    bits = config.bits
+    if not config.sym or config.format != "gptq" or 32 % bits or qzeros.dtype != torch.int32:
+        return
+
+    def word(zero: int) -> int:
+        value = sum(zero << (bits * i) for i in range(32 // bits))
+        return value - (1 << 32) if value >= 1 << 31 else value
+
+    if qzeros.numel() and bool((qzeros == word(2 ** (bits - 1))).all()):
+        raise quantplug.CheckpointError(
+            f"{name}.qzeros: every zero point is {2 ** (bits - 1)}, as GPTQModel's v2 layout stores them, but "
+            f"config.json says format 'gptq' (v1, which stores this symmetric zero point as {2 ** (bits - 1) - 1}): "
+            f"read as v1, every weight would be off by one step. Transformers' save_pretrained writes this after "
+            f"loading a v1 GPTQ checkpoint with GPTQModel's CPU kernels (Transformers reloads it wrong too). If "
+            f'that is how it was saved, set "format" and "checkpoint_format" to "gptq_v2" in config.json\'s '
+            f"quantization_config; otherwise re-save it from the original checkpoint"
+        )
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
