@@ -221,3 +221,26 @@ def test_a_plugin_that_no_longer_imports_is_named_by_doctor_and_on_first_use(run
     assert records(tmp_path) == []  # a plugin that fails is never left in the cache
     again = run(LIST)
     assert "loading plugin 'test-cacheslow'" in again.stderr and "test-cacheslow" not in again.stdout
+
+
+def test_a_reinstall_of_the_same_version_rebuilds_the_cache(run, site, tmp_path):
+    assert run(LIST).returncode == 0 and imports(tmp_path) == 1
+    assert READ in run(LIST).stderr and imports(tmp_path) == 1
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+    ]
+    cmd += ["--disable-pip-version-check", "--upgrade", "--force-reinstall", "--target", str(site)]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "install" / "src" / SLOW)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    again = run(LIST)
+    assert "loading plugin 'test-cacheslow'" in again.stderr and imports(tmp_path) == 2
+    assert READ in run(LIST).stderr and imports(tmp_path) == 2
