@@ -125,6 +125,85 @@ def test_library_written_config_parses_and_writes_back_unchanged(tmp_path):
     assert config.to_dict() == library
 
 
+#: llm-compressor 0.14's AWQ W4A16_ASYM group, as its checkpoints hold it (tests/test_zoo.py writes one)
+_LLMCOMPRESSOR_ASYM = {
+    **SCHEMES["W4A16_ASYM"],
+    "weights": {
+        **SCHEMES["W4A16_ASYM"]["weights"],
+        "actorder": None,
+        "block_structure": None,
+        "observer": "memoryless_minmax",
+        "observer_kwargs": {},
+        "scale_dtype": None,
+        "zp_dtype": "torch.int8",
+    },
+}
+
+
+def test_llmcompressor_group_with_zp_dtype_and_observer_parses_and_writes_back():
+    """zp_dtype is how compressed-tensors >= 0.12 records an asymmetric int zero point; observer and
+    observer_kwargs say how llm-compressor found the scales. Parsed, kept, written back."""
+    data = {"quant_method": "compressed-tensors", "config_groups": {"group_0": _LLMCOMPRESSOR_ASYM}}
+    config = quantplug.config_from_dict(data)
+    assert config.to_dict()["config_groups"] == data["config_groups"]
+    quantplug.AutoQuantizer.from_config(config)  # compressed-tensors' own validation accepts it
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "message"),
+    [
+        (
+            "weights",
+            "zp_dtype",
+            "torch.uint8",
+            r"weights\.zp_dtype='torch\.uint8'.*torch\.int8.*not supported",
+        ),
+        ("weights", "scale_dtype", "torch.uint8", r"weights\.scale_dtype='torch\.uint8'.*float scales"),
+        ("weights", "scale_dtype", "torch.float8_e4m3fn", r"scale_dtype.*NVFP4 / MX"),
+        ("weights", "observer", 3, r"weights\.observer=3: an observer name"),
+        ("input_activations", "zp_dtype", "torch.uint8", r"input_activations\.zp_dtype"),
+    ],
+)
+def test_stored_dtypes_it_cannot_read_are_refused_by_name(where, key, value, message):
+    group = {**SCHEMES["W8A8"], where: {**SCHEMES["W8A8"][where], key: value}}
+    with pytest.raises(quantplug.ConfigError, match=message):
+        quantplug.config_from_dict({"quant_method": "compressed-tensors", "config_groups": {"g": group}})
+
+
+@pytest.mark.parametrize(
+    ("group", "where"),
+    [
+        (
+            {**_LLMCOMPRESSOR_ASYM, "weights": {**_LLMCOMPRESSOR_ASYM["weights"], "observer": "mse"}},
+            "weights",
+        ),
+        (
+            {
+                **SCHEMES["FP8"],
+                "input_activations": {**SCHEMES["FP8"]["input_activations"], "observer": "minmax"},
+            },
+            "input_activations",
+        ),
+    ],
+)
+def test_quantizing_with_an_observer_it_does_not_compute_is_refused_before_any_layer(group, where):
+    """Loading reads any observer (it only records how the stored scales were found); quantizing with
+    one this plugin does not compute (mse; the moving-average minmax for static inputs) would silently
+    give other scales."""
+    from quantplug.testing import tiny_llama
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = {"quant_method": "compressed-tensors", "config_groups": {"g": {**group, "targets": ["Linear"]}}}
+    with pytest.raises(
+        quantplug.ConfigError, match=rf"\['g'\]\.{where}\.observer='(mse|minmax)'.*quantize with"
+    ):
+        calibration = [torch.zeros(1, 4, dtype=torch.long)] if where == "input_activations" else None
+        quantplug.quantize(model, config, calibration_data=calibration)
+    assert all(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.endswith("proj"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 # -- (c) round trip ---------------------------------------------------------------------------
 
 
