@@ -357,8 +357,9 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
     # -- serialization -----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Exactly the keys compressed-tensors' ``ModelCompressor.update_config`` writes."""
-        return {
+        """Exactly the keys compressed-tensors' ``ModelCompressor.update_config`` writes, then the
+        keys another tool added to a checkpoint's config (``extra``, kept as they were)."""
+        out = {
             "config_groups": copy.deepcopy(self.config_groups),
             "format": self.format,
             "global_compression_ratio": self.global_compression_ratio,
@@ -371,6 +372,8 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
             "transform_config": {},
             "version": self.version,
         }
+        out.update({k: copy.deepcopy(v) for k, v in self.extra.items() if k not in out})
+        return out
 
 
 def _library_version() -> str | None:

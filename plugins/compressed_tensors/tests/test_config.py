@@ -125,6 +125,23 @@ def test_library_written_config_parses_and_writes_back_unchanged(tmp_path):
     assert config.to_dict() == library
 
 
+def test_keys_another_tool_adds_are_kept_from_a_checkpoint_and_refused_from_a_user(tmp_path):
+    folder = write_with_library(tmp_path / "lib", {"group_0": preset_name_to_scheme("W4A16", ["Linear"])})
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"]["provider"] = "some-tool"
+    path.write_text(json.dumps(data))
+    model = quantplug.load(folder, progress=False)
+    again = quantplug.save(model, tmp_path / "again")
+    written = json.loads((again / "config.json").read_text())["quantization_config"]
+    assert written["provider"] == "some-tool"
+    assert {k: v for k, v in written.items() if k != "provider"} == {
+        k: v for k, v in data["quantization_config"].items() if k != "provider"
+    }
+    with pytest.raises(quantplug.ConfigError, match="unknown key.*'provider'"):
+        quantplug.config_from_dict(data["quantization_config"])
+
+
 #: llm-compressor 0.14's AWQ W4A16_ASYM group, as its checkpoints hold it (tests/test_zoo.py writes one)
 _LLMCOMPRESSOR_ASYM = {
     **SCHEMES["W4A16_ASYM"],
