@@ -15,7 +15,8 @@ scale, zero point or packing order moves them by whole units):
 - vLLM's greedy tokens equal quantplug's (Transformers' ``generate``) up to the first step where
   quantplug's top-1 / top-2 logit margin is below ``tol`` (there the two may part legitimately);
   all 8 steps for the integer schemes, at least the first for FP8 (the writer scales lm_head so
-  logits spread and picks, of 12 seeded prompts, one whose margins stay above 0.5, else the best).
+  logits spread and picks, of 12 seeded prompts, the first whose margins all stay above ``tol``,
+  else the one that keeps them above it for the most steps from the start).
   The generated tokens' log-probabilities agree within ``tol`` over those steps.
 
 Per refused case, vLLM's own error is asserted, so a vLLM that starts serving it fails here and
@@ -78,7 +79,8 @@ def written(tmp_path_factory) -> Path:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [writer_path, os.environ.get("PYTHONPATH")])),
     }
-    cases = [*SERVED, *REFUSED]
+    # a served case's prompt should keep quantplug's top-1 / top-2 margin above the tolerance
+    cases = [f"{case}:{tol}" for case, (tol, _) in SERVED.items()] + list(REFUSED)
     subprocess.run([sys.executable, str(HERE / "writer.py"), str(out), *cases], env=env, check=True)
     return out
 
