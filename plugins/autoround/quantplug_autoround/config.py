@@ -175,8 +175,9 @@ class AutoRoundConfig(quantplug.QuantConfig):
         gives the missing ones their null default, so the round trip holds."""
         return {k: v for k, v in super().to_dict().items() if v is not None}
 
-    def __hash__(self) -> int:  # extra_config is a dict
-        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+    def __hash__(self) -> int:  # extra_config is a dict; the kept keys (``extra``) are not part of ==
+        fields = {k: v for k, v in self.to_dict().items() if k not in self.extra}
+        return hash(json.dumps(fields, sort_keys=True, default=str))
 
     @property
     def packing(self) -> str:

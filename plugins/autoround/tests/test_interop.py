@@ -13,6 +13,7 @@ import sys
 import textwrap
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,38 +60,68 @@ def _backend_of(model) -> str:
     return "auto" if any(c.__module__.startswith("auto_round_kernel") for c in layer.__mro__) else "torch"
 
 
-def _transformers_logits(folder: Path, ids: torch.Tensor, tmp: Path, backend: str = "torch") -> torch.Tensor:
-    """Logits of Transformers' own from_pretrained (auto-round's integration), in a fresh process, with
-    the auto-round backend quantplug-autoround used (``_backend_of``: its torch backend by default;
-    auto-round-lib's kernel, Transformers' default when installed, is opt-in in quantplug)."""
+def _transformers_logits(
+    folder: Path, ids: torch.Tensor, tmp: Path, backend: str = "torch", resave: bool = False
+) -> Any:
+    """Logits of Transformers' own from_pretrained (auto-round's integration) in float32, in a fresh
+    process, with the auto-round backend quantplug-autoround used (``_backend_of``: its torch backend
+    by default; auto-round-lib's kernel, Transformers' default when installed, is opt-in in quantplug).
+
+    With ``resave``: a dict that also holds the logits of Transformers' re-saves (``save_pretrained``
+    into ``tmp / "resaved-<how>"``, reloaded the same way): "backend" from the model loaded above,
+    "default" from one loaded with Transformers' defaults, as a user does; the error Transformers
+    raises reloading one instead of its logits."""
     from safetensors.torch import load_file, save_file
 
     save_file({"ids": ids}, tmp / "ids.safetensors")
     script = textwrap.dedent(
         f"""
-        import torch
+        import torch, traceback
         from safetensors.torch import load_file, save_file
         from transformers import AutoModelForCausalLM, AutoRoundConfig
-        model = AutoModelForCausalLM.from_pretrained(
-            {str(folder)!r}, device_map="cpu", quantization_config=AutoRoundConfig(backend={backend!r})
-        )
-        layer = type(model.model.layers[0].self_attn.q_proj)
-        assert "QuantLinear" in layer.__name__ or layer.__name__ == "AwqTorchLinear", layer
-        with torch.no_grad():
-            out = model(load_file({str(tmp / "ids.safetensors")!r})["ids"]).logits
-        save_file({{"logits": out.float().contiguous()}}, {str(tmp / "tf.safetensors")!r})
+        ids = load_file({str(tmp / "ids.safetensors")!r})["ids"]
+        def load(path, **kwargs):
+            return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **kwargs)
+        def logits(model):
+            layer = type(model.model.layers[0].self_attn.q_proj)
+            assert "QuantLinear" in layer.__name__ or layer.__name__ == "AwqTorchLinear", layer
+            with torch.no_grad():
+                return model(ids).logits.float().contiguous()
+        backend = dict(quantization_config=AutoRoundConfig(backend={backend!r}))
+        model = load({str(folder)!r}, **backend)
+        out = {{"logits": logits(model)}}
+        if {resave!r}:
+            model.save_pretrained({str(tmp / "resaved-backend")!r})
+            load({str(folder)!r}).save_pretrained({str(tmp / "resaved-default")!r})
+            for how in ("backend", "default"):
+                path = {str(tmp)!r} + "/resaved-" + how
+                try:
+                    out[how] = logits(load(path, **backend))
+                except Exception:
+                    open(path + "/error.txt", "w").write(traceback.format_exc())
+        save_file(out, {str(tmp / "tf.safetensors")!r})
         """
     )
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return load_file(tmp / "tf.safetensors")["logits"]
+    out = load_file(tmp / "tf.safetensors")
+    if not resave:
+        return out["logits"]
+    for how in ("backend", "default"):
+        if how not in out:
+            out[how] = (tmp / f"resaved-{how}" / "error.txt").read_text()
+    return out
 
 
 @pytest.fixture(scope="module")
 def library_folder(tmp_path_factory) -> Path:
     return _library_folder(tmp_path_factory.mktemp("autoround"), bits=4, group_size=32, sym=True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.parametrize(
@@ -99,6 +130,7 @@ def library_folder(tmp_path_factory) -> Path:
         {"bits": 4, "group_size": 32, "sym": True},
         {"bits": 4, "group_size": 64, "sym": False},
         {"bits": 8, "group_size": 128, "sym": True},
+        {"bits": 2, "group_size": 32, "sym": False},
         # the head quantized too: auto-round lists it in extra_config, outside its blocks
         {
             "bits": 4,
@@ -107,23 +139,39 @@ def library_folder(tmp_path_factory) -> Path:
             "layer_config": {"lm_head": {"bits": 4, "group_size": 32}},
         },
     ],
-    ids=["int4-sym", "int4-asym-awq", "int8-sym", "int4-head-quantized"],
+    ids=["int4-sym", "int4-asym-awq", "int8-sym", "int2-asym", "int4-head-quantized"],
 )
 def test_load_folder_written_by_auto_round(settings, tmp_path):
     folder = _library_folder(tmp_path / "ar", **settings)
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "auto-round" and qc["packing_format"].startswith("auto_round")
     ids = token_ids(shape=(2, 16))
-    model = quantplug.load(folder, progress=False)
+    model = quantplug.load(folder, dtype=torch.float32, progress=False)
     name = type(model.model.layers[0].mlp.down_proj).__name__
     assert "QuantLinear" in name or name == "AwqTorchLinear", name
     assert (type(model.lm_head) is torch.nn.Linear) == ("layer_config" not in settings)
     with torch.no_grad():
         ours = model(ids).logits.float()
-    theirs = _transformers_logits(folder, ids, tmp_path, _backend_of(model))
-    # the same torch backend on the same tensors; quantplug builds the model in the stored dtype (bf16)
-    # and Transformers in float32: bf16 rounding is the documented allowance
-    torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2)
+    theirs = _transformers_logits(folder, ids, tmp_path, _backend_of(model), resave=True)
+    # the same backend on the same tensors, both in float32
+    assert _rel(ours, theirs["logits"]) < 1e-2, _rel(ours, theirs["logits"])
+    # Transformers' re-saves: each loads with the logits Transformers reloads it with, or, where
+    # Transformers cannot reload its own re-save (auto-round-lib's CPU kernel repacks the weights on
+    # load, and save_pretrained writes them repacked under the same packing_format), it is refused
+    # naming the tensor whose shape is not the format's
+    for how in ("backend", "default"):
+        again, resave = theirs[how], tmp_path / f"resaved-{how}"
+        if isinstance(again, str):
+            assert "size mismatch" in again or "mismatched_sizes" in again, again[-2000:]
+            with pytest.raises(
+                quantplug.CheckpointError, match=r"qweight' has shape \[\d+\], expected \[\d+, \d+\]"
+            ):
+                quantplug.load(resave, progress=False)
+            continue
+        with torch.no_grad():
+            ours_again = quantplug.load(resave, dtype=torch.float32, progress=False)(ids).logits.float()
+        assert _rel(ours_again, again) < 1e-2, (how, _rel(ours_again, again))
+        assert _rel(again, theirs["logits"]) < 1e-3  # and that re-save kept the model
 
 
 @pytest.mark.parametrize(
@@ -182,3 +230,30 @@ def test_qweight_shape_that_disagrees_with_the_config_is_refused(library_folder,
     (folder / "config.json").write_text(json.dumps(data))
     with pytest.raises(quantplug.CheckpointError, match=r"qweight.*shape"):
         quantplug.load(folder, progress=False)
+
+
+def test_a_key_auto_round_adds_later_is_kept_and_written_back(library_folder, tmp_path):
+    """Keys AutoRoundConfig does not know (a newer auto-round's) load, as the library loads them, and
+    a re-save writes them back; a user's config with one stays strict."""
+    from quantplug_autoround import AutoRoundConfig
+
+    folder = Path(shutil.copytree(library_folder, tmp_path / "newer"))
+    data = json.loads((folder / "config.json").read_text())
+    data["quantization_config"]["future_setting"] = {"mode": "x"}
+    (folder / "config.json").write_text(json.dumps(data))
+    ids = token_ids(shape=(1, 8))
+    model = quantplug.load(folder, progress=False)
+    with torch.no_grad():
+        expected = quantplug.load(library_folder, progress=False)(ids).logits
+        assert torch.equal(model(ids).logits, expected)
+    saved = quantplug.save(model, tmp_path / "again")
+    assert json.loads((saved / "config.json").read_text())["quantization_config"]["future_setting"] == {
+        "mode": "x"
+    }
+    config = AutoRoundConfig.from_checkpoint(data["quantization_config"])
+    plain = AutoRoundConfig.from_dict(
+        {k: v for k, v in data["quantization_config"].items() if k != "future_setting"}
+    )
+    assert config == plain and hash(config) == hash(plain)
+    with pytest.raises(quantplug.ConfigError, match="future_setting"):
+        AutoRoundConfig.from_dict(data["quantization_config"])
