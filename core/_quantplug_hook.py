@@ -5,8 +5,9 @@ without ``import quantplug`` or ``quantplug.register_with_transformers()`` first
 puts one finder on ``sys.meta_path`` that does nothing until ``transformers.quantizers.auto`` is
 imported, then wraps that module's ``get_hf_quantizer`` (``guard``). The wrapper imports quantplug
 (``quantplug.integrations.guard``) only when a model with a quantization config is loaded: a method
-a quantplug backend provides registers the bridge, and a checkpoint Transformers would load wrong
-raises an error that says what to do.
+a quantplug backend provides registers the bridge, a quantplug checkpoint of a method Transformers
+also implements (quanto, hqq) is routed to the bridge, and a checkpoint Transformers would load
+wrong raises an error that says what to do.
 
 Cost: importing this module at start-up (about 0.1 ms; it imports nothing) and one string
 comparison per later import; ``import transformers`` gains a function definition. Set

@@ -120,23 +120,24 @@ def strip_quantplug_metadata(folder) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_a_checkpoint_quantplug_did_not_write_is_not_routed(tmp_path):
-    """hqq without quantplug's header metadata goes Transformers' way (its HqqHfQuantizer, whatever it
-    then makes of the tensors); quanto without it is refused: neither Transformers nor quantplug
-    wrote it."""
+def test_a_checkpoint_without_quantplug_metadata_is_not_routed(tmp_path):
+    """Without quantplug's header metadata the guard cannot tell quantplug wrote the folder: a config
+    in the plugin's form is refused (Transformers cannot read it: for hqq it raises KeyError
+    'quant_config'), with the pointer to quantplug.load, which loads it; quanto is refused too:
+    neither Transformers nor quantplug wrote it."""
     for method in sorted(ROUTED):
         require(method)
         folder, expected = saved(method, tmp_path)
         strip_quantplug_metadata(folder)
-        out = run_child(folder, expected)
+        name, message = run_child(folder, expected)["error"]
+        assert name == "CheckpointError", message
         if method == "hqq":
-            assert out.get("quantizer") == "HqqHfQuantizer" or out["error"][0] not in (
-                "CheckpointError",
-                "UnknownMethodError",
-            ), out
+            assert "its safetensors header has no quantplug metadata" in message
+            assert "load it with quantplug.load(path)" in message
+            with torch.no_grad():
+                logits = quantplug.load(folder)(load_file(expected)["ids"]).logits
+            assert (logits - load_file(expected)["logits"]).abs().max().item() < 1e-4
         else:
-            name, message = out["error"]
-            assert name == "CheckpointError", out
             assert "written neither by Transformers" in message and "nor by quantplug" in message
 
 
@@ -153,11 +154,22 @@ def test_the_guard_decides_from_the_header(tmp_path):
     # a Hub id (or anything but a readable local folder): who wrote it cannot be told, so it is refused
     for where in (None, "someone/hqq-model", str(tmp_path / "missing")):
         assert written_by_quantplug(where, "hqq") is None
-        with pytest.raises(CheckpointError, match=r"Load it with quantplug.load\(path\)"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"not a local folder whose safetensors header says who wrote it\. If quantplug wrote it, load it with quantplug.load\(path\)",
+        ):
             check_checkpoint_config(qconfig, where)
     strip_quantplug_metadata(folder)
     assert written_by_quantplug(folder, "hqq") is False
-    assert check_checkpoint_config(qconfig, folder) is None  # Transformers' way
+    with pytest.raises(CheckpointError, match="no quantplug metadata"):
+        check_checkpoint_config(qconfig, folder)
+    # Transformers' own form of an hqq config (its HqqConfig.to_dict()): Transformers' way, wherever it is
+    from transformers import HqqConfig
+
+    theirs = json.loads(json.dumps(HqqConfig(nbits=4, group_size=64).to_dict(), default=str))
+    theirs["quant_method"] = "hqq"
+    for where in (folder, None, "someone/hqq-model"):
+        assert check_checkpoint_config(theirs, where) is None
 
 
 def test_hook_off_then_register_with_transformers_by_hand(tmp_path):
@@ -196,6 +208,15 @@ def test_quanto_checkpoint_without_its_plugin_is_refused(tmp_path):
         assert "QUANTPLUG_DISABLE_PLUGINS" in message and "pip install" not in message
     else:  # not installed here (the core env): the command that installs it
         assert "provided by the plugin quantplug-quanto: pip install" in message
+
+
+def test_a_quantplug_hqq_checkpoint_with_its_plugin_disabled_is_refused(tmp_path):
+    require("hqq")
+    folder, expected = saved("hqq", tmp_path)
+    name, message = run_child(folder, expected, {"QUANTPLUG_DISABLE_PLUGINS": "hqq"})["error"]
+    assert name == "CheckpointError"
+    assert "written by quantplug's 'hqq' backend in its own format" in message
+    assert "remove hqq from QUANTPLUG_DISABLE_PLUGINS" in message
 
 
 def test_checkpoint_of_a_disabled_first_party_plugin_is_refused(tmp_path):

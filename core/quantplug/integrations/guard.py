@@ -17,10 +17,11 @@ before Transformers decides, a checkpoint's quantization config is checked here:
   and ``quant_method`` in the metadata ``checkpoint.header_metadata`` writes), it is routed to the
   bridge (``route``: registered with Transformers under ``quantplug-<method>``, and the config's
   ``quant_method`` read as that name for this load) and loads right; a local folder without that
-  header was written by another tool (Transformers' own hqq integration) and is left to
-  Transformers, except quanto, which Transformers cannot have saved (refused). When the folder
-  cannot be read (a Hub id, a ``subfolder``), the checkpoint is refused with ``CheckpointError``
-  saying to use ``quantplug.load`` if the backend's config class accepts its config;
+  header is left to Transformers when its config is in Transformers' form (the plugin's config
+  class refuses it, e.g. Transformers' nested hqq ``quant_config``); quanto is refused (Transformers
+  cannot have saved it). A config in the plugin's form without that header (a Hub id, a
+  ``subfolder``, a header another tool rewrote) is refused with ``CheckpointError`` saying to use
+  ``quantplug.load``;
 - anything else (no quantization config, a format Transformers reads): untouched, at the cost of
   one attribute lookup.
 
@@ -229,19 +230,23 @@ def check_checkpoint_config(qconfig: dict[str, Any], folder: Any = None) -> str 
         return None
     if written:
         return route(method)
-    if written is None and _accepts(backend, qconfig):
-        raise CheckpointError(
-            f"from_pretrained: this {method!r} checkpoint may have been written by quantplug's {method!r} "
-            f"backend ({backend.plugin or 'a plugin'}) in its own format, which Transformers' {method!r} "
-            f"integration cannot read (it would load a wrong model), and it is not a local folder whose "
-            f"safetensors header tells who wrote it. Load it with quantplug.load(path) (a local folder, or "
-            f"download it first): it returns the same Transformers model class"
-        )
     if written is False and method in NOT_SAVED_BY_TRANSFORMERS:
         raise CheckpointError(
             f"from_pretrained: this pre-quantized {method!r} checkpoint was written neither by Transformers "
             f"({NOT_SAVED_BY_TRANSFORMERS[method]}) nor by quantplug (its safetensors header has no "
             f"quantplug metadata for {method!r}): neither can load it right"
+        )
+    if _accepts(backend, qconfig):  # quantplug's form of the config, not Transformers'
+        why = (
+            "it is not a local folder whose safetensors header says who wrote it"
+            if written is None
+            else "its safetensors header has no quantplug metadata (rewritten by another tool?)"
+        )
+        raise CheckpointError(
+            f"from_pretrained: this {method!r} checkpoint's quantization_config has the form quantplug's "
+            f"{method!r} backend ({backend.plugin or 'a plugin'}) writes, which Transformers' {method!r} "
+            f"integration cannot read (it would load a wrong model or fail), but {why}. If quantplug wrote "
+            f"it, load it with quantplug.load(path): it returns the same Transformers model class"
         )
     return None
 
