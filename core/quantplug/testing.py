@@ -159,8 +159,8 @@ class BackendConformance:
         heavy = {"torch", *self.library_modules, backend.quantizer.partition(":")[0]}
         script = textwrap.dedent(
             f"""
-            import json, sys, quantplug
-            quantplug.backends()
+            import json, os, sys; os.environ["QUANTPLUG_PLUGIN_CACHE"] = "0"  # imports the entry point
+            import quantplug; quantplug.backends()
             quantplug.config_from_dict(json.loads({json.dumps({"quant_method": self.backend_name, **case[0]})!r}))
             heavy = {sorted(heavy)!r}
             print(json.dumps(sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy))))
