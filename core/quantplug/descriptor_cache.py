@@ -22,7 +22,8 @@ the same key, and rebuilds into valid descriptors; anything else is ignored and 
 record is written only when reading it back gives descriptors equal to those the plugin registered.
 A config class that no longer imports (a library removed under an unchanged plugin) raises
 ``BackendUnavailableError`` and deletes the record, so the next command imports the plugin for real
-and reports it. ``quantplug doctor`` always imports every plugin (``discovery.verify_plugins``).
+and reports it. ``quantplug doctor`` imports the module of every plugin read from the cache
+(``discovery.verify_plugins``).
 ``QUANTPLUG_PLUGIN_CACHE=0`` turns the cache off (nothing read or written).
 """
 
@@ -68,7 +69,7 @@ def _package_files(top: str) -> list[str] | None:
     """Every ``.py`` file of top-level module or package ``top``, located without importing it."""
     try:
         spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
+    except Exception:  # noqa: BLE001 - whatever a finder raises, the plugin is imported, not cached
         return None
     if spec is None:
         return None
@@ -279,7 +280,10 @@ def read(ep: Any, key: str, plugin: str, version: str) -> CachedPlugin | None:
 def write(ep: Any, key: str, import_seconds: float, hook_seconds: float, backends: list[Backend]) -> bool:
     """Record ``backends`` (as registered, ``plugin`` filled in) for ``ep`` under ``key`` when they
     read back equal; True when written. Errors writing are ignored (the cache is an optimisation)."""
-    encoded = [_encode_backend(b) for b in backends]
+    try:
+        encoded = [_encode_backend(b) for b in backends]
+    except Exception:  # noqa: BLE001 - not representable as data: not cached
+        return False
     if any(e is None for e in encoded):
         return False
     record = {
