@@ -345,6 +345,9 @@ class Quantizer:
         (``None`` = not checked). The default reads them off ``empty_module``."""
         return {k: (tuple(t.shape), t.dtype) for k, t in self.empty_module(name, module).state_dict().items()}
 
+    def explain_stored_layout(self, name: str, stored: dict[str, Any]) -> str | None:
+        """Why layer ``name``'s stored tensors ({key: (shape, dtype)}) are not this format's, or None."""
+
     def checkpoint_metadata(self, modules: dict[str, nn.Module]) -> dict[str, str]:
         """Extra string entries for the header of every safetensors file ``save`` writes, given the
         quantized modules by name (e.g. the per-tensor descriptions Transformers' torchao loader

@@ -181,6 +181,7 @@ class _Layout:
     prequantized: bool
     method: str | None
     aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    quantizer: Any = None
 
     @classmethod
     def plan(cls, model: nn.Module, walk: LayerWalk | None, prequantized: bool) -> _Layout:
@@ -198,7 +199,14 @@ class _Layout:
             owned[name] = [f"{name}.{k}" for k in spec]
             expected.update({f"{name}.{k}": v for k, v in spec.items()})
         method = walk.quantizer.config.quant_method if walk is not None else None
-        return cls(model, expected, owned, metas, prequantized, method)
+        return cls(model, expected, owned, metas, prequantized, method, quantizer=walk and walk.quantizer)
+
+    def _error(self, folder: Path, ckpt: Checkpoint, key: str, what: str) -> CheckpointError:
+        """``key`` has ``what``; the quantizer of the pre-quantized layer owning it may say why."""
+        name = next((n for n, keys in self.owned.items() if key in keys), "")
+        stored = {k[len(name) + 1 :]: ckpt.spec(k) for k in self.owned.get(name, ()) if k in ckpt.where}
+        why = self.quantizer.explain_stored_layout(name, stored) if name and self.prequantized else None
+        return CheckpointError(f"{folder}: tensor {key!r} has {what}" + (f": {why}" if why else ""))
 
     def verify(self, folder: Path, ckpt: Checkpoint) -> None:
         """Every stored key, shape and dtype is what the plan expects, nothing is missing."""
@@ -219,11 +227,9 @@ class _Layout:
             shape, dt = self.expected[key]
             got_shape, got_dtype = ckpt.spec(key)
             if shape is not None and tuple(got_shape) != tuple(shape):
-                raise CheckpointError(
-                    f"{folder}: tensor {key!r} has shape {list(got_shape)}, expected {list(shape)}"
-                )
+                raise self._error(folder, ckpt, key, f"shape {list(got_shape)}, expected {list(shape)}")
             if dt is not None and got_dtype != dt:
-                raise CheckpointError(f"{folder}: tensor {key!r} has dtype {got_dtype}, expected {dt}")
+                raise self._error(folder, ckpt, key, f"dtype {got_dtype}, expected {dt}")
             mine = model_state.get(key)
             if dt is None and mine is not None and not _compatible_dtype(got_dtype, mine.dtype):
                 # full-precision floats may be stored in any float dtype (they are cast); nothing else

@@ -249,6 +249,18 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             k: (tuple(t.shape), t.dtype) for k, t in self._packing_module(name, module).state_dict().items()
         }
 
+    def explain_stored_layout(self, name, stored):
+        qweight = stored.get("qweight")
+        if qweight is None or len(qweight[0]) != 1:
+            return None
+        return (
+            f"a flat qweight ({qweight[1]}) is auto-round-lib's CPU kernel's repacked layout, not the "
+            f"{self.config.packing_format} packing config.json names: Transformers' save_pretrained writes it after "
+            f"loading a checkpoint with that kernel (its default on a CPU), and neither Transformers nor quantplug "
+            f"reads it. Save again from the original checkpoint, loaded with quantplug or with Transformers and "
+            f'AutoRoundConfig(backend="torch")'
+        )
+
     def offload_refusal(self) -> str | None:
         return (
             "auto-round-lib's CPU kernel repacks a layer's weights on load, and the layer keeps the "

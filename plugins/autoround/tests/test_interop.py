@@ -158,13 +158,14 @@ def test_load_folder_written_by_auto_round(settings, tmp_path):
     # Transformers' re-saves: each loads with the logits Transformers reloads it with, or, where
     # Transformers cannot reload its own re-save (auto-round-lib's CPU kernel repacks the weights on
     # load, and save_pretrained writes them repacked under the same packing_format), it is refused
-    # naming the tensor whose shape is not the format's
+    # naming the tensor whose shape is not the format's, and why
     for how in ("backend", "default"):
         again, resave = theirs[how], tmp_path / f"resaved-{how}"
         if isinstance(again, str):
             assert "size mismatch" in again or "mismatched_sizes" in again, again[-2000:]
             with pytest.raises(
-                quantplug.CheckpointError, match=r"qweight' has shape \[\d+\], expected \[\d+, \d+\]"
+                quantplug.CheckpointError,
+                match=r"qweight' has shape \[\d+\], expected \[\d+, \d+\]: a flat qweight .* auto-round-lib's CPU kernel's repacked",
             ):
                 quantplug.load(resave, progress=False)
             continue
