@@ -10,13 +10,17 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 @pytest.fixture(scope="session")
 def written_by_gptqmodel(tmp_path_factory):
     """Tiny Llamas quantized and saved by GPTQModel's own API: {kind: (full-precision folder, its
-    GPTQ checkpoint)}. v1 / v2 layouts, act-order and asymmetric pairwise, and 8 bits."""
+    GPTQ checkpoint)}: v1 and v2 layouts, each with and without act-order, symmetric and
+    asymmetric, and 8 bits."""
     from test_gptq import _gptqmodel_checkpoint
 
     root = tmp_path_factory.mktemp("gptqmodel")
     kinds = {
         "v1-sym": dict(sym=True, format="gptq"),
+        "v1-asym": dict(sym=False, format="gptq"),
+        "v1-act-order-sym": dict(sym=True, desc_act=True, format="gptq"),
         "v1-act-order-asym": dict(sym=False, desc_act=True, format="gptq"),
+        "v2-sym": dict(sym=True, format="gptq_v2"),
         "v2-asym": dict(sym=False, format="gptq_v2"),
         "v2-act-order-sym": dict(sym=True, desc_act=True, format="gptq_v2"),
         "v2-act-order-asym": dict(sym=False, desc_act=True, format="gptq_v2"),

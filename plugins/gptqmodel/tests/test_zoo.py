@@ -35,7 +35,10 @@ from quantplug.testing import tiny_llama, token_ids
 #: auto-round runs: (name, settings); each is exported to both formats
 AUTO_ROUND = {"sym": {"sym": True}, "asym": {"sym": False}}
 AUTO_ROUND_FORMATS = {"auto_gptq": "gptq", "auto_awq": "awq"}
-GPTQMODEL = ("v1-sym", "v1-act-order-asym", "v2-asym", "v2-act-order-sym", "v2-act-order-asym", "v1-8bit")
+GPTQMODEL = (
+    "v1-sym", "v1-asym", "v1-act-order-sym", "v1-act-order-asym",
+    "v2-sym", "v2-asym", "v2-act-order-sym", "v2-act-order-asym", "v1-8bit",
+)  # fmt: skip
 CASES = [f"gptqmodel-{k}" for k in GPTQMODEL] + [
     f"auto-round-{fmt}-{k}" for k in AUTO_ROUND for fmt in AUTO_ROUND_FORMATS
 ]
@@ -132,7 +135,7 @@ def zoo(written_by_gptqmodel, tmp_path_factory):
 
 
 #: symmetric v1 checkpoints, whose Transformers re-save quantplug refuses (see below)
-V1_SYM = {"gptqmodel-v1-sym", "gptqmodel-v1-8bit", "auto-round-auto_gptq-sym"}
+V1_SYM = {"gptqmodel-v1-sym", "gptqmodel-v1-act-order-sym", "gptqmodel-v1-8bit", "auto-round-auto_gptq-sym"}
 
 
 def _load(folder: Path) -> torch.nn.Module:
