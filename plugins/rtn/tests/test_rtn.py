@@ -205,7 +205,9 @@ def test_pre_redesign_fixtures_load_and_compute_as_before(name):
         assert layer.integer_zero, layer_name
         scale, zero = stored[f"{layer_name}.scale"], stored[f"{layer_name}.zero"]
         padded = scale.shape[1] * layer.group_size
-        codes = unpack(stored[f"{layer_name}.qweight"], layer.bits, padded).reshape(scale.shape[0], -1, layer.group_size)
+        codes = unpack(stored[f"{layer_name}.qweight"], layer.bits, padded).reshape(
+            scale.shape[0], -1, layer.group_size
+        )
         weight = old_dequantize(codes, scale, zero, layer.in_features)
         assert torch.equal(layer.dequantize(), weight), layer_name
         reference.get_submodule(layer_name).weight.data.copy_(weight)
