@@ -588,10 +588,11 @@ def test_bfloat16_quantized_checkpoint_loads(tmp_path):
 def test_backend_header_metadata_is_written_and_validated(tmp_path, monkeypatch):
     model = quantized_llama()
     quantizer = model.quantplug_info.quantizer
-    seen = {}
+    seen, names = {}, []
 
-    def checkpoint_metadata(modules):
+    def checkpoint_metadata(modules, stored):
         seen.update(modules)
+        names.extend(stored)
         return {"mybackend.layers": json.dumps(sorted(modules))}
 
     monkeypatch.setattr(quantizer, "checkpoint_metadata", checkpoint_metadata)
@@ -600,10 +601,12 @@ def test_backend_header_metadata_is_written_and_validated(tmp_path, monkeypatch)
     with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
         meta = f.metadata()
     assert json.loads(meta["mybackend.layers"]) == sorted(seen)
+    with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
+        assert sorted(names) == sorted(f.keys())  # every stored tensor, named
     assert meta["quant_method"] == "rtn"  # the core's own entries stay
     assert torch.equal(logits(quantplug.load(ckpt, progress=False), token_ids()), logits(model, token_ids()))
 
-    monkeypatch.setattr(quantizer, "checkpoint_metadata", lambda modules: {"quant_method": "other"})
+    monkeypatch.setattr(quantizer, "checkpoint_metadata", lambda modules, stored: {"quant_method": "other"})
     with pytest.raises(quantplug.PluginError, match="clash"):
         quantplug.save(model, tmp_path / "clash")
     assert not (tmp_path / "clash").exists()

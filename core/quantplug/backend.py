@@ -348,10 +348,10 @@ class Quantizer:
     def explain_stored_layout(self, name: str, stored: dict[str, Any]) -> str | None:
         """Why layer ``name``'s stored tensors ({key: (shape, dtype)}) are not this format's, or None."""
 
-    def checkpoint_metadata(self, modules: dict[str, nn.Module]) -> dict[str, str]:
-        """Extra string entries for the header of every safetensors file ``save`` writes, given the
-        quantized modules by name (e.g. the per-tensor descriptions Transformers' torchao loader
-        reads). Keys must not clash with quantplug's own (``format``, ``quantplug_*``, ...)."""
+    def checkpoint_metadata(self, modules: dict[str, nn.Module], stored: list[str]) -> dict[str, str]:
+        """Extra string entries for every safetensors header ``save`` writes, given the quantized
+        modules by name and the keys of every stored tensor (e.g. torchao's tensor descriptions).
+        Keys must not clash with quantplug's own (``format``, ``quantplug_*``, ...)."""
         return {}
 
     def needs_calibration(self) -> bool:

@@ -200,7 +200,7 @@ def save(
             f"backend {info.config.quant_method!r} declares that its models cannot be saved"
         )
     tensors, aliases = checkpoint_tensors(model)
-    meta = _file_metadata(model, info, aliases)
+    meta = _file_metadata(model, info, aliases, [key for key, _ in tensors])
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.quantplug-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -223,13 +223,13 @@ def save(
 
 
 def _file_metadata(
-    model: nn.Module, info: QuantizedModelInfo | None, aliases: dict[str, str]
+    model: nn.Module, info: QuantizedModelInfo | None, aliases: dict[str, str], stored: list[str]
 ) -> dict[str, str]:
     """The header metadata of every file: quantplug's own, the backend's ``checkpoint_metadata``
     (checked: strings that do not clash with quantplug's keys) and the aliases of tied tensors."""
     meta = header_metadata(info)
     if info is not None:
-        extra = info.quantizer.checkpoint_metadata({n: model.get_submodule(n) for n in info.modules})
+        extra = info.quantizer.checkpoint_metadata({n: model.get_submodule(n) for n in info.modules}, stored)
         bad = [
             k
             for k, v in extra.items()

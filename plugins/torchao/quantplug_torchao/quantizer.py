@@ -254,17 +254,27 @@ class TorchaoQuantizer(quantplug.Quantizer):
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def checkpoint_metadata(self, modules: dict[str, nn.Module]) -> dict[str, str]:
-        """torchao's per-tensor header entries (``"<layer>.weight": {"_type": ..., "_data": ...}`` and
-        ``tensor_names``), which Transformers' torchao loader needs to rebuild the tensor subclasses.
-        quantplug itself rebuilds them from the config and does not read these."""
+    def checkpoint_metadata(self, modules: dict[str, nn.Module], stored: list[str]) -> dict[str, str]:
+        """torchao's header entries, as its ``flatten_tensor_state_dict`` writes them: each quantized
+        weight described (``"<layer>.weight": {"_type": ..., "_data": ...}``), every other stored
+        tensor ``{"_type": "Tensor"}``, and ``tensor_names`` naming them all in file order.
+        Transformers' torchao loader and vLLM's rebuild the model from these (vLLM loads only the
+        tensors ``tensor_names`` names: unnamed embeddings and norms stayed uninitialised, NaN
+        logits); quantplug itself rebuilds them from the config and does not read these."""
         meta = {
             f"{name}.weight": subclass_metadata(module.weight)
             for name, module in modules.items()
             if isinstance(module, TorchaoLinear)
         }
-        if meta:
-            meta["tensor_names"] = json.dumps(sorted(meta))
+        if not meta:
+            return {}
+        names: dict[str, None] = {}  # in file order
+        for key in stored:
+            layer, flattened, _ = key.partition("._weight_")
+            names.setdefault(f"{layer}.weight" if flattened and f"{layer}.weight" in meta else key)
+        plain = json.dumps({"_type": torch.Tensor.__name__})
+        meta.update({name: plain for name in names if name not in meta})
+        meta["tensor_names"] = json.dumps(list(names))
         return meta
 
     def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:

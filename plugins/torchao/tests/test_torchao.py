@@ -241,7 +241,18 @@ def test_quantplug_checkpoint_loads_with_transformers_identically(fp_checkpoint,
     with safe_open(str(ours / "model.safetensors"), framework="pt") as f:
         header = f.metadata()
     assert json.loads(header["model.layers.0.mlp.down_proj.weight"])["_type"] == "Int8Tensor"
-    assert "model.layers.0.mlp.down_proj.weight" in json.loads(header["tensor_names"])
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        theirs = f.metadata()
+    # every tensor named, as Transformers names them: vLLM loads only the tensors tensor_names names
+    # (it served quantplug's checkpoints with NaN logits when the embeddings and norms were left out)
+    names = json.loads(header["tensor_names"])
+    assert sorted(names) == sorted(json.loads(theirs["tensor_names"]))
+    assert all(json.loads(header[n])["_type"] == json.loads(theirs[n])["_type"] for n in names)
+    from safetensors.torch import load_file
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    rebuilt, leftover = unflatten_tensor_state_dict(load_file(str(ours / "model.safetensors")), header)
+    assert leftover == {} and sorted(rebuilt) == sorted(names)
     assert header["quant_method"] == "torchao"  # quantplug's own entries are kept
     loaded = AutoModelForCausalLM.from_pretrained(ours, device_map="cpu")
     assert type(loaded.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
