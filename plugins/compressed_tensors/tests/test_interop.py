@@ -65,12 +65,17 @@ def write_with_library(folder, config_groups: dict, ignore=("lm_head",), seed=0,
     return folder
 
 
-def library_logits(folder, ids, seed=7) -> torch.Tensor:
-    """compressed-tensors' own load: apply the stored config to a fresh model, compress its
-    structure, load the stored tensors, ``decompress_model``, run."""
+def library_logits(folder, ids) -> torch.Tensor:
+    """compressed-tensors' own load of ``folder`` in float32: apply the stored config to a fresh
+    model of the folder's config, compress its structure, load the stored tensors,
+    ``decompress_model``, run (other weights are random: every quantized tensor must come from the
+    files). test_zoo.py uses it too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     config = QuantizationConfig.model_validate(qc)
-    model = tiny_llama(seed=seed)  # other weights: every quantized tensor must come from the files
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
     apply_quantization_config(model, config)
     compressor = ModelCompressor(quantization_config=config)
     compressor.compress_model(model)

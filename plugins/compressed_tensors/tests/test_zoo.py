@@ -27,10 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressed_tensors.compressors import ModelCompressor
-from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from test_interop import library_logits  # compressed-tensors' own load, the reference
 
 import quantplug
 from quantplug.testing import logits, tiny_llama, token_ids
@@ -57,26 +55,6 @@ TRANSFORMERS_REFUSES = {"autoround_w4g128_asym", "awq_w4a16_asym"}
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
-
-
-def library_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' own load of ``folder`` in float32 (model weights not in the folder are
-    random: every quantized tensor must come from the files)."""
-    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-    config = QuantizationConfig.model_validate(qc)
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
-    apply_quantization_config(model, config)
-    compressor = ModelCompressor(quantization_config=config)
-    compressor.compress_model(model)
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
-    assert not [k for k in missing if "rotary" not in k], missing
-    compressor.decompress_model(model)
-    return logits(model, ids)
 
 
 _TRANSFORMERS = textwrap.dedent(
