@@ -1,23 +1,22 @@
 """Discovery: which plugins are installed and which backends they register. Plugin loading from
 entry points in the ``quantplug`` group, allow/deny lists from the environment, per-plugin error
 isolation, tracing, and the process-wide registry (``registry()``, ``register_plugin``,
-``register_backend``, ``plugins()``, ``problems()``). Dispatch by ``quant_method`` is
-``quantplug.dispatch``'s.
+``register_backend``, ``plugins()``, ``problems()``); dispatch is ``quantplug.dispatch``'s.
 
 Each plugin is loaded and asked for its backends on its own. A plugin that fails to import,
 raises in a hook or registers an invalid descriptor is recorded as a ``Problem`` (shown by
 ``quantplug doctor``); the other plugins are unaffected. A backend name registered by two plugins
 is ambiguous: neither is used (load order never decides who owns a ``quant_method``), each
 claimant gets a problem, and ``get_backend`` says how to choose. Each plugin's import and
-``register_backends`` times are kept; a plugin whose import is slow is a problem too. What a
-plugin registered is cached (``quantplug.descriptor_cache``): later processes do not import it.
+``register_backends`` times are kept; a slow import is a problem too. What a plugin registered is
+cached (``quantplug.descriptor_cache``): later processes do not import it, unless it opts out.
 
 Environment:
     QUANTPLUG_PLUGINS          comma list of plugins to load (entry point or distribution names);
                                set but empty loads none
     QUANTPLUG_DISABLE_PLUGINS  comma list of plugins not to load
     QUANTPLUG_TRACE_PLUGINS=1  print each plugin load (with its import time) and hook call to stderr
-(the two lists: ``quantplug.plugin_env``; a name in them that matches no installed plugin is a problem)
+(the two lists: ``quantplug.plugin_env``; a name that matches no installed plugin is a problem)
 """
 
 from __future__ import annotations
@@ -120,10 +119,11 @@ class Registry:
         self._log(f"plugin {ep.name!r} imported in {info.import_seconds * 1e3:.1f} ms")
         before = len(self.problems)
         self._register(obj, info)
-        clean = key is not None and info.status == "loaded" and len(self.problems) == before
+        opted_in = getattr(obj, "QUANTPLUG_CACHE_DESCRIPTORS", True) is not False  # see CONTRIBUTING 2
+        clean = opted_in and key is not None and info.status == "loaded" and len(self.problems) == before
         mine = [self._claim(info, name) for name in info.backends] if clean else []
         if not (clean and descriptor_cache.write(ep, key, info.import_seconds, info.hook_seconds, mine)):
-            # a plugin with a problem (or descriptors that are not plain data) is never cached
+            # a plugin with a problem, one that opted out, or descriptors that are not plain data
             descriptor_cache.forget(ep, key)
 
     def _import_failed(self, ep: Any, key: str | None, info: PluginInfo, exc: BaseException) -> None:

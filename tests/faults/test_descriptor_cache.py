@@ -160,6 +160,19 @@ def test_an_edit_or_a_new_version_of_the_plugin_rebuilds_the_cache(run, site, tm
     assert f"({SLOW} 0.0.2) read from the descriptor cache" in again.stderr and imports(tmp_path) == 3
 
 
+def test_a_plugin_that_opts_out_is_imported_by_every_process(run, site, tmp_path):
+    """quantplug-torchao's module quiets torchao's import, which Transformers triggers: it must run
+    in every process that loads plugins, so it sets QUANTPLUG_CACHE_DESCRIPTORS = False."""
+    assert run(LIST).returncode == 0 and imports(tmp_path) == 1 and len(records(tmp_path)) == 1
+    module = site / f"{MODULE}.py"
+    module.write_text(module.read_text() + "\nQUANTPLUG_CACHE_DESCRIPTORS = False\n")
+    for n in (2, 3):
+        proc = run(LIST)
+        assert "loading plugin 'test-cacheslow'" in proc.stderr and "test-cacheslow" in proc.stdout
+        # no record is written: the one left is the unedited module's (another key, never read again)
+        assert imports(tmp_path) == n and len(records(tmp_path)) == 1 and READ not in proc.stderr
+
+
 @pytest.mark.parametrize(
     "damage",
     [

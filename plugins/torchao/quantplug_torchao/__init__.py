@@ -131,6 +131,10 @@ def quiet_torchao_import() -> None:
 
 quiet_torchao_import()
 
+#: this module runs in every process that loads quantplug's plugins (not read from the descriptor
+#: cache), so Transformers' import of torchao is quiet there too; it imports neither torch nor torchao
+QUANTPLUG_CACHE_DESCRIPTORS = False
+
 
 @quantplug.hookimpl
 def register_backends(register):
