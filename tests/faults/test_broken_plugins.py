@@ -192,22 +192,19 @@ def install_plugins(root: Path, plugins: dict[str, tuple[str, str]]) -> Path:
         )
         sources.append(str(src))
     target = root / "site"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--no-deps",
-        "--no-build-isolation",
-        "--no-index",
-    ]
-    cmd += ["--disable-pip-version-check", "--target", str(target), *sources]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = pip_install(target, *sources)
     assert proc.returncode == 0, f"pip install of the test plugins failed:\n{proc.stdout}\n{proc.stderr}"
     for dist in (d for d, _ in plugins.values()):
         assert list(target.glob(f"{dist.replace('-', '_')}-0.0.1.dist-info")), f"{dist} was not installed"
     return target
+
+
+def pip_install(target: Path, *args: str) -> subprocess.CompletedProcess:
+    """pip-install local source folders (``args``, with any extra pip options) into ``target``,
+    offline: no dependencies, no build isolation, no index."""
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    cmd += ["--no-index", "--disable-pip-version-check", "--target", str(target), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ._support import record
-from .test_broken_plugins import CONFIG_SOURCE, install_plugins
+from .test_broken_plugins import CONFIG_SOURCE, install_plugins, pip_install
 
 SLOW = "quantplug-test-cacheslow"
 MODULE = "qpt_cacheslow"
@@ -239,20 +239,7 @@ def test_a_plugin_that_no_longer_imports_is_named_by_doctor_and_on_first_use(run
 def test_a_reinstall_of_the_same_version_rebuilds_the_cache(run, site, tmp_path):
     assert run(LIST).returncode == 0 and imports(tmp_path) == 1
     assert READ in run(LIST).stderr and imports(tmp_path) == 1
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--no-deps",
-        "--no-build-isolation",
-        "--no-index",
-    ]
-    cmd += ["--disable-pip-version-check", "--upgrade", "--force-reinstall", "--target", str(site)]
-    proc = subprocess.run(
-        [*cmd, str(tmp_path / "install" / "src" / SLOW)], capture_output=True, text=True, timeout=300
-    )
+    proc = pip_install(site, "--upgrade", "--force-reinstall", str(tmp_path / "install" / "src" / SLOW))
     assert proc.returncode == 0, proc.stderr
     again = run(LIST)
     assert "loading plugin 'test-cacheslow'" in again.stderr and imports(tmp_path) == 2
