@@ -19,19 +19,10 @@ import torch
 
 import quantplug
 
-#: model dims: 128-wide inputs so group size 128 fits every Linear; head_dim 32
-DIMS = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=384,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+#: quantplug.testing.tiny_llama (128-wide inputs, so group size 128 fits every Linear; head_dim 32),
+#: with room for the prompt and the tokenizer's special ids
+OVERRIDES = dict(max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+VOCAB_SIZE = 384  # tiny_llama's; source_model checks it
 DTYPE = torch.bfloat16
 NEW_TOKENS = 8
 PROMPT_LEN = 12
@@ -78,7 +69,7 @@ def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, DIMS["vocab_size"])}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB_SIZE)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -86,10 +77,10 @@ def tokenizer():
 
 def source_model(folder: Path):
     """The random Llama in bfloat16, saved with its tokenizer to ``folder``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from quantplug.testing import tiny_llama
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**DIMS)).eval()
+    model = tiny_llama(seed=0, **OVERRIDES)
+    assert model.config.vocab_size == VOCAB_SIZE, model.config.vocab_size
     with torch.no_grad():
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model = model.to(DTYPE)
@@ -110,7 +101,7 @@ def write_case(name: str, source: Path, out: Path) -> Path:
         calib = None
         if config.get("scheme", config["quant_method"]) in CALIBRATED:
             gen = torch.Generator().manual_seed(7)
-            calib = [torch.randint(3, DIMS["vocab_size"], (1, 32), generator=gen) for _ in range(4)]
+            calib = [torch.randint(3, VOCAB_SIZE, (1, 32), generator=gen) for _ in range(4)]
         quantplug.quantize(model, config, calibration_data=calib)
         quantplug.save(model, target, extra_files=tok_files)
     else:
@@ -127,7 +118,7 @@ def prompt_with_margin(model, enough: float, tries: int = 40) -> list[int]:
     best: tuple[list[int], tuple[int, float]] = ([], (-1, -1.0))
     for seed in range(tries):
         gen = torch.Generator().manual_seed(100 + seed)
-        ids = torch.randint(3, DIMS["vocab_size"], (1, PROMPT_LEN), generator=gen)
+        ids = torch.randint(3, VOCAB_SIZE, (1, PROMPT_LEN), generator=gen)
         margins = greedy(model, ids)["margins"]
         clear = next((i for i, m in enumerate(margins) if m < enough), len(margins))
         score = (clear, min(margins))
