@@ -15,8 +15,10 @@ writes checkpoints (atomically); ``quantplug.loading`` loads them. Nothing is ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,17 @@ def non_checkpoint_files(folder: Path) -> list[Path]:
     ]
 
 
+@dataclasses.dataclass
+class Derived:
+    """A tensor built from stored ones: its shape and dtype, and ``build(read)``, where
+    ``read(key, first=None)`` reads a stored tensor (or only index ``first`` of its leading
+    dimension)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    build: Callable[[Callable[..., torch.Tensor]], torch.Tensor]
+
+
 class Checkpoint:
     """The safetensors files of a checkpoint folder: which file holds each tensor (headers only)."""
 
@@ -105,6 +118,7 @@ class Checkpoint:
                         f"{folder}: tensor {key!r} is stored twice ({self.where[key].path.name}, {name})"
                     )
                 self.where[key] = f
+        self._all_where = dict(self.where)
         if weight_map is not None:
             for key, fname in weight_map.items():
                 if key not in self.where or self.where[key].path.name != fname:
@@ -129,6 +143,9 @@ class Checkpoint:
         self.aliases: dict[str, str] = aliases
         self.stored_name: dict[str, str] = {}
         """Tensors presented under another name than stored (``present_as``): name -> stored key."""
+        self._whole: dict[tuple[Path, str], torch.Tensor] = {}
+        self.derived: dict[str, Derived] = {}
+        """Tensors the model reads that are built from stored ones (``derive``): name -> how."""
 
     def present_as(self, names: dict[str, str], ignore: set[str] = frozenset()) -> None:
         """Present stored tensor ``k`` as ``names[k]`` (keys not in ``names`` keep theirs), and
@@ -141,10 +158,18 @@ class Checkpoint:
             where[name] = f
             stored[name] = self.stored_name.get(key, key)
         self.where, self.stored_name = where, stored
+        self._all_where = dict(where)
         self.aliases = {names.get(a, a): names.get(s, s) for a, s in self.aliases.items()}
 
+    def derive(self, views: dict[str, Derived], consumed: set[str]) -> None:
+        """Present each of ``views`` (a tensor built from stored ones, e.g. one expert's slice of a
+        stacked tensor, or experts stacked into one) and stop presenting the stored keys in
+        ``consumed``, which only those views read."""
+        self.derived.update(views)
+        self.where = {k: f for k, f in self.where.items() if k not in consumed}
+
     def keys(self) -> set[str]:
-        return set(self.where)
+        return set(self.where) | set(self.derived)
 
     def most_common_float_dtype(self) -> torch.dtype:
         """The floating dtype most tensors are stored in (float32 when there are none)."""
@@ -156,11 +181,35 @@ class Checkpoint:
         return max(counts, key=counts.get) if counts else torch.float32
 
     def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        view = self.derived.get(key)
+        if view is not None:
+            return view.shape, view.dtype
         dtype, shape, _, _ = self.where[key].entries[self.stored_name.get(key, key)]
         return shape, dtype
 
     def read(self, key: str) -> torch.Tensor:
+        view = self.derived.get(key)
+        if view is not None:
+            return view.build(self._read_stored)
         return self.where[key].read(self.stored_name.get(key, key))
+
+    def _read_stored(self, key: str, first: int | None = None) -> torch.Tensor:
+        """A stored tensor by the name it is presented under (including names ``derive`` stopped
+        presenting); ``first``: only that index of its leading dimension."""
+        f = self._all_where.get(key)
+        if f is None:
+            raise CheckpointError(f"{self.folder}: tensor {key!r} is not in the checkpoint")
+        name = self.stored_name.get(key, key)
+        if first is None:
+            return f.read(name)
+        if name not in f.checksums:
+            return f.read_index(name, first)
+        # a checksum covers the whole tensor: read it whole (checked) once, for all its indices
+        cached = self._whole.get((f.path, name))
+        if cached is None:
+            cached = f.read(name)
+            self._whole = {**dict(list(self._whole.items())[-1:]), (f.path, name): cached}
+        return cached[first].clone()
 
 
 def read_json(path: Path) -> Any:

@@ -35,6 +35,7 @@ from .integrations import register_if_transformers_loaded
 from .layers import as_linear, owner_of, transformers_tied_keys
 from .naming import adapt
 from .placement import Placement, placed, single_device
+from .sites import present_checkpoint
 from .skeleton import skeleton
 from .walk import LayerWalk, progress_bar
 
@@ -81,6 +82,7 @@ def load(
         model = skeleton(folder, config_json, dtype, ckpt.most_common_float_dtype())
     model = adapt(model, ckpt, built_here)  # base-model prefix, computed buffers (quantplug.naming)
     walk = LayerWalk(model, quantizer) if quantizer is not None else None
+    present_checkpoint(model, ckpt)  # MoE experts: renamed, stacked or per expert as the model needs
     layout = _Layout.plan(model, walk, prequantized)
     layout.verify(folder, ckpt)
     if prequantized:  # the tensors fit the config; is it the config they were saved with?

@@ -118,6 +118,25 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def read_index(self, name: str, index: int) -> torch.Tensor:
+        """``tensor[index]`` of one tensor, reading only those bytes (e.g. one expert of a stacked
+        experts tensor). The whole tensor's recorded checksum cannot be checked on a part of it."""
+        dtype, shape, begin, end = self.entries[name]
+        if not shape or not 0 <= index < shape[0]:
+            raise self._bad(f"tensor {name!r} of shape {list(shape)} has no index {index}")
+        out = torch.empty(shape[1:], dtype=dtype)
+        size = (end - begin) // shape[0]
+        if size:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self.data_start + begin + index * size)
+                    got = f.readinto(_buffer(out))
+            except OSError as exc:
+                raise CheckpointError(f"{self.path}: reading tensor {name!r} failed: {exc}") from exc
+            if got != size:
+                raise self._bad(f"tensor {name!r}: file ended after {got} of {size} bytes (truncated)")
+        return out
+
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh CPU memory."""
         dtype, shape, begin, end = self.entries[name]

@@ -30,6 +30,7 @@ from .checkpoint import (
 )
 from .errors import CheckpointError, PluginError
 from .safetensors_io import CHECKSUMS_KEY, write_file
+from .sites import checkpoint_layout, checkpoint_namer
 from .sizes import parse_size
 from .walk import QuantizedModelInfo, quantized_info
 
@@ -199,7 +200,7 @@ def save(
         raise CheckpointError(
             f"backend {info.config.quant_method!r} declares that its models cannot be saved"
         )
-    tensors, aliases = checkpoint_tensors(model)
+    tensors, aliases = checkpoint_layout(model, *checkpoint_tensors(model))  # MoE: as Transformers saves
     meta = _file_metadata(model, info, aliases, [key for key, _ in tensors])
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.quantplug-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -229,7 +230,8 @@ def _file_metadata(
     (checked: strings that do not clash with quantplug's keys) and the aliases of tied tensors."""
     meta = header_metadata(info)
     if info is not None:
-        extra = info.quantizer.checkpoint_metadata({n: model.get_submodule(n) for n in info.modules}, stored)
+        rename = checkpoint_namer(model)
+        extra = info.quantizer.checkpoint_metadata({rename(n): model.get_submodule(n) for n in info.modules}, stored)
         bad = [
             k
             for k, v in extra.items()

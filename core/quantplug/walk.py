@@ -97,9 +97,20 @@ class LayerWalk:
     swaps them, ``finish`` records the result on the model."""
 
     def __init__(self, model: nn.Module, quantizer: Any):
+        from .sites import restore_unplanned, stacked_skips, unfuse_sites  # (sites -> checkpoint -> walk)
+
         self.model = model
         self.quantizer = quantizer
+        originals = unfuse_sites(model, quantizer)  # MoE experts: one Linear per expert projection
         self.names, self.skipped = plan(model, quantizer.config, quantizer)
+        restore_unplanned(model, originals, self.names)
+        for site in originals:
+            left = {k: why for k, why in self.skipped.items() if k.startswith(site + ".")}
+            if left and model.get_submodule(site) is originals[site]:  # kept stacked: one entry
+                for k in left:
+                    del self.skipped[k]
+                self.skipped[site] = f"{next(iter(left.values()))} (all {len(left)} expert projections)"
+        self.skipped.update(stacked_skips(model))
 
     def meta_linears(self) -> dict[str, nn.Linear]:
         """Each planned layer as the meta ``nn.Linear`` a backend's ``empty_module`` /

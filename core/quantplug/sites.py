@@ -1,0 +1,220 @@
+"""Weight sites beyond ``nn.Linear``: what the walk, the loader and ``save`` do with stacked MoE
+experts (``quantplug.experts``).
+
+- ``unfuse_sites``: before a quantizer plans a model, each experts module it does not serve
+  natively becomes an ``UnfusedExperts`` (per-expert ``nn.Linear`` views, named as the checkpoint
+  names them); ``restore_unplanned`` puts back those of which the plan quantizes nothing.
+- ``stacked_skips``: stacked weights quantplug cannot unfuse, reported with their bytes (never a
+  silent 0.92x).
+- ``present_checkpoint``: the checkpoint's tensors under the model's names (the model's conversion
+  mapping's renamings), each experts site read from per-expert tensors or from stacked ones,
+  whichever the checkpoint holds and the model needs (one expert read at a time).
+- ``checkpoint_layout``: the tensors ``save`` writes, in the layout Transformers' ``save_pretrained``
+  writes (stacked experts split per expert where the model's mapping stacks them, names renamed back).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, Derived
+from .errors import CheckpointError
+from .expert_names import CheckpointNames
+from .experts import ExpertsLayout, UnfusedExperts, experts_sites, is_unfused, unfuse, unknown_stacked
+from .layers import set_submodule
+
+__all__ = ["checkpoint_layout", "present_checkpoint", "restore_unplanned", "stacked_skips", "unfuse_sites"]
+
+
+def serves_experts_natively(quantizer: Any) -> bool:
+    """Whether ``quantizer``'s backend quantizes stacked experts itself (``Capabilities.experts``)."""
+    caps = getattr(getattr(quantizer, "backend", None), "capabilities", None)
+    return bool(getattr(caps, "native_experts", False))
+
+
+def unfuse_sites(model: nn.Module, quantizer: Any = None) -> dict[str, nn.Module]:
+    """Unfuse every experts module of ``model`` (in place; views, no copies) unless ``quantizer``
+    serves them natively. Returns the replaced modules by name, for ``restore_unplanned``."""
+    if quantizer is not None and serves_experts_natively(quantizer):
+        return {}
+    sites = experts_sites(model)
+    if not sites:
+        return {}
+    names = CheckpointNames(model)
+    originals = {}
+    for name, layout in sites.items():
+        module = model.get_submodule(name)
+        set_submodule(model, name, unfuse(module, layout, names.projection_names(name, layout.has_gate)[0]))
+        originals[name] = module
+    return originals
+
+
+def restore_unplanned(model: nn.Module, originals: dict[str, nn.Module], planned: list[str]) -> None:
+    """Put back each unfused experts module of which ``planned`` quantizes no projection."""
+    for name, module in originals.items():
+        if not any(p.startswith(name + ".") for p in planned):
+            set_submodule(model, name, module)
+
+
+def stacked_skips(model: nn.Module) -> dict[str, str]:
+    """Stacked weights no walk can quantize: name -> why, with the bytes left in full precision."""
+    return {
+        name: (
+            f"{cls}: stacked weights of a layout quantplug does not know ({size / 2**20:.1f} MiB left in "
+            f"full precision); declare it with quantplug.experts.register_experts_class if it is an "
+            f"experts module"
+        )
+        for name, (cls, size) in unknown_stacked(model).items()
+    }
+
+
+def _role_params(layout: ExpertsLayout) -> dict[str, str]:
+    return {role: "down_proj" if role == "down" else layout.up_param for role in layout.projections()}
+
+
+def _per_expert_names(name: str, layout: ExpertsLayout, proj: dict[str, str]) -> dict[tuple[int, str], str]:
+    return {
+        (e, role): f"{name}.{e}.{proj[role]}"
+        for e in range(layout.num_experts)
+        for role in layout.projections()
+    }
+
+
+def present_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Present ``ckpt``'s tensors as ``model`` (with its experts fused or unfused) names them."""
+    fused = experts_sites(model)
+    unfused = {n: m for n, m in model.named_modules() if is_unfused(m)}
+    if not fused and not unfused:
+        return
+    names = CheckpointNames(model)
+    renamed = {k: names.to_model(k) for k in ckpt.keys()}
+    ckpt.present_as({k: v for k, v in renamed.items() if k != v})
+    have = ckpt.keys()
+    for name, module in unfused.items():
+        layout = module.layout
+        params = _role_params(layout)
+        if f"{name}.{layout.up_param}" not in have:
+            continue  # stored per expert: read by name
+        views, consumed = {}, set()
+        for (e, role), key in _per_expert_names(name, layout, _proj_names(module)).items():
+            suffixes = (("weight", False), ("bias", True)) if layout.has_bias else (("weight", False),)
+            for suffix, bias in suffixes:
+                stored = f"{name}.{params[role]}" + ("_bias" if bias else "")
+                consumed.add(stored)
+                views[f"{key}.{suffix}"] = _slice_view(ckpt, stored, layout, e, role, bias)
+        ckpt.derive(views, consumed)
+    for name, layout in fused.items():
+        proj, _ = names.projection_names(name, layout.has_gate)
+        proj_by_role = dict(zip(("gate", "up", "down"), proj, strict=True))
+        per_expert = _per_expert_names(name, layout, proj_by_role)
+        suffixes = ("weight", "bias") if layout.has_bias else ("weight",)
+        if f"{name}.{layout.up_param}" in have or not all(
+            f"{k}.{s}" in have for k in per_expert.values() for s in suffixes
+        ):
+            continue  # stored stacked (read by name), or not whole (``verify`` names what is missing)
+        views, consumed = {}, set()
+        for param in dict.fromkeys(_role_params(layout).values()):
+            for suffix in suffixes:
+                parts = {
+                    (e, role): f"{key}.{suffix}"
+                    for (e, role), key in per_expert.items()
+                    if _role_params(layout)[role] == param
+                }
+                consumed.update(parts.values())
+                target = param + ("_bias" if suffix == "bias" else "")
+                views[f"{name}.{target}"] = _stack_view(
+                    ckpt, model, f"{name}.{target}", layout, parts, suffix == "bias"
+                )
+        ckpt.derive(views, consumed)
+
+
+def _proj_names(module: UnfusedExperts) -> dict[str, str]:
+    return dict(module.expert(0)._roles)
+
+
+def _slice_view(
+    ckpt: Checkpoint, stored: str, layout: ExpertsLayout, e: int, role: str, bias: bool
+) -> Derived:
+    _, dtype = ckpt.spec(stored)
+    out_f, in_f = layout.shape(role)
+    shape = (out_f,) if bias else (out_f, in_f)
+
+    def build(read) -> torch.Tensor:
+        one = read(stored, e).unsqueeze(0)  # [1, ...]: expert e only
+        return layout.slot(one, 0, role, bias=bias).contiguous()
+
+    return Derived(shape, dtype, build)
+
+
+def _stack_view(
+    ckpt: Checkpoint, model: nn.Module, target: str, layout: ExpertsLayout, parts: dict, bias: bool
+) -> Derived:
+    """The stacked parameter ``target`` built from its per-expert tensors ``parts`` (all stored); a
+    misshapen part is named when it is read."""
+    dtypes = {ckpt.spec(k)[1] for k in parts.values()}
+    module, _, param = target.rpartition(".")
+    shape = tuple(model.get_submodule(module)._parameters[param].shape)
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+    for (_, role), key in parts.items():
+        want = layout.shape(role)[:1] if bias else layout.shape(role)
+        got = tuple(ckpt.spec(key)[0])
+        if got != tuple(want):
+            raise CheckpointError(
+                f"{ckpt.folder}: tensor {key!r} has shape {list(got)}, expected {list(want)} (one expert's "
+                f"{role} projection of {target.rpartition('.')[0]}: {layout.num_experts} experts, hidden "
+                f"{layout.hidden}, intermediate {layout.intermediate})"
+            )
+
+    def build(read) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        for (e, role), key in parts.items():
+            layout.slot(out, e, role, bias=bias).copy_(read(key))
+        return out
+
+    return Derived(shape, dtype, build)
+
+
+def checkpoint_namer(model: nn.Module):
+    """A function giving a model name its checkpoint name (``save``'s renaming; identity unless the
+    model has experts)."""
+    if not experts_sites(model) and not any(is_unfused(m) for m in model.modules()):
+        return lambda key: key
+    return CheckpointNames(model).to_checkpoint
+
+
+def checkpoint_layout(
+    model: nn.Module, tensors: list[tuple[str, torch.Tensor]], aliases: dict[str, str]
+) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
+    """``tensors`` (model names, in order) and ``aliases`` as Transformers' ``save_pretrained``
+    writes them: fused experts split per expert where the model's conversion mapping stacks them,
+    and every name renamed back to the checkpoint's."""
+    fused = experts_sites(model)
+    if not fused and not any(is_unfused(m) for m in model.modules()):
+        return tensors, aliases
+    names = CheckpointNames(model)
+    split: dict[str, tuple[str, ExpertsLayout, dict[str, str], bool]] = {}
+    for name, layout in fused.items():
+        proj, stacks = names.projection_names(name, layout.has_gate)
+        if stacks:
+            by_role = dict(zip(("gate", "up", "down"), proj, strict=True))
+            for role, param in _role_params(layout).items():
+                split.setdefault(f"{name}.{param}", (name, layout, {}, False))[2][role] = by_role[role]
+                if layout.has_bias:
+                    split.setdefault(f"{name}.{param}_bias", (name, layout, {}, True))[2][role] = by_role[
+                        role
+                    ]
+    out = []
+    for key, t in tensors:
+        if key not in split:
+            out.append((names.to_checkpoint(key), t))
+            continue
+        site, layout, roles, bias = split[key]
+        for e in range(layout.num_experts):
+            for role, proj in roles.items():
+                piece = layout.slot(t, e, role, bias=bias).contiguous()
+                out.append((names.to_checkpoint(f"{site}.{e}.{proj}.{'bias' if bias else 'weight'}"), piece))
+    renamed = {names.to_checkpoint(a): names.to_checkpoint(s) for a, s in aliases.items()}
+    return out, renamed
