@@ -90,7 +90,8 @@ def present_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
     if not fused and not unfused:
         return
     names = CheckpointNames(model)
-    renamed = {k: names.to_model(k) for k in ckpt.keys()}
+    stored = ckpt.keys()
+    renamed = {k: names.to_model(k) for k in stored}
     ckpt.present_as({k: v for k, v in renamed.items() if k != v})
     have = ckpt.keys()
     for name, module in unfused.items():

@@ -20,7 +20,9 @@ and storage near the declared bits, each preset's declared ``bits``, ``bits_per_
 the tolerances), a tiny Transformers model quantized and still generating, save -> load in a fresh
 process with identical logits, a layer offloaded to disk by ``load(device_map=)`` with identical
 logits (or, where ``offload_refusal`` says it cannot be, a clear refusal), and clear errors for
-corrupt checkpoints. Needs pytest, torch and transformers.
+corrupt checkpoints; and, for tiny Mixtral, Qwen3-MoE and gpt-oss models, that every expert is
+quantized and the model saves per expert and loads back identical (``quantplug.testing_moe``).
+Needs pytest, torch and transformers.
 """
 
 from __future__ import annotations
@@ -38,41 +40,8 @@ import pytest
 import quantplug
 
 from .preset_check import check_preset, figure_problems, measure_preset  # noqa: F401 (public)
-
-
-def tiny_llama(seed: int = 0, **overrides: Any):
-    """A small random-weight Llama (2 layers, hidden 128) built locally; nothing is downloaded."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    kwargs = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=384,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
-
-
-def token_ids(vocab: int = 384, shape=(2, 12), seed: int = 1):
-    """Deterministic random token ids."""
-    import torch
-
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, ids):
-    """The model's logits for ``ids``, without gradients."""
-    import torch
-
-    with torch.no_grad():
-        return model(ids).logits
+from .testing_models import MOE_ARCHS, logits, tiny_llama, tiny_moe, token_ids  # noqa: F401 (public)
+from .testing_moe import MoEConformance
 
 
 def _load_and_dump(checkpoint: Path, ids_file: Path, out_file: Path) -> None:
@@ -94,7 +63,7 @@ def _load_and_dump(checkpoint: Path, ids_file: Path, out_file: Path) -> None:
     assert proc.returncode == 0, f"loading in a fresh process failed:\n{proc.stderr[-4000:]}"
 
 
-class BackendConformance:
+class BackendConformance(MoEConformance):
     """Base class of a backend's conformance tests (not collected itself: no ``Test`` prefix)."""
 
     backend_name: ClassVar[str]
@@ -124,6 +93,8 @@ class BackendConformance:
                 names = []
             none = pytest.param(None, marks=pytest.mark.skip(reason="the backend declares no presets"))
             metafunc.parametrize("preset_name", names or [none], ids=names or ["none"])
+        if "moe_arch" in metafunc.fixturenames:
+            metafunc.parametrize("moe_arch", MOE_ARCHS)
         for fixture, cases in (
             ("bad_case", self.bad_configs),
             ("library_bad_case", self.library_bad_configs),
