@@ -142,6 +142,16 @@ def experts_sites(model: nn.Module) -> dict[str, ExpertsLayout]:
     return out
 
 
+def stacked_weights(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The stacked expert weights (not biases) of every experts module still fused in ``model``:
+    module name -> its 3-D weights. A quantizer that unfuses them leaves none."""
+    out = {}
+    for name, layout in experts_sites(model).items():
+        module = model.get_submodule(name)
+        out[name] = [module._parameters[layout.up_param], module._parameters["down_proj"]]
+    return out
+
+
 def unknown_stacked(model: nn.Module) -> dict[str, tuple[str, int]]:
     """Modules holding a parameter of 3 or more dimensions that are not a known experts layout
     (stacked weights quantplug cannot quantize): name -> (class name, bytes of those parameters)."""

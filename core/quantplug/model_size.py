@@ -158,11 +158,12 @@ def _from_folder(path: Path) -> ModelSize:
     quantizable = other = 0
     checkpoint_bytes = 0
     dtype_counts: dict[float, int] = {}
+    moe = any(".experts." in k for k in tensors)
     for key, (dtype, shape) in tensors.items():
         numel = math.prod(shape)
         size = DTYPE_SIZES[dtype]
         checkpoint_bytes += numel * size
-        if len(shape) == 2 and key.endswith(".weight") and not _is_embedding_or_head(key):
+        if _is_weight(key, shape, moe) and not _is_embedding_or_head(key):
             quantizable += numel
             dtype_counts[float(size)] = dtype_counts.get(float(size), 0) + numel
         else:
@@ -172,7 +173,10 @@ def _from_folder(path: Path) -> ModelSize:
         quantizable_params=quantizable,
         other_params=other,
         dtype_bytes=dtype_bytes,
-        source=f"{folder} (safetensors headers: 2-D weights but embeddings and the output head)",
+        source=(
+            f"{folder} (safetensors headers: 2-D weights and stacked experts, but embeddings, the output "
+            f"head{' and MoE routers' if moe else ''})"
+        ),
         exact=True,
         pre_quantized=cfg.get("quantization_config"),
         checkpoint_bytes=checkpoint_bytes,
@@ -191,6 +195,16 @@ def _safetensors_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]
     return out
 
 
+def _is_weight(key: str, shape: tuple[int, ...], moe: bool) -> bool:
+    """A weight quantization converts: a 2-D ``*.weight`` or a stacked 3-D experts tensor, but not
+    an MoE router (``mlp.gate`` / ``router``: full precision by default, as the field keeps them)."""
+    if moe and key.endswith((".gate.weight", ".router.weight")):
+        return False
+    if len(shape) == 3:
+        return ".experts." in key and not key.endswith("_bias")
+    return len(shape) == 2 and key.endswith(".weight")
+
+
 def _is_embedding_or_head(key: str) -> bool:
     parts = key.lower().split(".")
     return any(p.startswith(("embed", "wte", "wpe", "lm_head", "output")) for p in parts[:-1])
@@ -203,8 +217,11 @@ def _from_module(model: Any) -> ModelSize:
     from .layers import default_targets  # torch is already imported: we hold a model
     from .walk import quantized_info
 
+    from .experts import stacked_weights
+
     targets = default_targets(model)
     quantizable = sum(m.weight.numel() for _, m in targets)
+    quantizable += sum(t.numel() for ts in stacked_weights(model).values() for t in ts)
     bytes_per = float(targets[-1][1].weight.element_size()) if targets else 2.0
     total = sum(p.numel() for p in model.parameters())  # shared (tied) parameters counted once
     info = quantized_info(model)

@@ -106,9 +106,16 @@ def _dense_bytes(layer: nn.Module) -> int:
     return layer.weight.numel() * layer.weight.element_size()
 
 
+def _stacked_bytes(model: nn.Module) -> int:
+    """Bytes of MoE experts still stacked in full precision (``quantplug.experts``)."""
+    from .experts import stacked_weights
+
+    return sum(t.numel() * t.element_size() for ts in stacked_weights(model).values() for t in ts)
+
+
 def _unquantized_row(label: str, model: nn.Module) -> Row:
     row = Row(label, None, None, dtype=dtype_name(next(model.parameters()).dtype))
-    row.weight_bytes = sum(_dense_bytes(m) for _, m in default_targets(model))
+    row.weight_bytes = sum(_dense_bytes(m) for _, m in default_targets(model)) + _stacked_bytes(model)
     row.model_bytes = model_bytes(model)
     row.checkpoint_bytes = checkpoint_bytes(model)
     return row
@@ -157,7 +164,7 @@ def _measure_candidate(
             done = set(report.converted)
             left = [m for name, m in default_targets(work) if name not in done]
             row.left_full_precision = len(left)
-            row.weight_bytes = report.bytes_after + sum(_dense_bytes(m) for m in left)
+            row.weight_bytes = report.bytes_after + sum(_dense_bytes(m) for m in left) + _stacked_bytes(work)
             row.model_bytes = model_bytes(work)
             row.checkpoint_bytes = checkpoint_bytes(work)
             measure(row, work, bench, reference, say)
