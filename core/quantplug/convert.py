@@ -16,6 +16,7 @@ from .config import QuantConfig
 from .devices import model_device, to_device
 from .dispatch import AutoQuantizer
 from .errors import AlreadyQuantizedError, ConfigError
+from .experts import all_experts_see_all_tokens
 from .integrations import register_if_transformers_loaded
 from .layers import as_linear, tensor_bytes
 from .walk import LayerWalk, quantized_info, release_freed_memory
@@ -145,7 +146,7 @@ def quantize(
     if any(t.device.type != target.type for t in [*model.parameters(), *model.buffers()]):
         model.to(target)  # the layers left in full precision follow the quantized ones
     if batches is not None:
-        with torch.no_grad():
+        with torch.no_grad(), all_experts_see_all_tokens(model):
             quantizer.calibrate(model, batches)
         release_freed_memory()
     # Measured after calibration: a quantizer may finish its layers there.

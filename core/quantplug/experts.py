@@ -17,8 +17,9 @@ contiguous one expert at a time when a backend quantizes it). ``fuse`` puts them
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -161,11 +162,7 @@ def unknown_stacked(model: nn.Module) -> dict[str, tuple[str, int]]:
         if name in known or is_unfused(module):
             continue
         big = [p for p in module._parameters.values() if p is not None and p.dim() >= 3]
-        if (
-            big
-            and type(module).__module__.startswith("transformers.")
-            and "conv" not in type(module).__name__.lower()
-        ):
+        if big and not isinstance(module, nn.modules.conv._ConvNd):
             out[name] = (type(module).__name__, sum(p.numel() * p.element_size() for p in big))
     return out
 
@@ -195,6 +192,8 @@ class UnfusedExperts(nn.Module):
         super().__init__()
         self.layout = layout
         self.num_experts = layout.num_experts
+        self.all_tokens = False
+        """Set by ``all_experts_see_all_tokens`` while a quantizer calibrates."""
         self._gate_fn = gate_fn
         for key, value in carried.items():
             setattr(self, key, value)  # act_fn, alpha, limit, post_expert_norm, ...
@@ -227,12 +226,34 @@ class UnfusedExperts(nn.Module):
             return torch.cat([self._mlp(e, x[e]) for e in range(self.num_experts)]).view(-1, x.shape[-1])
         out = torch.zeros_like(hidden_states)
         flat = top_k_index.reshape(top_k_index.shape[0], -1)
+        if self.all_tokens:  # calibration: every expert sees every token, only routed ones count
+            for e in range(self.num_experts):
+                token_idx, k_pos = torch.where(flat == e)
+                y = self._mlp(e, hidden_states)[token_idx] * top_k_weights[token_idx, k_pos, None]
+                out.index_add_(0, token_idx, y.to(out.dtype))
+            return out
         hits = torch.bincount(flat.flatten(), minlength=self.num_experts)[: self.num_experts]
         for e in hits.nonzero().flatten().tolist():  # one host sync per layer, not one per expert
             token_idx, k_pos = torch.where(flat == e)
             y = self._mlp(e, hidden_states[token_idx]) * top_k_weights[token_idx, k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
+
+
+@contextlib.contextmanager
+def all_experts_see_all_tokens(model: nn.Module) -> Iterator[None]:
+    """While calibrating: every unfused expert computes on every token (its outputs for tokens not
+    routed to it are dropped, so the model's outputs are unchanged), so each expert's calibration
+    statistics come from all the calibration text, not the few tokens routed to it (as
+    llm-compressor's ``moe_calibration_context`` and GPTQModel do)."""
+    experts = [m for m in model.modules() if isinstance(m, UnfusedExperts)]
+    for m in experts:
+        m.all_tokens = True
+    try:
+        yield
+    finally:
+        for m in experts:
+            m.all_tokens = False
 
 
 def _default_gate(self: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,9 @@ def as_linear(module: nn.Module) -> nn.Linear:
         lin = as_linear_meta(module)  # an expert's strided view of stacked weights: copy this one
         lin.weight = nn.Parameter(w.detach().contiguous(), requires_grad=w.requires_grad)
         if module.bias is not None:
-            lin.bias = nn.Parameter(module.bias.detach().contiguous(), requires_grad=module.bias.requires_grad)
+            lin.bias = nn.Parameter(
+                module.bias.detach().contiguous(), requires_grad=module.bias.requires_grad
+            )
         return lin
     lin = as_linear_meta(module)  # Conv1D: weight stored [in, out]
     lin.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)

@@ -208,7 +208,8 @@ class _Layout:
         name = next((n for n, keys in self.owned.items() if key in keys), "")
         stored = {k[len(name) + 1 :]: ckpt.spec(k) for k in self.owned.get(name, ()) if k in ckpt.where}
         why = self.quantizer.explain_stored_layout(name, stored) if name and self.prequantized else None
-        return CheckpointError(f"{folder}: tensor {key!r} has {what}" + (f": {why}" if why else ""))
+        shown = ckpt.stored_name.get(key, key)  # the name in the file (MoE checkpoints are renamed)
+        return CheckpointError(f"{folder}: tensor {shown!r} has {what}" + (f": {why}" if why else ""))
 
     def verify(self, folder: Path, ckpt: Checkpoint) -> None:
         """Every stored key, shape and dtype is what the plan expects, nothing is missing."""
@@ -222,7 +223,12 @@ class _Layout:
             if missing:
                 parts.append(f"missing tensors {_fmt(missing)}")
             if unexpected:
-                parts.append(f"unexpected tensors {_fmt(unexpected)}")
+                parts.append(f"unexpected tensors {_fmt(ckpt.stored_name.get(k, k) for k in unexpected)}")
+                if any(".experts." in k for k in unexpected):
+                    parts.append(
+                        "experts tensors that find no place are never dropped: does the checkpoint hold more "
+                        "experts, or other projections, than config.json's model?"
+                    )
             raise CheckpointError(f"{folder}: does not match what {what} implies: {'; '.join(parts)}")
         model_state = self.model.state_dict()
         for key in sorted(have):

@@ -214,10 +214,9 @@ def _is_embedding_or_head(key: str) -> bool:
 
 
 def _from_module(model: Any) -> ModelSize:
+    from .experts import stacked_weights
     from .layers import default_targets  # torch is already imported: we hold a model
     from .walk import quantized_info
-
-    from .experts import stacked_weights
 
     targets = default_targets(model)
     quantizable = sum(m.weight.numel() for _, m in targets)

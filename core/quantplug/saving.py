@@ -231,7 +231,9 @@ def _file_metadata(
     meta = header_metadata(info)
     if info is not None:
         rename = checkpoint_namer(model)
-        extra = info.quantizer.checkpoint_metadata({rename(n): model.get_submodule(n) for n in info.modules}, stored)
+        extra = info.quantizer.checkpoint_metadata(
+            {rename(n): model.get_submodule(n) for n in info.modules}, stored
+        )
         bad = [
             k
             for k, v in extra.items()

@@ -164,7 +164,8 @@ def _stack_view(
         got = tuple(ckpt.spec(key)[0])
         if got != tuple(want):
             raise CheckpointError(
-                f"{ckpt.folder}: tensor {key!r} has shape {list(got)}, expected {list(want)} (one expert's "
+                f"{ckpt.folder}: tensor {ckpt.stored_name.get(key, key)!r} has shape {list(got)}, expected "
+                f"{list(want)} (one expert's "
                 f"{role} projection of {target.rpartition('.')[0]}: {layout.num_experts} experts, hidden "
                 f"{layout.hidden}, intermediate {layout.intermediate})"
             )

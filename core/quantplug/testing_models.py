@@ -65,12 +65,17 @@ def tiny_moe(arch: str, seed: int = 0, **overrides: Any):
         num_experts_per_tok=2,
     )
     if arch == "mixtral":
-        cls, config = transformers.MixtralForCausalLM, transformers.MixtralConfig(num_local_experts=8, **kwargs)
+        cls, config = (
+            transformers.MixtralForCausalLM,
+            transformers.MixtralConfig(num_local_experts=8, **kwargs),
+        )
     elif arch == "qwen3_moe":
         kwargs.update(num_experts=8, moe_intermediate_size=256, decoder_sparse_step=1, mlp_only_layers=[])
         cls, config = transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(**kwargs)
     elif arch == "gpt_oss":
-        kwargs.update(num_local_experts=8, layer_types=["full_attention", "sliding_attention"], sliding_window=16)
+        kwargs.update(
+            num_local_experts=8, layer_types=["full_attention", "sliding_attention"], sliding_window=16
+        )
         kwargs.update(rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
         cls, config = transformers.GptOssForCausalLM, transformers.GptOssConfig(**kwargs)
     else:

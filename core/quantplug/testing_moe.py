@@ -63,14 +63,19 @@ class MoEConformance:
         assert not [k for k in report.skipped if "experts" in k], report.skipped
         ratio = model_bytes(model) / fp_bytes
         share = 0.16  # embeddings, head, norms and routers stay full precision: 16% of fp32 bytes
-        assert ratio <= share + (1 - share) * (bits + self.max_overhead_bits) / 32, f"model at {ratio:.3f} of fp32"
+        assert ratio <= share + (1 - share) * (bits + self.max_overhead_bits) / 32, (
+            f"model at {ratio:.3f} of fp32"
+        )
         with torch.no_grad():
             out = model(ids).logits
         bound = self.moe_rel_error.get(bits) or (
-            quantplug.get_backend(self.backend_name).capabilities.max_rel_error[bits] * self.model_rel_error_factor
+            quantplug.get_backend(self.backend_name).capabilities.max_rel_error[bits]
+            * self.model_rel_error_factor
         )
         rel = ((out.float() - ref).norm() / ref.norm()).item()
-        assert torch.isfinite(out).all() and rel <= bound, f"{moe_arch}: logit error {rel:.4f} (bound {bound})"
+        assert torch.isfinite(out).all() and rel <= bound, (
+            f"{moe_arch}: logit error {rel:.4f} (bound {bound})"
+        )
 
     def test_moe_saves_per_expert_and_loads_identical(self, case, moe_arch, tmp_path):
         import torch
@@ -90,7 +95,9 @@ class MoEConformance:
         # Transformers gives that expert's weight where it saves experts one by one (not gpt-oss)
         rename = checkpoint_namer(model)
         expected = {rename(n) for n in report.converted if ".experts." in n}
-        assert expected and all(any(s.startswith(n + ".") for s in stored) for n in expected), sorted(stored)[:12]
+        assert expected and all(any(s.startswith(n + ".") for s in stored) for n in expected), sorted(stored)[
+            :12
+        ]
         per_expert = {k.rpartition(".")[0] for k in hf_keys if k.split(".experts.")[-1][:1].isdigit()}
         assert not per_expert or per_expert == expected, sorted(per_expert ^ expected)[:6]
         assert not [k for k in stored if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]

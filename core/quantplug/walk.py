@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,11 @@ from typing import Any
 from torch import nn
 
 from .config import QuantConfig
+from .errors import ConfigError
 from .layers import as_linear_meta, plan, set_submodule, tensor_bytes
+from .matching import listed_reason
+
+logger = logging.getLogger("quantplug")
 
 #: attribute on a quantized model holding its ``QuantizedModelInfo``
 INFO_ATTR = "quantplug_info"
@@ -110,7 +115,20 @@ class LayerWalk:
                 for k in left:
                     del self.skipped[k]
                 self.skipped[site] = f"{next(iter(left.values()))} (all {len(left)} expert projections)"
-        self.skipped.update(stacked_skips(model))
+        stacked = stacked_skips(model)
+        if stacked and quantizer.config.modules_to_not_convert is not None:
+            asked = [n for n in stacked if not listed_reason(n, quantizer.config)]
+            if asked:  # the config says: everything but modules_to_not_convert
+                raise ConfigError(
+                    f"{asked[0]}: {stacked[asked[0]]}; modules_to_not_convert does not list it, so quantizing "
+                    f"it was asked for: add it to modules_to_not_convert to keep it in full precision",
+                    field="modules_to_not_convert",
+                    value=list(quantizer.config.modules_to_not_convert),
+                    allowed=f"a list that includes {asked[0]!r}",
+                )
+        for name, why in stacked.items():
+            logger.warning("quantplug: %s left unquantized: %s", name, why)
+        self.skipped.update(stacked)
 
     def meta_linears(self) -> dict[str, nn.Linear]:
         """Each planned layer as the meta ``nn.Linear`` a backend's ``empty_module`` /

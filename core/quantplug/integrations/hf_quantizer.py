@@ -142,6 +142,29 @@ class QuantplugHfQuantizer(HfQuantizer):
         _skip_init(model, self.walk.names)
         return model
 
+    def update_weight_conversions(self, weight_conversions, model):
+        """The model's conversion mapping without the converters that stack per-expert weights into
+        experts modules the walk unfused (their per-expert tensors load by their own names, after
+        the renamings): left in, they would take a per-expert ``weight`` away to a stacked
+        parameter that no longer exists."""
+        from transformers.core_model_loading import WeightConverter
+
+        from ..experts import is_unfused
+
+        unfused = [n for n, m in model.named_modules() if is_unfused(m)]
+        if unfused:
+            params = [n for n, _ in model.named_parameters()]
+
+            def stacks_into_unfused(c) -> bool:
+                if not isinstance(c, WeightConverter):
+                    return False
+                targets = [t.strip(".") for t in c._original_target_patterns]
+                stacked = [t for t in targets if ".experts." in f".{t}"]
+                return bool(stacked) and not any(p.endswith(t) for t in stacked for p in params)
+
+            weight_conversions = [c for c in weight_conversions if not stacks_into_unfused(c)]
+        return super().update_weight_conversions(weight_conversions, model)
+
     def _holder_spec(
         self, name: str, meta: nn.Linear, empty: nn.Module
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
