@@ -93,7 +93,13 @@ class BackendConformance(MoEConformance):
                 names = []
             none = pytest.param(None, marks=pytest.mark.skip(reason="the backend declares no presets"))
             metafunc.parametrize("preset_name", names or [none], ids=names or ["none"])
-        if "moe_arch" in metafunc.fixturenames:
+        if "moe_case" in metafunc.fixturenames:
+            cases = self.moe_cases()
+            metafunc.parametrize(
+                "moe_case",
+                cases,
+                ids=[json.dumps(c, sort_keys=True, separators=(",", ":")) for c, _ in cases],
+            )
             metafunc.parametrize("moe_arch", MOE_ARCHS)
         for fixture, cases in (
             ("bad_case", self.bad_configs),

@@ -27,9 +27,20 @@ class MoEConformance:
     """Mixed into ``BackendConformance``; uses its ``configs``, ``make_config``,
     ``calibration_data``, ``max_overhead_bits`` and ``model_rel_error_factor``."""
 
+    moe_configs: ClassVar[list[tuple[dict[str, Any], int]] | None] = None
+    """(config dict, weight bits) for the MoE checks; default: the first of ``configs`` for each bit
+    width (each check quantizes three models of 48 expert projections)."""
     moe_rel_error: ClassVar[dict[int, float]] = {}
     """Per bit width, a bound on the tiny MoE model's relative logit error to use instead of
     ``model_rel_error_factor`` times the one-layer bound (the issue's goal: 5% at 8 bits)."""
+
+    def moe_cases(self) -> list[tuple[dict[str, Any], int]]:
+        if self.moe_configs is not None:
+            return list(self.moe_configs)
+        first: dict[int, tuple[dict[str, Any], int]] = {}
+        for config, bits in self.configs:
+            first.setdefault(bits, (config, bits))
+        return list(first.values())
 
     def _quantized_moe(self, config: dict[str, Any], arch: str):
         import torch
@@ -47,14 +58,19 @@ class MoEConformance:
         report = quantplug.quantize(model, config, progress=False, calibration_data=data)
         return model, ids, ref, report, fp_bytes, hf_keys
 
-    def test_moe_every_expert_is_quantized(self, case, moe_arch):
+    def test_moe_every_expert_quantized_saved_per_expert_and_reloaded(self, moe_case, moe_arch, tmp_path):
+        """One config per bit width (the first ``configs`` lists): every expert projection is
+        converted and none stays stacked, the model shrinks as its bits say, the logits stay within
+        the bound, the checkpoint names each expert as Transformers does, and it loads identical."""
         import torch
+        from safetensors import safe_open
 
         from .experts import experts_sites
         from .footprint import model_bytes
+        from .sites import checkpoint_namer
 
-        config, bits = case
-        model, ids, ref, report, fp_bytes, _ = self._quantized_moe(config, moe_arch)
+        config, bits = moe_case
+        model, ids, ref, report, fp_bytes, hf_keys = self._quantized_moe(config, moe_arch)
         cfg = model.config
         experts = cfg.num_local_experts if hasattr(cfg, "num_local_experts") else cfg.num_experts
         per_expert = [n for n in report.converted if ".experts." in n]
@@ -77,15 +93,6 @@ class MoEConformance:
             f"{moe_arch}: logit error {rel:.4f} (bound {bound})"
         )
 
-    def test_moe_saves_per_expert_and_loads_identical(self, case, moe_arch, tmp_path):
-        import torch
-        from safetensors import safe_open
-
-        from .sites import checkpoint_namer
-
-        model, ids, _, report, _, hf_keys = self._quantized_moe(case[0], moe_arch)
-        with torch.no_grad():
-            out = model(ids).logits
         ckpt = quantplug.save(model, tmp_path / "ckpt")
         stored: set[str] = set()
         for f in ckpt.glob("*.safetensors"):
@@ -94,12 +101,10 @@ class MoEConformance:
         # each quantized expert projection is stored under the checkpoint's name for it: the name
         # Transformers gives that expert's weight where it saves experts one by one (not gpt-oss)
         rename = checkpoint_namer(model)
-        expected = {rename(n) for n in report.converted if ".experts." in n}
-        assert expected and all(any(s.startswith(n + ".") for s in stored) for n in expected), sorted(stored)[
-            :12
-        ]
-        per_expert = {k.rpartition(".")[0] for k in hf_keys if k.split(".experts.")[-1][:1].isdigit()}
-        assert not per_expert or per_expert == expected, sorted(per_expert ^ expected)[:6]
+        expected = {rename(n) for n in per_expert}
+        assert all(any(s.startswith(n + ".") for s in stored) for n in expected), sorted(stored)[:12]
+        hf_per_expert = {k.rpartition(".")[0] for k in hf_keys if k.split(".experts.")[-1][:1].isdigit()}
+        assert not hf_per_expert or hf_per_expert == expected, sorted(hf_per_expert ^ expected)[:6]
         assert not [k for k in stored if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
         loaded = quantplug.load(ckpt, device=self.device, progress=False)
         with torch.no_grad():
