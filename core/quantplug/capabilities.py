@@ -42,7 +42,11 @@ class Capabilities:
     """Storage formats of the weights, e.g. ``("int8", "int4")``."""
     activation_dtypes: tuple[str, ...] = ()
     """Activation formats when activations are quantized too; empty means full precision."""
+    native_experts: bool = False
+    """True when the quantizer quantizes stacked MoE experts modules whole (``quantize_experts``,
+    ``quantplug.experts_contract``); otherwise the core unfuses them into per-expert Linears."""
     max_rel_error: Mapping[int, float] = dataclasses.field(default_factory=dict)
+
     """Per bit width, the bound on relative output error ``||y_q - y|| / ||y||`` of one Linear layer
     with Gaussian weights and inputs. The conformance kit checks it."""
 

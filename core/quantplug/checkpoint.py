@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .errors import CheckpointError
+from .config import QuantConfig
+from .errors import CheckpointError, ConfigError
 from .safetensors_io import SafetensorsFile
 from .walk import QuantizedModelInfo
 
@@ -218,3 +219,24 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read it as JSON: {exc}") from None
+
+
+def check_recorded_config(config_path: Path, ckpt: Checkpoint, config: QuantConfig) -> None:
+    """The weights' header records the config they were saved with (quantplug >= 0.1 writes it);
+    config.json must say the same, or the tensors would be run as something they are not (two
+    configs can share a layout, e.g. torchao int8 weight-only and int8 dynamic-activation)."""
+    recorded = ckpt.metadata.get("quantization_config")
+    if recorded is None:  # written by another tool, or before quantplug recorded it
+        return
+    where = next(iter(ckpt.files.values())).path
+    try:
+        data = json.loads(recorded)
+        same = isinstance(data, dict) and data.get("quant_method") == config.quant_method
+        same = same and type(config).from_checkpoint(data) == config
+    except (json.JSONDecodeError, ConfigError) as exc:
+        raise CheckpointError(f"{where}: header metadata quantization_config is corrupt ({exc})") from None
+    if not same:
+        raise CheckpointError(
+            f"{config_path}: quantization_config {config.to_json(indent=None)} is not the config {where.name} "
+            f"was saved with ({recorded}); restore config.json's quantization_config, or re-save the model"
+        )

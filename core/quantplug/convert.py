@@ -17,8 +17,9 @@ from .devices import model_device, to_device
 from .dispatch import AutoQuantizer
 from .errors import AlreadyQuantizedError, ConfigError
 from .experts import all_experts_see_all_tokens
+from .experts_contract import site_quantize, site_tensors
 from .integrations import register_if_transformers_loaded
-from .layers import as_linear, tensor_bytes
+from .layers import tensor_bytes
 from .walk import LayerWalk, quantized_info, release_freed_memory
 
 __all__ = ["QuantizeReport", "calibration_batches", "quantize"]
@@ -139,7 +140,7 @@ def quantize(
     walk = LayerWalk(model, quantizer)
     with torch.no_grad():
         before = walk.replace(
-            lambda name, module: quantizer.quantize_module(name, as_linear(module.to(target))),
+            lambda name, module: site_quantize(walk, name, module.to(target)),
             desc=f"quantizing ({config.quant_method})",
             progress=progress,
         )
@@ -151,7 +152,10 @@ def quantize(
         release_freed_memory()
     # Measured after calibration: a quantizer may finish its layers there.
     names = walk.names
-    after = sum(tensor_bytes(quantizer.module_tensors(n, model.get_submodule(n)).values()) for n in names)
+    native = walk.native_experts
+    after = sum(
+        tensor_bytes(site_tensors(quantizer, n, model.get_submodule(n), native).values()) for n in names
+    )
     walk.finish()
     register_if_transformers_loaded()
     return QuantizeReport(

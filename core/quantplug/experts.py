@@ -211,7 +211,9 @@ class UnfusedExperts(nn.Module):
             if layout.is_concatenated:
                 joined = torch.cat([gate, up], dim=-1)
             else:
-                joined = torch.cat([gate.unsqueeze(-1), up.unsqueeze(-1)], dim=-1).flatten(-2)  # (quanto: no stack)
+                joined = torch.cat([gate.unsqueeze(-1), up.unsqueeze(-1)], dim=-1).flatten(
+                    -2
+                )  # (quanto: no stack)
             h = self._gate_fn(self, joined)
         else:
             h = self.act_fn(up)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, PICKLE_FILES, Checkpoint, read_json
+from .checkpoint import CONFIG_NAME, PICKLE_FILES, Checkpoint, check_recorded_config, read_json
 from .config import QuantConfig
 from .dispatch import AutoQuantizer, config_from_dict
 from .errors import (
@@ -31,8 +30,9 @@ from .errors import (
     ConfigError,
     UnknownMethodError,
 )
+from .experts_contract import site_expected, site_load, site_quantize
 from .integrations import register_if_transformers_loaded
-from .layers import as_linear, owner_of, transformers_tied_keys
+from .layers import owner_of, transformers_tied_keys
 from .naming import adapt
 from .placement import Placement, placed, single_device
 from .sites import present_checkpoint
@@ -81,12 +81,12 @@ def load(
     if built_here:
         model = skeleton(folder, config_json, dtype, ckpt.most_common_float_dtype())
     model = adapt(model, ckpt, built_here)  # base-model prefix, computed buffers (quantplug.naming)
-    walk = LayerWalk(model, quantizer) if quantizer is not None else None
+    walk = LayerWalk(model, quantizer, ckpt.keys()) if quantizer is not None else None
     present_checkpoint(model, ckpt)  # MoE experts: renamed, stacked or per expert as the model needs
     layout = _Layout.plan(model, walk, prequantized)
     layout.verify(folder, ckpt)
     if prequantized:  # the tensors fit the config; is it the config they were saved with?
-        _check_recorded_config(folder / CONFIG_NAME, ckpt, quantizer.config)
+        check_recorded_config(folder / CONFIG_NAME, ckpt, quantizer.config)
     place = (
         None
         if target is not None
@@ -195,7 +195,7 @@ class _Layout:
         metas = walk.meta_linears() if walk is not None else {}
         for name in walk.names if walk is not None else ():
             if prequantized:
-                spec = walk.quantizer.expected_tensors(name, metas[name])
+                spec = site_expected(walk, name, metas[name])
             else:
                 spec = {k: (tuple(v.shape), None) for k, v in model.get_submodule(name).state_dict().items()}
             owned[name] = [f"{name}.{k}" for k in spec]
@@ -270,16 +270,15 @@ class _Reader:
 def _layer_builder(walk: LayerWalk, layout: _Layout, read: _Reader, prequantized: bool):
     """How the walk rebuilds one layer: from its stored quantized tensors (``load_module``), or by
     filling the full-precision layer and quantizing it (``quantize_module``, quantize-on-load)."""
-    quantizer = walk.quantizer
 
     def build(name: str, module: nn.Module) -> nn.Module:
         prefix = name + "."
         tensors = {k[len(prefix) :]: read(k, cast=not prequantized) for k in layout.owned[name]}
         if prequantized:
-            return quantizer.load_module(name, layout.metas[name], tensors)
+            return site_load(walk, name, layout.metas[name], tensors)
         for k, t in tensors.items():
             _assign(module, k, t)
-        return quantizer.quantize_module(name, as_linear(module))
+        return site_quantize(walk, name, module)
 
     return build
 
@@ -324,27 +323,6 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         )
     else:
         module._buffers[attr] = tensor
-
-
-def _check_recorded_config(config_path: Path, ckpt: Checkpoint, config: QuantConfig) -> None:
-    """The weights' header records the config they were saved with (quantplug >= 0.1 writes it);
-    config.json must say the same, or the tensors would be run as something they are not (two
-    configs can share a layout, e.g. torchao int8 weight-only and int8 dynamic-activation)."""
-    recorded = ckpt.metadata.get("quantization_config")
-    if recorded is None:  # written by another tool, or before quantplug recorded it
-        return
-    where = next(iter(ckpt.files.values())).path
-    try:
-        data = json.loads(recorded)
-        same = isinstance(data, dict) and data.get("quant_method") == config.quant_method
-        same = same and type(config).from_checkpoint(data) == config
-    except (json.JSONDecodeError, ConfigError) as exc:
-        raise CheckpointError(f"{where}: header metadata quantization_config is corrupt ({exc})") from None
-    if not same:
-        raise CheckpointError(
-            f"{config_path}: quantization_config {config.to_json(indent=None)} is not the config {where.name} "
-            f"was saved with ({recorded}); restore config.json's quantization_config, or re-save the model"
-        )
 
 
 def _compatible_dtype(stored: torch.dtype, model: torch.dtype) -> bool:

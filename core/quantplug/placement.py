@@ -31,6 +31,7 @@ from torch import nn
 
 from .device_map import DISK, STRATEGIES, canonical_device, checked_map, checked_max_memory, names_of
 from .errors import ConfigError
+from .experts_contract import site_expected
 from .layers import set_submodule
 
 
@@ -143,7 +144,7 @@ def placed(
     sizes = {}
     if walk is not None:
         for name, meta in metas.items():
-            spec = walk.quantizer.expected_tensors(name, meta)
+            spec = site_expected(walk, name, meta)
             sizes[name] = {k: (shape or (), dt or meta.weight.dtype) for k, (shape, dt) in spec.items()}
     place = plan(model, device_map, max_memory, offload_folder, sizes)
     if walk is not None:

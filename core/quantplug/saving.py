@@ -29,6 +29,7 @@ from .checkpoint import (
     header_metadata,
 )
 from .errors import CheckpointError, PluginError
+from .experts_contract import site_tensors
 from .safetensors_io import CHECKSUMS_KEY, write_file
 from .sites import checkpoint_layout, checkpoint_namer
 from .sizes import parse_size
@@ -64,7 +65,7 @@ def checkpoint_tensors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]]
     def walk(module: nn.Module, prefix: str) -> None:
         name = prefix[:-1]
         if name in qnames:
-            for k, t in info.quantizer.module_tensors(name, module).items():
+            for k, t in site_tensors(info.quantizer, name, module, info.experts).items():
                 add(prefix + k, t)
             return
         for k, p in module._parameters.items():

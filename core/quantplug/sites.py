@@ -23,7 +23,15 @@ from torch import nn
 from .checkpoint import Checkpoint, Derived
 from .errors import CheckpointError
 from .expert_names import CheckpointNames
-from .experts import ExpertsLayout, UnfusedExperts, experts_sites, is_unfused, unfuse, unknown_stacked
+from .experts import (
+    DEFAULT_NAMES,
+    ExpertsLayout,
+    UnfusedExperts,
+    experts_sites,
+    is_unfused,
+    unfuse,
+    unknown_stacked,
+)
 from .layers import set_submodule
 
 __all__ = ["checkpoint_layout", "present_checkpoint", "restore_unplanned", "stacked_skips", "unfuse_sites"]
@@ -35,9 +43,14 @@ def serves_experts_natively(quantizer: Any) -> bool:
     return bool(getattr(caps, "native_experts", False))
 
 
-def unfuse_sites(model: nn.Module, quantizer: Any = None) -> dict[str, nn.Module]:
+def unfuse_sites(
+    model: nn.Module, quantizer: Any = None, stored: set[str] | None = None
+) -> dict[str, nn.Module]:
     """Unfuse every experts module of ``model`` (in place; views, no copies) unless ``quantizer``
-    serves them natively. Returns the replaced modules by name, for ``restore_unplanned``."""
+    serves them natively. Returns the replaced modules by name, for ``restore_unplanned``.
+    ``stored``: a checkpoint's tensor names; its experts are named as it names them (the model's
+    conversion mapping's names, or ``gate_proj``/``up_proj``/``down_proj``, which llm-compressor
+    writes for Mixtral too)."""
     if quantizer is not None and serves_experts_natively(quantizer):
         return {}
     sites = experts_sites(model)
@@ -47,9 +60,31 @@ def unfuse_sites(model: nn.Module, quantizer: Any = None) -> dict[str, nn.Module
     originals = {}
     for name, layout in sites.items():
         module = model.get_submodule(name)
-        set_submodule(model, name, unfuse(module, layout, names.projection_names(name, layout.has_gate)[0]))
+        proj = names.projection_names(name, layout.has_gate)[0]
+        if stored is not None and proj != DEFAULT_NAMES:
+            prefixes = (f"{names.to_checkpoint(name)}.0.{DEFAULT_NAMES[2]}.", f"{name}.0.{DEFAULT_NAMES[2]}.")
+            if any(k.startswith(prefixes) for k in stored):
+                proj = DEFAULT_NAMES
+        set_submodule(model, name, unfuse(module, layout, proj))
         originals[name] = module
     return originals
+
+
+def native_sites(model: nn.Module, quantizer: Any, skipped: dict[str, str]) -> dict[str, ExpertsLayout]:
+    """The experts modules ``quantizer`` quantizes stacked (a backend with ``native_experts``), by
+    name; those ``modules_to_not_convert`` lists (or ``skip_reason`` refuses) go to ``skipped``."""
+    if not serves_experts_natively(quantizer):
+        return {}
+    from .matching import listed_reason
+
+    out = {}
+    for name, layout in experts_sites(model).items():
+        why = listed_reason(name, quantizer.config) or quantizer.skip_reason(name, model.get_submodule(name))
+        if why:
+            skipped[name] = why
+        else:
+            out[name] = layout
+    return out
 
 
 def restore_unplanned(model: nn.Module, originals: dict[str, nn.Module], planned: list[str]) -> None:
@@ -108,13 +143,14 @@ def present_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
                 views[f"{key}.{suffix}"] = _slice_view(ckpt, stored, layout, e, role, bias)
         ckpt.derive(views, consumed)
     for name, layout in fused.items():
-        proj, _ = names.projection_names(name, layout.has_gate)
-        proj_by_role = dict(zip(("gate", "up", "down"), proj, strict=True))
-        per_expert = _per_expert_names(name, layout, proj_by_role)
         suffixes = ("weight", "bias") if layout.has_bias else ("weight",)
-        if f"{name}.{layout.up_param}" in have or not all(
-            f"{k}.{s}" in have for k in per_expert.values() for s in suffixes
-        ):
+        per_expert = None
+        for proj in (names.projection_names(name, layout.has_gate)[0], DEFAULT_NAMES):
+            candidate = _per_expert_names(name, layout, dict(zip(("gate", "up", "down"), proj, strict=True)))
+            if all(f"{k}.{s}" in have for k in candidate.values() for s in suffixes):
+                per_expert = candidate
+                break
+        if f"{name}.{layout.up_param}" in have or per_expert is None:
             continue  # stored stacked (read by name), or not whole (``verify`` names what is missing)
         views, consumed = {}, set()
         for param in dict.fromkeys(_role_params(layout).values()):

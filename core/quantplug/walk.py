@@ -44,6 +44,9 @@ class QuantizedModelInfo:
     config: QuantConfig
     quantizer: Any
     modules: list[str]
+    experts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The modules of ``modules`` that are stacked experts the backend quantized natively, with
+    their ``ExpertsLayout`` (``quantplug.experts_contract``)."""
 
 
 def quantized_info(model: nn.Module) -> QuantizedModelInfo | None:
@@ -92,6 +95,15 @@ def release_freed_memory() -> None:
         _malloc_trim(0)
 
 
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """``module`` if its tensors are on the meta device, else a copy of it there."""
+    if all(t.device.type == "meta" for t in module.parameters()):
+        return module
+    import copy
+
+    return copy.deepcopy(module).to("meta")
+
+
 #: how one layer is built: (module name, the module now in the model) -> its replacement
 BuildLayer = Callable[[str, nn.Module], nn.Module]
 
@@ -101,14 +113,23 @@ class LayerWalk:
     leaves in full precision (``skipped``, with reasons), planned on construction; ``replace``
     swaps them, ``finish`` records the result on the model."""
 
-    def __init__(self, model: nn.Module, quantizer: Any):
-        from .sites import restore_unplanned, stacked_skips, unfuse_sites  # (sites -> checkpoint -> walk)
+    def __init__(self, model: nn.Module, quantizer: Any, stored: set[str] | None = None):
+        from .sites import (  # (-> checkpoint -> walk)
+            native_sites,
+            restore_unplanned,
+            stacked_skips,
+            unfuse_sites,
+        )
 
         self.model = model
         self.quantizer = quantizer
-        originals = unfuse_sites(model, quantizer)  # MoE experts: one Linear per expert projection
+        originals = unfuse_sites(model, quantizer, stored)  # MoE experts: a Linear per expert projection
         self.names, self.skipped = plan(model, quantizer.config, quantizer)
         restore_unplanned(model, originals, self.names)
+        self.native_experts = native_sites(model, quantizer, self.skipped)  # or stacked, natively
+        if self.native_experts:
+            order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+            self.names = sorted([*self.names, *self.native_experts], key=order.__getitem__)
         for site in originals:
             left = {k: why for k, why in self.skipped.items() if k.startswith(site + ".")}
             if left and model.get_submodule(site) is originals[site]:  # kept stacked: one entry
@@ -133,7 +154,12 @@ class LayerWalk:
     def meta_linears(self) -> dict[str, nn.Linear]:
         """Each planned layer as the meta ``nn.Linear`` a backend's ``empty_module`` /
         ``expected_tensors`` / ``load_module`` receive (shape, dtype and bias of the layer)."""
-        return {name: as_linear_meta(self.model.get_submodule(name)) for name in self.names}
+        return {
+            name: _meta_copy(self.model.get_submodule(name))
+            if name in self.native_experts
+            else as_linear_meta(self.model.get_submodule(name))
+            for name in self.names
+        }
 
     def replace(
         self,
@@ -163,6 +189,8 @@ class LayerWalk:
 
     def finish(self) -> QuantizedModelInfo:
         """Attach the ``QuantizedModelInfo`` of what was replaced to the model, and return it."""
-        info = QuantizedModelInfo(self.quantizer.config, self.quantizer, list(self.names))
+        info = QuantizedModelInfo(
+            self.quantizer.config, self.quantizer, list(self.names), dict(self.native_experts)
+        )
         attach_info(self.model, info)
         return info

@@ -21,7 +21,8 @@ from ..checkpoint import header_metadata
 from ..config import QuantConfig
 from ..dispatch import AutoQuantizer
 from ..errors import CheckpointError, ConfigError, PluginError
-from ..layers import as_linear, dotted_prefixes, owner_of
+from ..experts_contract import site_empty, site_expected, site_load, site_quantize
+from ..layers import dotted_prefixes, owner_of
 from ..walk import LayerWalk, quantized_info
 
 logger = logging.getLogger("quantplug.integrations.transformers")
@@ -133,7 +134,7 @@ class QuantplugHfQuantizer(HfQuantizer):
         direct = _uses_state_dict_layout(self.quantizer)
 
         def empty(name: str, module: nn.Module) -> nn.Module:
-            new = self.quantizer.empty_module(name, self._metas[name])
+            new = site_empty(self.walk, name, self._metas[name])
             self._requires_grad[name] = {k: p.requires_grad for k, p in new.named_parameters()}
             return new if direct else _TensorHolder(self._holder_spec(name, self._metas[name], new))
 
@@ -170,7 +171,7 @@ class QuantplugHfQuantizer(HfQuantizer):
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         fallback = empty.state_dict()
         spec = {}
-        for key, (shape, dtype) in self.quantizer.expected_tensors(name, meta).items():
+        for key, (shape, dtype) in site_expected(self.walk, name, meta).items():
             if shape is None or dtype is None:
                 if key not in fallback:
                     raise PluginError(
@@ -191,7 +192,7 @@ class QuantplugHfQuantizer(HfQuantizer):
                 # device_map="auto" and the like were resolved only now
                 for device in {model.get_submodule(n).weight.device for n in self.walk.names}:
                     self.quantizer.validate_environment(device)
-                self.walk.replace(lambda name, m: self.quantizer.quantize_module(name, as_linear(m)))
+                self.walk.replace(lambda name, m: site_quantize(self.walk, name, m))
                 _untie(model, self.walk.names)
         self.walk.finish()
         return model
@@ -209,7 +210,7 @@ class QuantplugHfQuantizer(HfQuantizer):
                     f"from the checkpoint, or offloaded to disk, which backend {self.quant_method!r} "
                     f"cannot load through Transformers (use a device_map without 'disk')"
                 )
-            module = self.quantizer.load_module(name, self._metas[name], tensors)
+            module = site_load(self.walk, name, self._metas[name], tensors)
         wanted = self._requires_grad.get(name, {})
         for key, param in module.named_parameters():
             if key in wanted:
