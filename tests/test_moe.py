@@ -291,3 +291,32 @@ def test_the_transformers_bridge_quantizes_loads_and_saves_experts(hf_folder, tm
     bridged.save_pretrained(tmp_path / "hf")
     assert stored(tmp_path / "hf").keys() == stored(tmp_path / "q").keys()
     assert torch.equal(logits(quantplug.load(tmp_path / "hf", progress=False)), logits(ours))
+
+
+def test_a_device_map_plans_and_offloads_experts_at_their_quantized_size(hf_folder, tmp_path):
+    pytest.importorskip("accelerate")
+    folder = quantplug.save(quantplug.load(hf_folder, config=INT8, progress=False), tmp_path / "q")
+    resident = quantplug.load(folder, progress=False)
+    offloaded = quantplug.load(
+        folder,
+        device_map={"": "cpu", "model.layers.1": "disk"},
+        offload_folder=tmp_path / "off",
+        progress=False,
+    )
+    assert offloaded.hf_device_map["model.layers.1"] == "disk"
+    assert torch.equal(logits(offloaded), logits(resident))
+    # a budget that holds the int8 model but not the fp32 one: planned at quantized sizes, it all fits
+    from quantplug.footprint import model_bytes
+
+    budget = int(model_bytes(resident) * 1.3)
+    assert budget < 0.6 * model_bytes(AutoModelForCausalLM.from_pretrained(hf_folder))
+    planned = quantplug.load(
+        hf_folder,
+        config=INT8,
+        device_map="auto",
+        max_memory={"cpu": budget},
+        offload_folder=tmp_path / "o2",
+        progress=False,
+    )
+    assert set(planned.hf_device_map.values()) == {"cpu"}, planned.hf_device_map
+    assert torch.equal(logits(planned), logits(resident))
