@@ -148,7 +148,14 @@ class AutoRoundConfig(quantplug.QuantConfig):
                 raise self.invalid(name, "null (auto-round's 1 / iters) or a positive number")
         if self.extra_config is not None:
             for key, entry in self.extra_config.items():
-                if not isinstance(entry, dict) or entry.get("data_type", "int") != "int":
+                # a layer kept unquantized (bits >= 16) may say data_type "float": auto-round writes that
+                # for the MoE routers it leaves out ({".*model\\.layers\\.0\\.mlp\\.gate.*": {"bits": 16, ...}})
+                kept = (
+                    isinstance(entry, dict)
+                    and isinstance(entry.get("bits"), (int, float))
+                    and entry["bits"] >= 16
+                )
+                if not isinstance(entry, dict) or (entry.get("data_type", "int") != "int" and not kept):
                     raise self.invalid(
                         "extra_config",
                         "{layer name or regex: {bits, group_size, sym, ...}}",

@@ -38,6 +38,7 @@ from torch import nn
 import quantplug
 
 from .calibration import Wrapped, count_samples, prepare_samples, restored, set_module, shallow_copy
+from .moe import keep_unfused_experts
 
 #: attribute on an inference module holding the checkpoint tensors it was built from
 CHECKPOINT_ATTR = "_quantplug_checkpoint"
@@ -212,7 +213,7 @@ class AutoRoundQuantizer(quantplug.Quantizer):
         pad = pad if isinstance(pad, int) else None
         tokenizer = types.SimpleNamespace(pad_token_id=pad, pad_token=None if pad is None else str(pad))
         threads = torch.get_num_threads()  # AutoRound sets torch's thread count and leaves it changed
-        with _AUTO_ROUND, _quiet_warnings(), torch.enable_grad():
+        with _AUTO_ROUND, _quiet_warnings(), keep_unfused_experts(), torch.enable_grad():
             try:
                 ar = AutoRound(model, tokenizer, **kwargs)
                 ar.quantize()
@@ -245,9 +246,10 @@ class AutoRoundQuantizer(quantplug.Quantizer):
             )
 
     def expected_tensors(self, name, module):
-        return {
-            k: (tuple(t.shape), t.dtype) for k, t in self._packing_module(name, module).state_dict().items()
-        }
+        # the bias in any float dtype, cast on load: auto-round's exporter restores a quantized layer's
+        # bias to the source checkpoint's dtype (fp32 beside fp16 scales: gpt-oss's attention)
+        tensors = self._packing_module(name, module).state_dict().items()
+        return {k: (tuple(t.shape), None if k == "bias" else t.dtype) for k, t in tensors}
 
     def explain_stored_layout(self, name, stored):
         qweight = stored.get("qweight")
@@ -307,6 +309,9 @@ class AutoRoundQuantizer(quantplug.Quantizer):
                 module, kind, scheme, module.in_features, module.out_features, c.packing
             )
         for key, value in tensors.items():
+            mine = getattr(qmodule, key, None)
+            if key == "bias" and mine is not None and value.dtype != mine.dtype:
+                value = value.to(mine.dtype)  # as Transformers reads it (see expected_tensors)
             setattr(qmodule, key, value)  # the buffers, as stored (the kernel's post_init converts them)
         left = [k for k, t in [*qmodule.named_parameters(), *qmodule.named_buffers()] if t.is_meta]
         if left:
