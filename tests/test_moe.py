@@ -76,6 +76,20 @@ def test_unfused_experts_compute_what_the_stacked_module_computes(arch):
     torch.testing.assert_close(logits(model), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_unfused_experts_decode_one_token_at_a_time_as_the_stacked_module_does(arch):
+    model, prompt = tiny_moe(arch), IDS[:1, :6]
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(prompt, **kwargs)
+        for name, layout in experts_sites(model).items():
+            set_submodule(model, name, unfuse(model.get_submodule(name), layout))
+        out = model.generate(prompt, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_llama4_experts_take_every_token_and_unfuse_from_the_registry():
     from transformers import Llama4TextConfig
     from transformers.models.llama4.modeling_llama4 import Llama4TextExperts

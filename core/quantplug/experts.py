@@ -234,6 +234,12 @@ class UnfusedExperts(nn.Module):
                 y = self._mlp(e, hidden_states)[token_idx] * top_k_weights[token_idx, k_pos, None]
                 out.index_add_(0, token_idx, y.to(out.dtype))
             return out
+        if hidden_states.shape[0] == 1:  # decode: one token, its k experts in one host sync
+            weights = top_k_weights.reshape(1, -1)
+            for k, e in enumerate(flat[0].tolist()):
+                if 0 <= e < self.num_experts:
+                    out += (self._mlp(e, hidden_states) * weights[:, k : k + 1]).to(out.dtype)
+            return out
         hits = torch.bincount(flat.flatten(), minlength=self.num_experts)[: self.num_experts]
         for e in hits.nonzero().flatten().tolist():  # one host sync per layer, not one per expert
             token_idx, k_pos = torch.where(flat == e)
