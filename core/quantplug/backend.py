@@ -275,10 +275,9 @@ class Quantizer(ExpertsMethods):
     """Quantizes single modules for one backend and one config; the core does everything else
     (the model walk, skipping, progress, checkpoints, the Transformers bridge).
 
-    Subclasses implement ``quantize_module`` and ``empty_module``; the rest have defaults.
-    Torch and the backend library may be imported at the top of the subclass's module: it is
-    imported only on first use.
-    """
+    Subclasses implement ``quantize_module`` and ``empty_module``; the rest have defaults (MoE
+    experts: ``quantplug.experts_contract``). Torch and the backend library may be imported at the
+    top of the subclass's module: it is imported only on first use."""
 
     def __init__(self, backend: Backend, config: QuantConfig):
         self.backend = backend
