@@ -334,3 +334,17 @@ def test_a_device_map_plans_and_offloads_experts_at_their_quantized_size(hf_fold
     )
     assert set(planned.hf_device_map.values()) == {"cpu"}, planned.hf_device_map
     assert torch.equal(logits(planned), logits(resident))
+
+
+def test_compare_counts_the_experts_in_every_row(rtn_only):
+    from quantplug.comparison import compare
+
+    model = tiny_moe("qwen3_moe")
+    experts = sum(
+        p.numel() * 4 for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))
+    )
+    result = compare(model, ["rtn:int8"], tokens=96, window=32, decode_tokens=2, repeats=1, dtype="float32")
+    base, int8 = result.rows[0], result.rows[-1]
+    assert base.weight_bytes > experts  # the unquantized row's weights include the stacked experts
+    assert int8.label == "rtn:int8" and int8.left_full_precision == 0 and int8.converted == 2 * (4 + 8 * 3)
+    assert int8.weight_bytes < base.weight_bytes / 3.5
