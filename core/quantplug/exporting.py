@@ -78,6 +78,14 @@ def export(
     model = load(folder, progress=progress)
     info = quantized_info(model)
     source, names = info.quantizer, list(info.modules)
+    if info.experts:  # stacked experts a backend quantized whole hold no per-layer integer grid
+        raise ConfigError(
+            f"{folder}: {next(iter(info.experts))} holds experts {source.config.quant_method!r} quantized "
+            f"stacked, which export cannot re-encode yet; quantize the full-precision original with "
+            f"--method {format}",
+            field="format",
+            value=format,
+        )
 
     # two passes, one layer's grid in memory at a time: the layouts decide the target config, then each
     # grid is made again and encoded (grids of a whole model would cost a byte per weight)

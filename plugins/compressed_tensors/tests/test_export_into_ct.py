@@ -162,3 +162,28 @@ def test_torchao_int8_weight_only_exports_and_dynamic_is_refused(tmp_path):
     dynamic = _saved(tmp_path, TorchaoConfig.from_mode("int8_dynamic_activation_int8_weight"), "dyn")
     with pytest.raises(quantplug.ConfigError, match="inputs are quantized too"):
         quantplug.export(dynamic, tmp_path / "ct2", format="compressed-tensors", progress=False)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_an_moe_model_exports_expert_by_expert_with_identical_logits(arch, tmp_path):
+    """rtn's int8 experts (unfused per expert) re-encoded as compressed-tensors, each expert under
+    the checkpoint's per-expert name (Mixtral's ``block_sparse_moe.experts.{e}.w1``)."""
+    from safetensors import safe_open
+
+    from quantplug.testing_models import tiny_moe
+
+    model = tiny_moe(arch)
+    quantplug.quantize(model, {"quant_method": "rtn", "bits": 8}, progress=False)
+    ids = token_ids()
+    source = quantplug.save(model, tmp_path / "rtn")
+    out = quantplug.export(source, tmp_path / "ct", format="compressed-tensors", progress=False)
+    exported = quantplug.load(out, progress=False)
+    assert torch.equal(logits(exported, ids), logits(model, ids))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())  # noqa: SIM118 (not a dict)
+    first = (
+        "model.layers.0.block_sparse_moe.experts.7.w2"
+        if arch == "mixtral"
+        else "model.layers.0.mlp.experts.7.down_proj"
+    )
+    assert {f"{first}.weight_packed", f"{first}.weight_scale"} <= keys
