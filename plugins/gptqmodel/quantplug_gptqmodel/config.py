@@ -98,6 +98,7 @@ class GptqConfig(quantplug.QuantConfig):
     method: Literal["gptq"] | None = None
     mse: float = 0.0
     # -- settings that would change the weights in ways this plugin does not implement ----------
+    # (``dynamic`` is honoured when it only excludes layers: '-:<regex>' keys, GPTQModel's matching)
     dynamic: dict[str, Any] | None = None
     lm_head: bool = False
     pack_dtype: Literal["int32"] = "int32"
@@ -132,10 +133,10 @@ class GptqConfig(quantplug.QuantConfig):
                 )
             object.__setattr__(self, "format", self.checkpoint_format)
         object.__setattr__(self, "checkpoint_format", self.format)
-        if self.dynamic:
+        if self.dynamic and not all(isinstance(k, str) and k.startswith("-:") for k in self.dynamic):
             raise self.invalid(
                 "dynamic",
-                "null or {}",
+                "null, {} or exclusions only ('-:<regex>' keys, as auto-round writes for MoE routers)",
                 "per-layer overrides of bits/group size (GPTQModel's `dynamic`) are not supported by "
                 "quantplug-gptqmodel; load this checkpoint with GPTQModel itself",
             )

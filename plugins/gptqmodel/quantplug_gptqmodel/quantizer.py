@@ -15,7 +15,7 @@ import warnings
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, min(os.cpu_count() or 1, 8))))
 
 import torch  # noqa: E402
-from gptqmodel.quantization.config import QuantizeConfig  # noqa: E402
+from gptqmodel.quantization.config import QuantizeConfig, dynamic_get  # noqa: E402
 from gptqmodel.quantization.gptq import GPTQ  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -51,6 +51,8 @@ class GptqQuantizer(quantplug.Quantizer):
             name.endswith("." + n) or name == n for group in inner for n in group
         ):
             return "not in modules_in_block_to_quantize"
+        if cfg.dynamic and dynamic_get(cfg.dynamic, name) is False:  # only '-:' rules pass validate()
+            return "excluded by a '-:' rule of dynamic"
         in_f, out_f = _features(module)
         if in_f % PACK_MULTIPLE or out_f % PACK_MULTIPLE:
             return (
