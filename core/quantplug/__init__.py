@@ -53,6 +53,10 @@ _LAZY = {
     "run_batch": ".devices",
     "bench_presets": ".local_speed",
     "check_lora_targets": ".lora_check",
+    "ExpertsLayout": ".experts",
+    "UnfusedExperts": ".experts",
+    "experts_layout": ".experts",
+    "register_experts_class": ".experts",
 }
 
 
@@ -68,6 +72,7 @@ __all__ = [
     "AlreadyQuantizedError",
     "AmbiguousBackendError",
     "AutoQuantizer",
+    "ExpertsLayout",
     "Backend",
     "BackendStatus",
     "BackendUnavailableError",

@@ -28,7 +28,6 @@ from . import __version__
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError
 from .safetensors_io import SafetensorsFile
-from .walk import QuantizedModelInfo
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -40,8 +39,9 @@ OWN_FILES = re.compile(
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "qmodel.pt", "tf_model.h5")
 
 
-def header_metadata(info: QuantizedModelInfo | None) -> dict[str, str]:
-    """The metadata of every safetensors file quantplug writes for a model with ``info``: format,
+def header_metadata(info: Any) -> dict[str, str]:
+    """The metadata of every safetensors file quantplug writes for a model with ``info`` (its
+    ``QuantizedModelInfo``, or None): format,
     versions of quantplug, the plugin and its libraries, and the quantization config."""
     meta = {"format": "pt", "quantplug_version": __version__}
     if info is not None:

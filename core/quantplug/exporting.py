@@ -27,6 +27,18 @@ from .layers import as_linear_meta, is_eligible, set_submodule
 from .walk import QuantizedModelInfo, attach_info, progress_bar, quantized_info
 
 
+def _refuse_native_experts(folder: Any, info: QuantizedModelInfo, format: str) -> None:
+    """Stacked experts a backend quantized whole hold no per-layer integer grid to re-encode."""
+    if info.experts:
+        raise ConfigError(
+            f"{folder}: {next(iter(info.experts))} holds experts {info.config.quant_method!r} quantized "
+            f"stacked, which export cannot re-encode yet; quantize the full-precision original with "
+            f"--method {format}",
+            field="format",
+            value=format,
+        )
+
+
 def export_formats() -> list[str]:
     """Installed backends that can be an export target (their config class has ``for_grids``)."""
     return sorted(b.name for b in backends() if hasattr(b.config, "for_grids"))
@@ -78,14 +90,7 @@ def export(
     model = load(folder, progress=progress)
     info = quantized_info(model)
     source, names = info.quantizer, list(info.modules)
-    if info.experts:  # stacked experts a backend quantized whole hold no per-layer integer grid
-        raise ConfigError(
-            f"{folder}: {next(iter(info.experts))} holds experts {source.config.quant_method!r} quantized "
-            f"stacked, which export cannot re-encode yet; quantize the full-precision original with "
-            f"--method {format}",
-            field="format",
-            value=format,
-        )
+    _refuse_native_experts(folder, info, format)
 
     # two passes, one layer's grid in memory at a time: the layouts decide the target config, then each
     # grid is made again and encoded (grids of a whole model would cost a byte per weight)

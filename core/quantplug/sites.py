@@ -99,7 +99,7 @@ def stacked_skips(model: nn.Module) -> dict[str, str]:
     return {
         name: (
             f"{cls}: stacked weights of a layout quantplug does not know ({size / 2**20:.1f} MiB left in "
-            f"full precision); declare it with quantplug.experts.register_experts_class if it is an "
+            f"full precision); declare it with quantplug.register_experts_class if it is an "
             f"experts module"
         )
         for name, (cls, size) in unknown_stacked(model).items()

@@ -146,21 +146,7 @@ class AutoRoundConfig(quantplug.QuantConfig):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise self.invalid(name, "null (auto-round's 1 / iters) or a positive number")
-        if self.extra_config is not None:
-            for key, entry in self.extra_config.items():
-                # a layer kept unquantized (bits >= 16) may say data_type "float": auto-round writes that
-                # for the MoE routers it leaves out ({".*model\\.layers\\.0\\.mlp\\.gate.*": {"bits": 16, ...}})
-                kept = (
-                    isinstance(entry, dict)
-                    and isinstance(entry.get("bits"), (int, float))
-                    and entry["bits"] >= 16
-                )
-                if not isinstance(entry, dict) or (entry.get("data_type", "int") != "int" and not kept):
-                    raise self.invalid(
-                        "extra_config",
-                        "{layer name or regex: {bits, group_size, sym, ...}}",
-                        f"entry {key!r}",
-                    )
+        self._validate_extra_config()
 
         blocks = self.block_names()
         if self.modules_to_not_convert is None and blocks is not None and self.extra_config:
@@ -175,6 +161,25 @@ class AutoRoundConfig(quantplug.QuantConfig):
             ]
             if outside:
                 object.__setattr__(self, "modules_to_not_convert", ())
+
+    def _validate_extra_config(self) -> None:
+        """Each ``extra_config`` entry is a dict of integer settings, or keeps a layer unquantized."""
+        if self.extra_config is None:
+            return
+        for key, entry in self.extra_config.items():
+            # a layer kept unquantized (bits >= 16) may say data_type "float": auto-round writes that
+            # for the MoE routers it leaves out ({".*model\\.layers\\.0\\.mlp\\.gate.*": {"bits": 16, ...}})
+            kept = (
+                isinstance(entry, dict)
+                and isinstance(entry.get("bits"), (int, float))
+                and entry["bits"] >= 16
+            )
+            if not isinstance(entry, dict) or (entry.get("data_type", "int") != "int" and not kept):
+                raise self.invalid(
+                    "extra_config",
+                    "{layer name or regex: {bits, group_size, sym, ...}}",
+                    f"entry {key!r}",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """As the base class, without the fields left null: auto-round's loader (which Transformers

@@ -11,8 +11,7 @@ loaded one compute the same.
 
 Checkpoint tensors are exactly auto-round's (read off the packing ``QuantLinear`` built on the meta
 device); the inference module keeps them for ``module_tensors`` (auto-round-lib's kernel repacks
-its weights on load, so they are not its ``state_dict``).
-"""
+its weights on load, so they are not its ``state_dict``)."""
 
 from __future__ import annotations
 
