@@ -106,16 +106,20 @@ def _dense_bytes(layer: nn.Module) -> int:
     return layer.weight.numel() * layer.weight.element_size()
 
 
-def _stacked_bytes(model: nn.Module) -> int:
-    """Bytes of MoE experts still stacked in full precision (``quantplug.experts``)."""
-    from .experts import stacked_weights
+def _stacked(model: nn.Module) -> tuple[int, int]:
+    """How many modules hold stacked (3-D) weights, MoE experts of a known layout or not, and their
+    bytes: they are full-precision weights quantization left (``quantplug.experts``)."""
+    from .experts import stacked_weights, unknown_stacked
 
-    return sum(t.numel() * t.element_size() for ts in stacked_weights(model).values() for t in ts)
+    known = stacked_weights(model)
+    unknown = unknown_stacked(model)
+    size = sum(t.numel() * t.element_size() for ts in known.values() for t in ts)
+    return len(known) + len(unknown), size + sum(b for _, b in unknown.values())
 
 
 def _unquantized_row(label: str, model: nn.Module) -> Row:
     row = Row(label, None, None, dtype=dtype_name(next(model.parameters()).dtype))
-    row.weight_bytes = sum(_dense_bytes(m) for _, m in default_targets(model)) + _stacked_bytes(model)
+    row.weight_bytes = sum(_dense_bytes(m) for _, m in default_targets(model)) + _stacked(model)[1]
     row.model_bytes = model_bytes(model)
     row.checkpoint_bytes = checkpoint_bytes(model)
     return row
@@ -163,8 +167,9 @@ def _measure_candidate(
             # divide a layer's inputs, skipped by the backend)
             done = set(report.converted)
             left = [m for name, m in default_targets(work) if name not in done]
-            row.left_full_precision = len(left)
-            row.weight_bytes = report.bytes_after + sum(_dense_bytes(m) for m in left) + _stacked_bytes(work)
+            stacked_count, stacked_bytes = _stacked(work)  # MoE experts kept stacked, unquantized
+            row.left_full_precision = len(left) + stacked_count
+            row.weight_bytes = report.bytes_after + sum(_dense_bytes(m) for m in left) + stacked_bytes
             row.model_bytes = model_bytes(work)
             row.checkpoint_bytes = checkpoint_bytes(work)
             measure(row, work, bench, reference, say)
