@@ -314,7 +314,9 @@ def unfuse(
     )
     carried.pop("num_experts", None)
     gate_fn = getattr(type(module), "_apply_gate", _default_gate)
-    return UnfusedExperts(layout, experts, gate_fn, carried)
+    # in the mode of the module it replaces (new modules start in training mode: bitsandbytes' int8
+    # matmul, for one, treats outliers differently when training)
+    return UnfusedExperts(layout, experts, gate_fn, carried).train(module.training)
 
 
 def fuse(unfused: UnfusedExperts, into: nn.Module) -> nn.Module:

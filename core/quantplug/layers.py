@@ -31,9 +31,12 @@ def as_linear(module: nn.Module) -> nn.Linear:
     """An ``nn.Linear`` computing the same function as ``module`` (``module`` itself if it is one)."""
     if type(module) is nn.Linear:
         w = module.weight
-        if w.is_contiguous() or w.device.type == "meta":
+        if w.device.type == "meta" or (w.is_contiguous() and w.untyped_storage().nbytes() == w.nbytes):
             return module
-        lin = as_linear_meta(module)  # an expert's strided view of stacked weights: copy this one
+        # an expert's view of stacked MoE weights: the backend gets a tensor of its own (copied one
+        # expert at a time), so nothing it keeps holds the whole stack and no kernel reads a view
+        # (bitsandbytes' CPU int8 forward computed other outputs from one than its saved state)
+        lin = as_linear_meta(module)
         lin.weight = nn.Parameter(w.detach().contiguous(), requires_grad=w.requires_grad)
         if module.bias is not None:
             lin.bias = nn.Parameter(
@@ -125,7 +128,8 @@ def as_linear_meta(module: nn.Module) -> nn.Linear:
         in_f, out_f = module.weight.shape
     else:
         out_f, in_f = module.weight.shape
-    return nn.Linear(in_f, out_f, bias=module.bias is not None, device="meta", dtype=module.weight.dtype)
+    lin = nn.Linear(in_f, out_f, bias=module.bias is not None, device="meta", dtype=module.weight.dtype)
+    return lin.train(module.training)  # a new module starts in training mode; keep the layer's
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
