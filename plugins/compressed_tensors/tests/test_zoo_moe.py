@@ -220,13 +220,10 @@ def test_an_expert_the_model_does_not_have_is_refused_by_name(zoo, suffix, tmp_p
         quantplug.load(folder, progress=False)
 
 
-@pytest.mark.xfail(
-    raises=CheckpointError,
-    strict=True,
-    reason="llm-compressor 0.14 stores Mixtral's experts as "
-    "gate_proj/up_proj/down_proj; the core reads only Transformers' w1/w3/w2 (expert_names.projection_names)",
-)
 def test_llmcompressor_mixtral_loads(zoo, tmp_path):
+    """llm-compressor 0.14 stores Mixtral's experts as ``block_sparse_moe.experts.{e}.gate_proj``
+    (not Transformers' ``w1``/``w3``/``w2``): the core names the unfused experts as the checkpoint
+    does, and they load quantized with the library's logits."""
     ids = token_ids()
     model = quantplug.load(zoo["mixtral_w4a16"], dtype=torch.float32, progress=False)
     assert set(_expert_modules(model).values()) == {"CompressedTensorsLinear"}
@@ -256,7 +253,7 @@ def test_transformers_dequantizes_qwen3_experts_and_drops_llmcompressors_mixtral
     with the same folders: Qwen3-MoE's experts become stacked bfloat16 parameters (dequantized; the
     attention stays quantized), and llm-compressor's Mixtral experts are left randomly initialised
     (the stacked parameters missing, every per-expert tensor unexpected) with only a load report.
-    quantplug keeps them quantized (above) or refuses (test_llmcompressor_mixtral_loads)."""
+    quantplug keeps them quantized (above, and test_llmcompressor_mixtral_loads)."""
     folders = [str(zoo["qwen3_moe_w4a16"]), str(zoo["mixtral_w4a16"])]
     run = subprocess.run(
         [sys.executable, "-c", _TRANSFORMERS, *folders], capture_output=True, text=True, env=ENV
