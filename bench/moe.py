@@ -4,7 +4,9 @@ unquantized model in float32 and bfloat16 (issue 29, item 6).
     python bench/moe.py                  # the recorded run (~10 min on 2 cores)
     python bench/moe.py --quick          # a smoke run on a tiny model, nothing recorded
 
-The model is a random-weight Qwen3-MoE built here (no hub): 4 layers, hidden 1024, 32 experts of
+The quantized variants are rtn's presets ``int8`` (per channel: torch's fused int8 kernel) and
+``int4-g128`` (the fused int4 kernel) in bfloat16, and int8 with groups of 128 (no fused kernel:
+dequantized on every forward). The model is a random-weight Qwen3-MoE built here (no hub): 4 layers, hidden 1024, 32 experts of
 intermediate 768, top-4, vocab 8192; experts hold 93% of its 0.33 B weights. Each variant runs in a
 fresh child process: build the model (same seed), convert it, then prefill = one forward of 256
 tokens and decode = ``generate`` of 32 tokens after a 16-token prompt with the KV cache, greedy,
@@ -58,9 +60,9 @@ VARIANTS = {
     "fp32-eager": (None, "float32", "eager"),
     "bf16": (None, "bfloat16", None),
     "bf16-eager": (None, "bfloat16", "eager"),
-    "rtn:int8 bf16": ({"quant_method": "rtn", "bits": 8}, "bfloat16", None),
+    "rtn:int8 bf16": ({"quant_method": "rtn", "bits": 8, "group_size": -1}, "bfloat16", None),
     "rtn:int4-g128 bf16": ({"quant_method": "rtn", "bits": 4, "group_size": 128}, "bfloat16", None),
-    "rtn:int8 fp32": ({"quant_method": "rtn", "bits": 8}, "float32", None),
+    "rtn:int8-g128 bf16": ({"quant_method": "rtn", "bits": 8, "group_size": 128}, "bfloat16", None),
 }
 
 
