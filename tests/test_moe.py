@@ -348,3 +348,39 @@ def test_compare_counts_the_experts_in_every_row(rtn_only):
     assert base.weight_bytes > experts  # the unquantized row's weights include the stacked experts
     assert int8.label == "rtn:int8" and int8.left_full_precision == 0 and int8.converted == 2 * (4 + 8 * 3)
     assert int8.weight_bytes < base.weight_bytes / 3.5
+
+
+@pytest.mark.parametrize(
+    ("prefix", "names"),
+    [
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        ("block_sparse_moe", ("gate_proj", "up_proj", "down_proj")),
+    ],
+    ids=["gptqmodel-layout", "auto-round-layout"],
+)
+def test_mixtral_experts_stored_under_other_tools_names_load_and_save_back_as_they_were(
+    prefix, names, tmp_path
+):
+    """Mixtral's experts in the layouts other tools write (GPTQModel: ``mlp.experts.{e}.gate_proj``;
+    auto-round and llm-compressor: ``block_sparse_moe.experts.{e}.gate_proj``) load, and save
+    writes back the names that were read, so the tool that wrote them reads them again."""
+    from safetensors.torch import save_file
+
+    model = tiny_moe("mixtral")
+    quantplug.quantize(model, INT8, progress=False)
+    expected = logits(model)
+    folder = quantplug.save(model, tmp_path / "q")
+    mapping = dict(zip(("w1", "w3", "w2"), names, strict=True))
+    tensors = {}
+    for key, t in stored(folder).items():
+        if ".block_sparse_moe.experts." in key:
+            head, _, tail = key.partition(".block_sparse_moe.experts.")
+            e, proj, rest = tail.split(".", 2)
+            key = f"{head}.{prefix}.experts.{e}.{mapping[proj]}.{rest}"
+        tensors[key] = t
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = quantplug.load(folder, progress=False)
+    assert torch.equal(logits(loaded), expected)
+    again = stored(quantplug.save(loaded, tmp_path / "again"))
+    assert again.keys() == tensors.keys()

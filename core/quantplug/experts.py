@@ -192,6 +192,8 @@ class UnfusedExperts(nn.Module):
         super().__init__()
         self.layout = layout
         self.num_experts = layout.num_experts
+        self.stored_prefix: str | None = None
+        """Where the checkpoint it was loaded from keeps its experts, when not Transformers' layout."""
         self.all_tokens = False
         """Set by ``all_experts_see_all_tokens`` while a quantizer calibrates."""
         self._gate_fn = gate_fn

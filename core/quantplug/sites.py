@@ -60,14 +60,31 @@ def unfuse_sites(
     originals = {}
     for name, layout in sites.items():
         module = model.get_submodule(name)
-        proj = names.projection_names(name, layout.has_gate)[0]
-        if stored is not None and proj != DEFAULT_NAMES:
-            prefixes = (f"{names.to_checkpoint(name)}.0.{DEFAULT_NAMES[2]}.", f"{name}.0.{DEFAULT_NAMES[2]}.")
-            if any(k.startswith(prefixes) for k in stored):
-                proj = DEFAULT_NAMES
-        set_submodule(model, name, unfuse(module, layout, proj))
+        proj, prefix = _stored_naming(names, name, layout, stored)
+        unfused = unfuse(module, layout, proj)
+        unfused.stored_prefix = prefix
+        set_submodule(model, name, unfused)
         originals[name] = module
     return originals
+
+
+def _stored_naming(
+    names: CheckpointNames, site: str, layout: ExpertsLayout, stored: set[str] | None
+) -> tuple[tuple[str, str, str], str | None]:
+    """The per-expert (gate, up, down) names of experts ``site`` and the prefix the checkpoint
+    keeps them under: the model's conversion mapping's (Transformers' layout) unless ``stored``
+    (a checkpoint's tensor names) holds them otherwise. Other tools write Mixtral three ways:
+    Transformers ``block_sparse_moe.experts.{e}.w1``, auto-round and llm-compressor
+    ``block_sparse_moe.experts.{e}.gate_proj``, GPTQModel ``mlp.experts.{e}.gate_proj``; ``save``
+    writes back the prefix that was read (``None``: Transformers' renaming)."""
+    proj = names.projection_names(site, layout.has_gate)[0]
+    if stored is None:
+        return proj, None
+    for prefix in dict.fromkeys((names.to_checkpoint(site), site)):
+        for candidate in dict.fromkeys((proj, DEFAULT_NAMES)):
+            if any(k.startswith(f"{prefix}.0.{candidate[2]}.") for k in stored):
+                return candidate, prefix
+    return proj, None
 
 
 def native_sites(model: nn.Module, quantizer: Any, skipped: dict[str, str]) -> dict[str, ExpertsLayout]:
@@ -217,10 +234,19 @@ def _stack_view(
 
 def checkpoint_namer(model: nn.Module):
     """A function giving a model name its checkpoint name (``save``'s renaming; identity unless the
-    model has experts)."""
-    if not experts_sites(model) and not any(is_unfused(m) for m in model.modules()):
+    model has experts): unfused experts keep the prefix their checkpoint had, the rest are renamed
+    back as Transformers' ``save_pretrained`` renames them."""
+    unfused = {n: m.stored_prefix for n, m in model.named_modules() if is_unfused(m)}
+    if not experts_sites(model) and not unfused:
         return lambda key: key
-    return CheckpointNames(model).to_checkpoint
+    to_checkpoint = CheckpointNames(model).to_checkpoint
+    kept = {n: p for n, p in unfused.items() if p is not None}
+
+    def rename(key: str) -> str:
+        site = next((n for n in kept if key.startswith(n + ".")), None)
+        return kept[site] + key[len(site) :] if site is not None else to_checkpoint(key)
+
+    return rename
 
 
 def checkpoint_layout(
@@ -233,6 +259,7 @@ def checkpoint_layout(
     if not fused and not any(is_unfused(m) for m in model.modules()):
         return tensors, aliases
     names = CheckpointNames(model)
+    rename = checkpoint_namer(model)
     split: dict[str, tuple[str, ExpertsLayout, dict[str, str], bool]] = {}
     for name, layout in fused.items():
         proj, stacks = names.projection_names(name, layout.has_gate)
@@ -247,12 +274,12 @@ def checkpoint_layout(
     out = []
     for key, t in tensors:
         if key not in split:
-            out.append((names.to_checkpoint(key), t))
+            out.append((rename(key), t))
             continue
         site, layout, roles, bias = split[key]
         for e in range(layout.num_experts):
             for role, proj in roles.items():
                 piece = layout.slot(t, e, role, bias=bias).contiguous()
                 out.append((names.to_checkpoint(f"{site}.{e}.{proj}.{'bias' if bias else 'weight'}"), piece))
-    renamed = {names.to_checkpoint(a): names.to_checkpoint(s) for a, s in aliases.items()}
+    renamed = {rename(a): rename(s) for a, s in aliases.items()}
     return out, renamed
