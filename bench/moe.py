@@ -68,28 +68,12 @@ VARIANTS = {
 
 def build(size: str, dtype: str, experts_impl: str | None):
     import torch
-    import transformers
 
-    torch.manual_seed(0)
+    from quantplug.testing_models import tiny_moe
+
     kw = dict(SIZES[size])
-    config = transformers.Qwen3MoeConfig(
-        intermediate_size=kw["moe_intermediate_size"],
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=128,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        **kw,
-    )
-    model = transformers.Qwen3MoeForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".experts." in name:
-                p.normal_(0, 0.02)
-            elif name.endswith("mlp.gate.weight"):
-                p.normal_(0, 0.5)
+    sizes = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=128, max_position_embeddings=512)
+    model = tiny_moe("qwen3_moe", intermediate_size=kw["moe_intermediate_size"], **sizes, **kw)
     model = model.to(getattr(torch, dtype)).eval()
     if experts_impl:
         model.set_experts_implementation(experts_impl)

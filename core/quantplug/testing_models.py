@@ -47,7 +47,8 @@ def logits(model, ids):
 
 def tiny_moe(arch: str, seed: int = 0, **overrides: Any):
     """A small random-weight MoE causal LM of ``arch`` (one of ``MOE_ARCHS``): 2 layers, hidden
-    256, 8 experts of intermediate 256, top-2, so experts hold most of the weights (as at scale)."""
+    256, 8 experts of intermediate 256, top-2, so experts hold most of the weights (as at scale);
+    ``overrides`` are config fields (e.g. ``num_hidden_layers=4, num_experts=32`` for Qwen3-MoE)."""
     import torch
     import transformers
 
@@ -65,23 +66,20 @@ def tiny_moe(arch: str, seed: int = 0, **overrides: Any):
         num_experts_per_tok=2,
     )
     if arch == "mixtral":
-        cls, config = (
-            transformers.MixtralForCausalLM,
-            transformers.MixtralConfig(num_local_experts=8, **kwargs),
-        )
+        cls, config_cls = transformers.MixtralForCausalLM, transformers.MixtralConfig
+        kwargs.update(num_local_experts=8)
     elif arch == "qwen3_moe":
+        cls, config_cls = transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig
         kwargs.update(num_experts=8, moe_intermediate_size=256, decoder_sparse_step=1, mlp_only_layers=[])
-        cls, config = transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(**kwargs)
     elif arch == "gpt_oss":
+        cls, config_cls = transformers.GptOssForCausalLM, transformers.GptOssConfig
         kwargs.update(
             num_local_experts=8, layer_types=["full_attention", "sliding_attention"], sliding_window=16
         )
         kwargs.update(rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
-        cls, config = transformers.GptOssForCausalLM, transformers.GptOssConfig(**kwargs)
     else:
         raise ValueError(f"tiny_moe: unknown arch {arch!r}; one of {MOE_ARCHS}")
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config = config_cls(**{**kwargs, **overrides})  # overrides: any config field (sizes, counts)
     model = cls(config)
     with torch.no_grad():  # Transformers initialises stacked experts (and gpt-oss's router) to zero
         for name, p in model.named_parameters():
