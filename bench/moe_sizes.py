@@ -5,6 +5,8 @@ relative logit error, and whether save -> load gives identical logits. Prints a 
     python bench/moe_sizes.py      # the integration env (all five plugins installed), ~1 min
 """
 
+from __future__ import annotations
+
 import logging
 import tempfile
 import warnings
@@ -12,47 +14,56 @@ import warnings
 import torch
 
 import quantplug
-
-warnings.filterwarnings("ignore")
-logging.disable(logging.WARNING)
 from quantplug.experts import experts_sites
 from quantplug.footprint import model_bytes
-from quantplug.testing_models import tiny_moe
+from quantplug.testing_models import MOE_ARCHS, tiny_moe
+
+PRESETS = [
+    ("rtn", "int8"),
+    ("bitsandbytes", "int8"),
+    ("hqq", "8bit-g64"),
+    ("quanto", "int8"),
+    ("torchao", "int8-weight-only"),
+]
 
 
-def preset(backend, name):
-    p = next(p for p in quantplug.get_backend(backend).presets if p.name == name)
-    c = p.config
-    return c if not isinstance(c, dict) else {"quant_method": backend, **c}
+def preset_config(backend: str, name: str):
+    config = next(p for p in quantplug.get_backend(backend).presets if p.name == name).config
+    return {"quant_method": backend, **config} if isinstance(config, dict) else config
 
 
-cfgs = {
-    "rtn:int8": preset("rtn", "int8"),
-    "bitsandbytes:int8": preset("bitsandbytes", "int8"),
-    "hqq:8bit-g64": preset("hqq", "8bit-g64"),
-    "quanto:int8": preset("quanto", "int8"),
-    "torchao:int8-weight-only": preset("torchao", "int8-weight-only"),
-}
-ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(1))
-print(
-    "| preset | arch | expert projections quantized | model / fp32 | logit rel. error | save/load identical |"
-)
-print("|---|---|---|---|---|---|")
-for label, cfg in cfgs.items():
-    for arch in ["mixtral", "qwen3_moe", "gpt_oss"]:
-        m = tiny_moe(arch)
-        fp = sum(p.numel() * 4 for p in m.parameters())
-        with torch.no_grad():
-            ref = m(ids).logits
-        r = quantplug.quantize(m, cfg, progress=False)
-        with torch.no_grad():
-            out = m(ids).logits
-        d = tempfile.mkdtemp()
-        quantplug.save(m, d)
-        with torch.no_grad():
-            again = quantplug.load(d, progress=False)(ids).logits
-        n = len([c for c in r.converted if ".experts." in c])
-        print(
-            f"| {label} | {arch} | {n} of 48{', none stacked' if not experts_sites(m) else ''} | {model_bytes(m) / fp:.3f} | {((out.float() - ref).norm() / ref.norm()).item():.4f} | {torch.equal(again, out)} |",
-            flush=True,
-        )
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(1))
+    print(
+        "| preset | arch | expert projections quantized | model / fp32 | logit rel. error | save/load identical |"
+    )
+    print("|---|---|---|---|---|---|")
+    for backend, name in PRESETS:
+        for arch in MOE_ARCHS:
+            model = tiny_moe(arch)
+            fp32 = sum(p.numel() * 4 for p in model.parameters())
+            ref = logits(model, ids)
+            report = quantplug.quantize(model, preset_config(backend, name), progress=False)
+            out = logits(model, ids)
+            with tempfile.TemporaryDirectory() as folder:
+                quantplug.save(model, folder)
+                same = torch.equal(logits(quantplug.load(folder, progress=False), ids), out)
+            experts = len([c for c in report.converted if ".experts." in c])
+            stacked = "" if experts_sites(model) else ", none stacked"
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            print(
+                f"| {backend}:{name} | {arch} | {experts} of 48{stacked} | {model_bytes(model) / fp32:.3f} | "
+                f"{rel:.4f} | {same} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
