@@ -384,3 +384,5 @@ def test_mixtral_experts_stored_under_other_tools_names_load_and_save_back_as_th
     assert torch.equal(logits(loaded), expected)
     again = stored(quantplug.save(loaded, tmp_path / "again"))
     assert again.keys() == tensors.keys()
+    register_with_transformers()  # and Transformers, through the bridge, reads them by those names
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(folder)), expected)

@@ -59,6 +59,15 @@ class _TensorHolder(nn.Module):
         raise RuntimeError("this quantized module was never rebuilt from its checkpoint tensors")
 
 
+def _stored_keys(files: Any) -> set[str] | None:
+    """The tensor names of the safetensors files Transformers is about to load (headers only), so
+    MoE experts are unfused under the names the checkpoint gives them (``quantplug.sites``)."""
+    from ..safetensors_header import read_header
+
+    paths = [f for f in files or () if str(f).endswith(".safetensors")]
+    return {k for f in paths for k in read_header(f).entries} if paths else None
+
+
 class QuantplugHfQuantizer(HfQuantizer):
     """Runs one quantplug backend inside ``from_pretrained``. Each bridged backend gets a subclass.
 
@@ -129,7 +138,7 @@ class QuantplugHfQuantizer(HfQuantizer):
         model.config.quantization_config = self.quantization_config
         if not self.pre_quantized:
             return model
-        self.walk = LayerWalk(model, self.quantizer)
+        self.walk = LayerWalk(model, self.quantizer, _stored_keys(kwargs.get("checkpoint_files")))
         self._metas = self.walk.meta_linears()
         direct = _uses_state_dict_layout(self.quantizer)
 
