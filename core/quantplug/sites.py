@@ -32,13 +32,13 @@ from .experts import (
     unfuse,
     unknown_stacked,
 )
-from .layers import set_submodule
+from .layers import dotted_prefixes, set_submodule
 
 __all__ = ["checkpoint_layout", "present_checkpoint", "restore_unplanned", "stacked_skips", "unfuse_sites"]
 
 
 def serves_experts_natively(quantizer: Any) -> bool:
-    """Whether ``quantizer``'s backend quantizes stacked experts itself (``Capabilities.experts``)."""
+    """Whether ``quantizer``'s backend quantizes stacked experts itself (``Capabilities.native_experts``)."""
     caps = getattr(getattr(quantizer, "backend", None), "capabilities", None)
     return bool(getattr(caps, "native_experts", False))
 
@@ -57,10 +57,11 @@ def unfuse_sites(
     if not sites:
         return {}
     names = CheckpointNames(model)
+    modules = None if stored is None else {p for k in stored for p in dotted_prefixes(k)}
     originals = {}
     for name, layout in sites.items():
         module = model.get_submodule(name)
-        proj, prefix = _stored_naming(names, name, layout, stored)
+        proj, prefix = _stored_naming(names, name, layout, modules)
         unfused = unfuse(module, layout, proj)
         unfused.stored_prefix = prefix
         set_submodule(model, name, unfused)
@@ -73,7 +74,7 @@ def _stored_naming(
 ) -> tuple[tuple[str, str, str], str | None]:
     """The per-expert (gate, up, down) names of experts ``site`` and the prefix the checkpoint
     keeps them under: the model's conversion mapping's (Transformers' layout) unless ``stored``
-    (a checkpoint's tensor names) holds them otherwise. Other tools write Mixtral three ways:
+    (the module paths a checkpoint's tensor names lie under) holds them otherwise. Other tools write Mixtral three ways:
     Transformers ``block_sparse_moe.experts.{e}.w1``, auto-round and llm-compressor
     ``block_sparse_moe.experts.{e}.gate_proj``, GPTQModel ``mlp.experts.{e}.gate_proj``; ``save``
     writes back the prefix that was read (``None``: Transformers' renaming)."""
@@ -82,7 +83,7 @@ def _stored_naming(
         return proj, None
     for prefix in dict.fromkeys((names.to_checkpoint(site), site)):
         for candidate in dict.fromkeys((proj, DEFAULT_NAMES)):
-            if any(k.startswith(f"{prefix}.0.{candidate[2]}.") for k in stored):
+            if f"{prefix}.0.{candidate[2]}" in stored:
                 return candidate, prefix
     return proj, None
 
@@ -243,7 +244,7 @@ def checkpoint_namer(model: nn.Module):
     kept = {n: p for n, p in unfused.items() if p is not None}
 
     def rename(key: str) -> str:
-        site = next((n for n in kept if key.startswith(n + ".")), None)
+        site = next((p for p in dotted_prefixes(key) if p in kept), None)
         return kept[site] + key[len(site) :] if site is not None else to_checkpoint(key)
 
     return rename
