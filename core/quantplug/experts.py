@@ -154,16 +154,19 @@ def stacked_weights(model: nn.Module) -> dict[str, list[torch.Tensor]]:
 
 
 def unknown_stacked(model: nn.Module) -> dict[str, tuple[str, int]]:
-    """Modules holding a parameter of 3 or more dimensions that are not a known experts layout
-    (stacked weights quantplug cannot quantize): name -> (class name, bytes of those parameters)."""
+    """Modules that look like stacked experts (a parameter of 3 or more dimensions named ``*_proj``,
+    or ``expert`` in the module's name or class) in a layout quantplug does not know: name ->
+    (class name, bytes of those parameters). Convolutions and other 3-D parameters are not weights
+    quantization converts, and are left out."""
     known = set(experts_sites(model))
     out = {}
     for name, module in model.named_modules():
-        if name in known or is_unfused(module):
+        if name in known or is_unfused(module) or isinstance(module, nn.modules.conv._ConvNd):
             continue
-        big = [p for p in module._parameters.values() if p is not None and p.dim() >= 3]
-        if big and not isinstance(module, nn.modules.conv._ConvNd):
-            out[name] = (type(module).__name__, sum(p.numel() * p.element_size() for p in big))
+        big = {k: p for k, p in module._parameters.items() if p is not None and p.dim() >= 3}
+        looks = "expert" in name.rpartition(".")[2].lower() or "expert" in type(module).__name__.lower()
+        if big and (looks or any(k.endswith("_proj") for k in big)):
+            out[name] = (type(module).__name__, sum(p.numel() * p.element_size() for p in big.values()))
     return out
 
 
@@ -213,9 +216,8 @@ class UnfusedExperts(nn.Module):
             if layout.is_concatenated:
                 joined = torch.cat([gate, up], dim=-1)
             else:
-                joined = torch.cat([gate.unsqueeze(-1), up.unsqueeze(-1)], dim=-1).flatten(
-                    -2
-                )  # (quanto: no stack)
+                # interleaved [g0, u0, g1, u1, ...]; cat, not stack (quanto's activations have no stack)
+                joined = torch.cat([gate.unsqueeze(-1), up.unsqueeze(-1)], dim=-1).flatten(-2)
             h = self._gate_fn(self, joined)
         else:
             h = self.act_fn(up)
