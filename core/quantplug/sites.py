@@ -233,14 +233,14 @@ def _stack_view(
     return Derived(shape, dtype, build)
 
 
-def checkpoint_namer(model: nn.Module):
+def checkpoint_namer(model: nn.Module, names: CheckpointNames | None = None):
     """A function giving a model name its checkpoint name (``save``'s renaming; identity unless the
     model has experts): unfused experts keep the prefix their checkpoint had, the rest are renamed
     back as Transformers' ``save_pretrained`` renames them."""
     unfused = {n: m.stored_prefix for n, m in model.named_modules() if is_unfused(m)}
     if not experts_sites(model) and not unfused:
         return lambda key: key
-    to_checkpoint = CheckpointNames(model).to_checkpoint
+    to_checkpoint = (names or CheckpointNames(model)).to_checkpoint
     kept = {n: p for n, p in unfused.items() if p is not None}
 
     def rename(key: str) -> str:
@@ -260,7 +260,7 @@ def checkpoint_layout(
     if not fused and not any(is_unfused(m) for m in model.modules()):
         return tensors, aliases
     names = CheckpointNames(model)
-    rename = checkpoint_namer(model)
+    rename = checkpoint_namer(model, names)  # one reading of the model's conversion mapping
     split: dict[str, tuple[str, ExpertsLayout, dict[str, str], bool]] = {}
     for name, layout in fused.items():
         proj, stacks = names.projection_names(name, layout.has_gate)
@@ -281,6 +281,6 @@ def checkpoint_layout(
         for e in range(layout.num_experts):
             for role, proj in roles.items():
                 piece = layout.slot(t, e, role, bias=bias).contiguous()
-                out.append((names.to_checkpoint(f"{site}.{e}.{proj}.{'bias' if bias else 'weight'}"), piece))
+                out.append((rename(f"{site}.{e}.{proj}.{'bias' if bias else 'weight'}"), piece))
     renamed = {rename(a): rename(s) for a, s in aliases.items()}
     return out, renamed
