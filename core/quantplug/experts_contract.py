@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 class ExpertsMethods:
     """Mixed into ``quantplug.Quantizer``: the methods of the native experts path."""
 
+    def serves_experts(self, name: str, layout: ExpertsLayout) -> bool:
+        """Whether this backend quantizes experts module ``name`` (of ``layout``) stacked, through
+        ``quantize_experts``; False: the core unfuses it into per-expert Linears for
+        ``quantize_module``, as for any backend. Asked only of backends declaring
+        ``Capabilities.native_experts``; default True (every layout)."""
+        return True
+
     def quantize_experts(self, name: str, module: nn.Module, layout: ExpertsLayout) -> nn.Module:
         """The quantized replacement of the stacked experts module ``module`` (on the target device),
         called as ``module`` is. Only for backends declaring ``Capabilities.native_experts``."""

@@ -201,7 +201,9 @@ def save(
         raise CheckpointError(
             f"backend {info.config.quant_method!r} declares that its models cannot be saved"
         )
-    tensors, aliases = checkpoint_layout(model, *checkpoint_tensors(model))  # MoE: as Transformers saves
+    tensors, aliases = checkpoint_layout(  # MoE: as Transformers saves
+        model, *checkpoint_tensors(model), native=info.experts if info else None
+    )
     meta = _file_metadata(model, info, aliases, [key for key, _ in tensors])
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.quantplug-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, Derived
 from .errors import CheckpointError
+from .expert_companions import split_companions, stack_companions
 from .expert_names import CheckpointNames
 from .experts import (
     DEFAULT_NAMES,
@@ -51,9 +52,10 @@ def unfuse_sites(
     ``stored``: a checkpoint's tensor names; its experts are named as it names them (the model's
     conversion mapping's names, or ``gate_proj``/``up_proj``/``down_proj``, which llm-compressor
     writes for Mixtral too)."""
-    if quantizer is not None and serves_experts_natively(quantizer):
-        return {}
-    sites = experts_sites(model)
+    native = quantizer is not None and serves_experts_natively(quantizer)
+    sites = {
+        n: lo for n, lo in experts_sites(model).items() if not (native and quantizer.serves_experts(n, lo))
+    }
     if not sites:
         return {}
     names = CheckpointNames(model)
@@ -97,6 +99,8 @@ def native_sites(model: nn.Module, quantizer: Any, skipped: dict[str, str]) -> d
 
     out = {}
     for name, layout in experts_sites(model).items():
+        if not quantizer.serves_experts(name, layout):
+            continue  # unfused by ``unfuse_sites``, unless planned to stay in full precision
         why = listed_reason(name, quantizer.config) or quantizer.skip_reason(name, model.get_submodule(name))
         if why:
             skipped[name] = why
@@ -147,6 +151,7 @@ def present_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
     renamed = {k: names.to_model(k) for k in stored}
     ckpt.present_as({k: v for k, v in renamed.items() if k != v})
     have = ckpt.keys()
+    leaves: dict[str, list[str]] | None = None  # stored module name -> its tensor names
     for name, module in unfused.items():
         layout = module.layout
         params = _role_params(layout)
@@ -183,7 +188,14 @@ def present_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
                 views[f"{name}.{target}"] = _stack_view(
                     ckpt, model, f"{name}.{target}", layout, parts, suffix == "bias"
                 )
-        ckpt.derive(views, consumed)
+        if leaves is None:
+            leaves = {}
+            for k in have:
+                module, _, leaf = k.rpartition(".")
+                leaves.setdefault(module, []).append(leaf)
+        more, used = stack_companions(ckpt, name, layout, per_expert, leaves)  # e.g. block scales
+        views.update(more)
+        ckpt.derive(views, consumed | used)
 
 
 def _proj_names(module: UnfusedExperts) -> dict[str, str]:
@@ -238,7 +250,8 @@ def checkpoint_namer(model: nn.Module, names: CheckpointNames | None = None):
     model has experts): unfused experts keep the prefix their checkpoint had, the rest are renamed
     back as Transformers' ``save_pretrained`` renames them."""
     unfused = {n: m.stored_prefix for n, m in model.named_modules() if is_unfused(m)}
-    if not experts_sites(model) and not unfused:
+    native = getattr(getattr(model, "quantplug_info", None), "experts", None)  # quantized stacked
+    if not experts_sites(model) and not unfused and not native:
         return lambda key: key
     to_checkpoint = (names or CheckpointNames(model)).to_checkpoint
     kept = {n: p for n, p in unfused.items() if p is not None}
@@ -251,15 +264,25 @@ def checkpoint_namer(model: nn.Module, names: CheckpointNames | None = None):
 
 
 def checkpoint_layout(
-    model: nn.Module, tensors: list[tuple[str, torch.Tensor]], aliases: dict[str, str]
+    model: nn.Module,
+    tensors: list[tuple[str, torch.Tensor]],
+    aliases: dict[str, str],
+    native: dict[str, ExpertsLayout] | None = None,
 ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     """``tensors`` (model names, in order) and ``aliases`` as Transformers' ``save_pretrained``
-    writes them: fused experts split per expert where the model's conversion mapping stacks them,
+    writes them: fused experts split per expert where the model's conversion mapping stacks them
+    (``native``: experts a backend quantized stacked, whose weights and companions split so too),
     and every name renamed back to the checkpoint's."""
     fused = experts_sites(model)
-    if not fused and not any(is_unfused(m) for m in model.modules()):
+    native = native or {}
+    if not fused and not native and not any(is_unfused(m) for m in model.modules()):
         return tensors, aliases
     names = CheckpointNames(model)
+    natively = {}  # native site -> (layout, role -> per-expert name) where the mapping stacks
+    for name, layout in native.items():
+        proj, stacks = names.projection_names(name, layout.has_gate)
+        if stacks:
+            natively[name] = (layout, dict(zip(("gate", "up", "down"), proj, strict=True)))
     rename = checkpoint_namer(model, names)  # one reading of the model's conversion mapping
     split: dict[str, tuple[str, ExpertsLayout, dict[str, str], bool]] = {}
     for name, layout in fused.items():
@@ -274,6 +297,11 @@ def checkpoint_layout(
                     ]
     out = []
     for key, t in tensors:
+        site = key.rpartition(".")[0]
+        pieces = split_companions(site, *natively[site], key, t) if site in natively else None
+        if pieces is not None:
+            out.extend((rename(k), piece) for k, piece in pieces)
+            continue
         if key not in split:
             out.append((rename(key), t))
             continue

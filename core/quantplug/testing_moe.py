@@ -74,7 +74,9 @@ class MoEConformance:
         cfg = model.config
         experts = cfg.num_local_experts if hasattr(cfg, "num_local_experts") else cfg.num_experts
         per_expert = [n for n in report.converted if ".experts." in n]
-        assert len(per_expert) == cfg.num_hidden_layers * experts * 3, report
+        native = set(model.quantplug_info.experts)  # sites the backend quantized stacked, whole
+        assert native <= set(report.converted), report
+        assert len(per_expert) + len(native) * experts * 3 == cfg.num_hidden_layers * experts * 3, report
         assert not experts_sites(model), "experts left stacked in full precision"
         assert not [k for k in report.skipped if "experts" in k], report.skipped
         ratio = model_bytes(model) / fp_bytes
@@ -101,9 +103,12 @@ class MoEConformance:
         # each quantized expert projection is stored under the checkpoint's name for it: the name
         # Transformers gives that expert's weight where it saves experts one by one (not gpt-oss)
         rename = checkpoint_namer(model)
-        expected = {rename(n) for n in per_expert}
-        assert all(any(s.startswith(n + ".") for s in stored) for n in expected), sorted(stored)[:12]
         hf_per_expert = {k.rpartition(".")[0] for k in hf_keys if k.split(".experts.")[-1][:1].isdigit()}
+        # native sites: stored per expert too, where Transformers saves them so (as its FP8Experts)
+        expected = {rename(n) for n in per_expert} | {
+            n for n in hf_per_expert if any(n.startswith(rename(site) + ".") for site in native)
+        }
+        assert all(any(s.startswith(n + ".") for s in stored) for n in expected), sorted(stored)[:12]
         assert not hf_per_expert or hf_per_expert == expected, sorted(hf_per_expert ^ expected)[:6]
         assert not [k for k in stored if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
         loaded = quantplug.load(ckpt, device=self.device, progress=False)

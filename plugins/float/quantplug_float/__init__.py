@@ -1,0 +1,104 @@
+"""quantplug-float: the float formats Transformers reads, in plain PyTorch on any device.
+
+Backends (each named as Transformers names the method, checkpoints in Transformers' exact layout):
+- ``fp8``: fine-grained FP8 (DeepSeek-V3/R1, Qwen3-*-FP8, MiniMax): e4m3 weights, a float32 scale
+  per 128x128 tile (or per tensor); MoE experts kept stacked.
+- ``mxfp8``: e4m3 weights, an e8m0 (power-of-two) scale per 32 inputs.
+- ``fbgemm_fp8``: e4m3 weights, one float32 scale per output row (Meta's Llama FP8 releases).
+- ``mxfp4``: gpt-oss's MoE experts, e2m1 values with an e8m0 scale per 32 inputs.
+
+A loaded model keeps the bytes (1 per fp8 weight, 0.53 per mxfp4 one) and dequantizes one layer
+(one expert) at a time on every forward. Importing this module imports no torch.
+"""
+
+import quantplug
+
+from .config import FbgemmFp8Config, Fp8Config, Mxfp8Config
+
+__all__ = ["PRESETS", "FbgemmFp8Config", "Fp8Config", "Mxfp8Config", "register_backends"]
+
+# bits_per_weight and rel_error: the kit's preset layer, Linear(2048, 2048) with N(0, 0.02)
+# weights in bfloat16 (quantplug.preset_check). Speed: see bench/RESULTS.md "Float formats".
+_FP8_NOTE = "weight-only on CPU: e4m3 codes dequantized per layer into bfloat16 on every forward"
+PRESETS = {
+    "fp8": (
+        quantplug.Preset(
+            "fp8-block128",
+            {"weight_block_size": [128, 128]},
+            bits=8,
+            bits_per_weight=8.002,
+            rel_error=0.026,
+            dtype="bfloat16",
+            note=_FP8_NOTE,
+        ),
+        quantplug.Preset(
+            "fp8-tensor",
+            {"weight_block_size": None},
+            bits=8,
+            bits_per_weight=8.0,
+            rel_error=0.027,
+            dtype="bfloat16",
+            note=_FP8_NOTE,
+        ),
+    ),
+    "mxfp8": (
+        quantplug.Preset(
+            "mxfp8", {}, bits=8, bits_per_weight=8.25, rel_error=0.027, dtype="bfloat16", note=_FP8_NOTE
+        ),
+    ),
+    "fbgemm_fp8": (
+        quantplug.Preset(
+            "fbgemm-fp8", {}, bits=8, bits_per_weight=8.016, rel_error=0.026, dtype="bfloat16", note=_FP8_NOTE
+        ),
+    ),
+}
+
+_CAPS = dict(
+    bits=(8,),
+    devices=("cpu", "cuda", "mps"),
+    needs_calibration=False,
+    trainable=False,
+    serializable=True,
+    weight_dtypes=("float8_e4m3fn",),
+    max_rel_error={8: 0.04},
+)
+
+
+@quantplug.hookimpl
+def register_backends(register):
+    quantizer = "quantplug_float.quantizer:"
+    for name, config, cls, native, description in (
+        (
+            "fp8",
+            Fp8Config,
+            "Fp8Quantizer",
+            True,
+            "Transformers' fine-grained FP8: e4m3 weights, a float32 scale per 128x128 tile (or per tensor); MoE experts kept stacked",
+        ),
+        (
+            "mxfp8",
+            Mxfp8Config,
+            "Fp8Quantizer",
+            True,
+            "MXFP8: e4m3 weights, a power-of-two scale per 32 inputs",
+        ),
+        (
+            "fbgemm_fp8",
+            FbgemmFp8Config,
+            "FbgemmQuantizer",
+            False,
+            "FBGEMM FP8: e4m3 weights, a float32 scale per output row",
+        ),
+    ):
+        register(
+            quantplug.Backend(
+                name=name,
+                config=config,
+                quantizer=quantizer + cls,
+                capabilities=quantplug.Capabilities(**_CAPS, native_experts=native),
+                requires=(),  # plain PyTorch
+                presets=PRESETS[name],
+                description=description + "; pure PyTorch, dequantized per layer on CPU",
+                transformers_format=True,
+            )
+        )
