@@ -26,7 +26,20 @@ if TYPE_CHECKING:
     from .experts import ExpertsLayout
 
 
-class ExpertsMethods:
+class StoredLayerMethods:
+    """Mixed into ``quantplug.Quantizer`` (through ``ExpertsMethods``): what a pre-quantized
+    checkpoint may hold besides the backend's quantized layers."""
+
+    def stored_full_precision(self, name: str) -> str | None:
+        """Why a checkpoint of this format may store layer ``name`` in full precision (only a float
+        ``weight`` and ``bias``) although its config does not list it in ``modules_to_not_convert``,
+        or None (default) when that is a broken checkpoint. Transformers' FP8 writer, for one,
+        leaves the layers whose shape its tiles do not divide unquantized. Such a layer is loaded in
+        full precision and reported in ``QuantizeReport.skipped`` with this reason."""
+        return None
+
+
+class ExpertsMethods(StoredLayerMethods):
     """Mixed into ``quantplug.Quantizer``: the methods of the native experts path."""
 
     def serves_experts(self, name: str, layout: ExpertsLayout) -> bool:

@@ -83,6 +83,8 @@ def load(
     model = adapt(model, ckpt, built_here)  # base-model prefix, computed buffers (quantplug.naming)
     walk = LayerWalk(model, quantizer, ckpt.keys()) if quantizer is not None else None
     present_checkpoint(model, ckpt)  # MoE experts: renamed, stacked or per expert as the model needs
+    if prequantized:  # layers the format may store in full precision (Transformers' FP8 writer)
+        walk.keep_stored_full_precision(ckpt.spec, ckpt.keys())
     layout = _Layout.plan(model, walk, prequantized)
     layout.verify(folder, ckpt)
     if prequantized:  # the tensors fit the config; is it the config they were saved with?

@@ -34,6 +34,7 @@ DTYPE_SIZES: dict[str, int] = {
     "U64": 8,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "F8_E8M0": 1,  # powers of two (MX scales); torch >= 2.7
 }
 MAX_HEADER = 100 * 2**20  # the reference implementation's limit
 #: metadata key of the JSON object name -> CRC-32 of the tensor's bytes that quantplug writes

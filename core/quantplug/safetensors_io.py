@@ -45,6 +45,8 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # torch >= 2.7
+    DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 __all__ = ["CHECKSUMS_KEY", "DTYPES", "MAX_HEADER", "NAMES", "SafetensorsFile", "write_file"]

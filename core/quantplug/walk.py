@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import QuantConfig
@@ -150,6 +151,30 @@ class LayerWalk:
         for name, why in stacked.items():
             logger.warning("quantplug: %s left unquantized: %s", name, why)
         self.skipped.update(stacked)
+
+    def keep_stored_full_precision(self, spec: Callable[[str], Any], stored: set[str]) -> None:
+        """Leave in full precision the planned layers a pre-quantized checkpoint (``stored`` keys,
+        ``spec(key)`` -> (shape, dtype)) holds as a plain float weight and bias, where the backend
+        says its format does that (``Quantizer.stored_full_precision``); anything else stays
+        planned, and a layer missing its quantized tensors is refused by the load as before."""
+        plain = (torch.float32, torch.float16, torch.bfloat16)
+        for name in [n for n in self.names if n not in self.native_experts]:
+            keys = {k for k in (f"{name}.weight", f"{name}.bias") if k in stored}
+            if f"{name}.weight" not in keys or spec(f"{name}.weight")[1] not in plain:
+                continue
+            if any(
+                f"{name}.{k}" in stored
+                for k in self.quantizer.expected_tensors(name, self._meta(name))
+                if k not in ("weight", "bias")
+            ):
+                continue
+            why = self.quantizer.stored_full_precision(name)
+            if why:
+                self.names.remove(name)
+                self.skipped[name] = f"stored in full precision by the checkpoint ({why})"
+
+    def _meta(self, name: str) -> nn.Linear:
+        return as_linear_meta(self.model.get_submodule(name))
 
     def meta_linears(self) -> dict[str, nn.Linear]:
         """Each planned layer as the meta ``nn.Linear`` a backend's ``empty_module`` /

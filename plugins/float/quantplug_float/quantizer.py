@@ -113,6 +113,11 @@ class _E4m3Quantizer(quantplug.Quantizer):
         q.load_state_dict(tensors, strict=True, assign=True)
         return q
 
+    def float8_grid(self, name: str, qmodule: nn.Module):
+        from .grids import float8_grid
+
+        return float8_grid(qmodule)
+
 
 class Fp8Quantizer(_E4m3Quantizer):
     """fp8 / mxfp8: ``weight`` + ``weight_scale_inv`` per tile; experts kept stacked (``Fp8Experts``)."""
@@ -127,6 +132,9 @@ class Fp8Quantizer(_E4m3Quantizer):
 
     def _static(self) -> bool:
         return self.config.activation_scheme == "static"
+
+    def stored_full_precision(self, name: str) -> str | None:
+        return "Transformers' FP8 writer leaves a layer whose shape its tiles do not divide unquantized"
 
     def serves_experts(self, name: str, layout) -> bool:
         """Stacked (as Transformers' ``FP8Experts``) where its layout is gate and up concatenated,
