@@ -154,8 +154,9 @@ def child_load(folder: str, how: str) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     else:  # imports only: the baseline
-        import quantplug  # noqa: F401
         from transformers import AutoModelForCausalLM  # noqa: F401
+
+        import quantplug  # noqa: F401
 
         model = None
     held = (
@@ -171,7 +172,6 @@ def child_scaled_mm(repeats: int) -> None:
     quantplug-float's dequantize-then-linear on one 2048 x 2048 layer."""
     import torch
     import torch.nn.functional as F
-
     from quantplug_float import codec
 
     w = torch.randn(2048, 2048) * 0.02
