@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from quantplug_float import codec
 
 
