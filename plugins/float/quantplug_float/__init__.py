@@ -13,9 +13,9 @@ A loaded model keeps the bytes (1 per fp8 weight, 0.53 per mxfp4 one) and dequan
 
 import quantplug
 
-from .config import FbgemmFp8Config, Fp8Config, Mxfp8Config
+from .config import FbgemmFp8Config, Fp8Config, Mxfp4Config, Mxfp8Config
 
-__all__ = ["PRESETS", "FbgemmFp8Config", "Fp8Config", "Mxfp8Config", "register_backends"]
+__all__ = ["PRESETS", "FbgemmFp8Config", "Fp8Config", "Mxfp4Config", "Mxfp8Config", "register_backends"]
 
 # bits_per_weight and rel_error: the kit's preset layer, Linear(2048, 2048) with N(0, 0.02)
 # weights in bfloat16 (quantplug.preset_check). Speed: see bench/RESULTS.md "Float formats".
@@ -49,6 +49,20 @@ PRESETS = {
     "fbgemm_fp8": (
         quantplug.Preset(
             "fbgemm-fp8", {}, bits=8, bits_per_weight=8.016, rel_error=0.026, dtype="bfloat16", note=_FP8_NOTE
+        ),
+    ),
+    # gpt-oss's experts only (a model without them is refused); figures: one expert projection
+    # [2048, 2048], N(0, 0.02) weights in bfloat16, 64 Gaussian rows (no Linear layer takes this format)
+    "mxfp4": (
+        quantplug.Preset(
+            "mxfp4",
+            {},
+            bits=4,
+            bits_per_weight=4.25,
+            rel_error=0.119,
+            dtype="bfloat16",
+            note="gpt-oss (GptOssExperts) only: its experts in e2m1 with an e8m0 scale per 32 inputs, dequantized "
+            "per routed expert; Linear layers stay in full precision",
         ),
     ),
 }
@@ -102,3 +116,25 @@ def register_backends(register):
                 transformers_format=True,
             )
         )
+    register(
+        quantplug.Backend(
+            name="mxfp4",
+            config=Mxfp4Config,
+            quantizer="quantplug_float.mxfp4:Mxfp4Quantizer",
+            capabilities=quantplug.Capabilities(
+                bits=(4,),
+                devices=("cpu", "cuda", "mps"),
+                needs_calibration=False,
+                trainable=False,
+                serializable=True,
+                weight_dtypes=("e2m1",),
+                native_experts=True,
+                max_rel_error={4: 0.15},
+            ),
+            requires=(),  # plain PyTorch
+            presets=PRESETS["mxfp4"],
+            description="MXFP4, gpt-oss's experts format: e2m1 values with a power-of-two scale per 32 inputs; "
+            "gpt-oss only, its Linear layers stay in full precision; pure PyTorch, dequantized per routed expert",
+            transformers_format=True,
+        )
+    )

@@ -107,3 +107,33 @@ class FbgemmFp8Config(quantplug.QuantConfig):
     def validate(self) -> None:
         if not self.activation_scale_ub > 0:
             raise self.invalid("activation_scale_ub", "a positive number")
+
+
+GPT_OSS_SKIPS = ("model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head")
+"""What gpt-oss's own checkpoints (openai/gpt-oss-20b, -120b) list in ``modules_to_not_convert``:
+everything but the experts, in Transformers' pattern syntax."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mxfp4Config(quantplug.QuantConfig):
+    """MXFP4 (``quant_method: "mxfp4"``, Transformers' ``Mxfp4Config``): gpt-oss's MoE experts as
+    e2m1 values (two per byte, ``*_blocks``) with an e8m0 scale per 32 inputs (``*_scales``).
+    Only ``GptOssExperts`` is this format; every other layer stays in full precision.
+
+    modules_to_not_convert  Transformers' patterns (regex prefix or suffix, ``*`` for the layer
+                            number), by default the list gpt-oss's own checkpoints carry
+    dequantize              Transformers' load-time switch (dequantize to bfloat16); accepted,
+                            quantplug always keeps the packed bytes. Not written on save unless set
+    """
+
+    quant_method = "mxfp4"
+    skip_rules: ClassVar[tuple[str, ...]] = ("components", "transformers")
+
+    modules_to_not_convert: tuple[str, ...] | None = GPT_OSS_SKIPS
+    dequantize: bool = False
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if not self.dequantize:
+            out.pop("dequantize")  # as Transformers writes it: a load-time switch, not a format field
+        return out

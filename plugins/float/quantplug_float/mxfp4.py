@@ -1,0 +1,253 @@
+"""MXFP4, gpt-oss's experts format (Transformers' ``integrations/mxfp4.py``), in plain PyTorch.
+
+Per ``GptOssExperts`` module, with Transformers' names: ``{p}_blocks`` uint8 [E, out, in/32, 16]
+(two e2m1 codes per byte, the low nibble first), ``{p}_scales`` uint8 [E, out, in/32] (e8m0:
+``2**(byte - 127)`` per 32 inputs) and ``{p}_bias`` [E, out], for ``p`` = ``gate_up_proj`` (out = 2I,
+gate and up rows interleaved as the model's) and ``down_proj`` (out = H). Dequantized, expert ``e``
+is ``[out, in]``, the transpose of the model's ``{p}[e]``; ``dequantize`` is Transformers'
+``_convert_moe_packed_tensors`` (e2m1 table, ``ldexp``) for one expert, bit for bit.
+
+``quantize`` follows triton_kernels' ``downcast_to_mxfp_torch`` (what Transformers' ``Mxfp4Quantize``
+calls on GPU): per 32 inputs the scale is ``amax / 6`` rounded up to a power of two (on its float32
+bits), and each value rounds to the nearest e2m1 value, halves away from zero.
+
+``Mxfp4Experts`` keeps the bytes (0.53 per weight) and dequantizes only the experts a forward routes
+to, one at a time, into the activations' dtype; the gate (gpt-oss's clamped SwiGLU) is the model's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+import quantplug
+
+from .config import Mxfp4Config
+from .fp8 import carried_state
+
+BLOCK = 32
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between the magnitudes; a tie rounds up
+PARAMS = ("gate_up_proj", "down_proj")
+
+LINEAR_REASON = (
+    "mxfp4 is gpt-oss's experts format (Transformers reads it only there); the layer stays in full "
+    "precision — use fp8 or rtn for Linear layers"
+)
+
+
+def is_gpt_oss(layout) -> bool:
+    """``GptOssExperts``' layout: transposed ([E, in, out]), gate and up interleaved, with biases,
+    routed top-k. No other experts class in Transformers stores this way."""
+    return (
+        layout.has_gate
+        and layout.has_bias
+        and layout.is_transposed
+        and not layout.is_concatenated
+        and not layout.has_post_expert_norm
+        and layout.routing == "top_k"
+    )
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [..., rows, cols] (cols a multiple of 32) as blocks uint8 [..., rows, cols/32, 16] and
+    scales uint8 [..., rows, cols/32]."""
+    *lead, rows, cols = w.shape
+    x = w.detach().float().contiguous().reshape(*lead, rows, cols // BLOCK, BLOCK)
+    bits = (x.abs().amax(dim=-1, keepdim=True) / 6.0).view(torch.int32)
+    bits = (bits + 0x7FFFFF) & 0x7F800000  # the power of two at or above amax / 6 (0 for 0)
+    scale = bits.view(torch.float32)
+    y = x * torch.where(scale == 0, 0.0, 1.0 / scale)  # exact: a power of two; |y| <= 6
+    bounds = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=w.device)
+    codes = torch.bucketize(y.abs(), bounds, right=True).to(torch.uint8)
+    codes |= torch.signbit(y).to(torch.uint8) << 3
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (bits >> 23).to(torch.uint8).squeeze(-1)
+
+
+@functools.cache
+def _pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 2]: the two values of each byte (low nibble first)."""
+    values = torch.tensor(FP4_VALUES, dtype=dtype)
+    byte = torch.arange(256)
+    return torch.stack([values[byte & 15], values[byte >> 4]], dim=-1).to(device)
+
+
+def _scale_values(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2**(byte - 127)`` exactly, built on the bits (byte 0 is the subnormal ``2**-127``)."""
+    if dtype == torch.bfloat16:
+        bits = scales.to(torch.int16) << 7
+        return torch.where(scales == 0, 0x40, bits).to(torch.int16).view(torch.bfloat16)
+    bits = scales.to(torch.int32) << 23
+    return torch.where(scales == 0, 0x400000, bits).to(torch.int32).view(torch.float32)
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """blocks [..., G, 16] and scales [..., G] as [..., G * 32] values in ``dtype``: what
+    Transformers' ``_convert_moe_packed_tensors`` gives before its transpose."""
+    compute = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
+    *lead, groups, half = blocks.shape
+    table = _pairs(compute, blocks.device)
+    values = table.index_select(0, blocks.reshape(-1).to(torch.int32)).view(*lead, groups, 2 * half)
+    out = values * _scale_values(scales, compute).unsqueeze(-1)  # exact: times a power of two
+    return out.reshape(*lead, groups * 2 * half).to(dtype)
+
+
+class Mxfp4Experts(nn.Module):
+    """gpt-oss's experts in MXFP4, called as ``GptOssExperts``: ``(hidden_states, router_indices,
+    routing_weights)``, computing as it does (``x @ W + b`` per routed expert, the model's
+    ``_apply_gate``) with each routed expert's weights dequantized when it is used."""
+
+    def __init__(self, layout, bias_dtype: torch.dtype, carried: dict, gate_fn, device=None):
+        super().__init__()
+        self.layout = layout
+        self.num_experts = layout.num_experts
+        self._gate_fn = gate_fn
+        for key, value in carried.items():
+            setattr(self, key, value)  # alpha, limit, sizes, config
+        e, h, i = layout.num_experts, layout.hidden, layout.intermediate
+        for param, (rows, cols) in zip(PARAMS, ((2 * i, h), (h, i)), strict=True):
+            self.register_buffer(
+                param + "_blocks",
+                torch.empty(e, rows, cols // BLOCK, BLOCK // 2, dtype=torch.uint8, device=device),
+            )
+            self.register_buffer(
+                param + "_scales", torch.empty(e, rows, cols // BLOCK, dtype=torch.uint8, device=device)
+            )
+            self.register_buffer(param + "_bias", torch.empty(e, rows, dtype=bias_dtype, device=device))
+
+    def weight(self, param: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert ``e``'s ``param`` as [out, in] in ``dtype`` (the model's ``{param}[e]`` transposed)."""
+        return dequantize(getattr(self, param + "_blocks")[e], getattr(self, param + "_scales")[e], dtype)
+
+    def _mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up = x @ self.weight("gate_up_proj", e, x.dtype).t() + self.gate_up_proj_bias[e].to(x.dtype)
+        h = self._gate_fn(self, gate_up)
+        return h @ self.weight("down_proj", e, x.dtype).t() + self.down_proj_bias[e].to(x.dtype)
+
+    def forward(self, hidden_states: torch.Tensor, router_indices=None, routing_weights=None) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        routes = router_indices.reshape(router_indices.shape[0], -1)
+        if hidden_states.shape[0] == 1:  # decode: the token's k experts, one host sync
+            ks = routes[0].tolist()
+            for e in sorted(set(ks)):  # in expert order, as GptOssExperts sums them
+                if 0 <= e < self.num_experts:
+                    y = self._mlp(e, hidden_states) * routing_weights[:, ks.index(e), None]
+                    out += y.to(out.dtype)
+            return out
+        for e in torch.unique(routes).tolist():  # only the experts some token is routed to
+            if not 0 <= e < self.num_experts:
+                continue  # another rank's expert (expert parallelism)
+            token_idx, k_pos = torch.where(routes == e)
+            y = self._mlp(e, hidden_states[token_idx]) * routing_weights[token_idx, k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        lo = self.layout
+        return f"num_experts={lo.num_experts}, hidden={lo.hidden}, intermediate={lo.intermediate}, mxfp4 (e2m1, e8m0 per 32)"
+
+
+class Mxfp4Quantizer(quantplug.Quantizer):
+    """mxfp4: gpt-oss's experts kept stacked (``Mxfp4Experts``); every Linear layer stays in full
+    precision, as in gpt-oss's own checkpoints. A model without gpt-oss experts is refused."""
+
+    config: Mxfp4Config
+
+    def __init__(self, backend, config):
+        super().__init__(backend, config)
+        self._gpt_oss_sites: set[str] = set()
+        """gpt-oss experts modules ``serves_experts`` accepted. The walk asks ``serves_experts`` of
+        every experts module before ``skip_reason`` of any Linear (there is no model-level hook)."""
+
+    def serves_experts(self, name: str, layout) -> bool:
+        if not is_gpt_oss(layout):
+            how = "transposed" if layout.is_transposed else "[out, in]"
+            gate = (
+                "no gate"
+                if not layout.has_gate
+                else ("interleaved" if not layout.is_concatenated else "concatenated")
+            )
+            raise quantplug.ConfigError(
+                f"{name}: mxfp4 applies to gpt-oss only (GptOssExperts: experts stored transposed, gate and "
+                f"up interleaved, with biases — the one module Transformers reads mxfp4 for); this model's experts "
+                f"are {how}, gate/up {gate}, {'with' if layout.has_bias else 'without'} biases. Quantize it "
+                f"with fp8, mxfp8 or rtn instead",
+                field="quant_method",
+                value="mxfp4",
+                allowed="a gpt-oss model",
+            )
+        for what, size in (("hidden_size", layout.hidden), ("intermediate_size", layout.intermediate)):
+            if size % BLOCK:
+                raise quantplug.ConfigError(
+                    f"{name}: {what} {size} is not a multiple of {BLOCK}; mxfp4 scales 32 inputs at a time "
+                    f"and Transformers' layout has no ragged last block",
+                    field="quant_method",
+                    value="mxfp4",
+                )
+        self._gpt_oss_sites.add(name)
+        return True
+
+    def skip_reason(self, name: str, module: nn.Module) -> str | None:
+        if not isinstance(module, nn.Linear):
+            return None  # a gpt-oss experts module (serves_experts accepted it)
+        if not self._gpt_oss_sites:
+            raise quantplug.ConfigError(
+                f"mxfp4 applies to gpt-oss only: it is the format of GptOssExperts, the one module "
+                f"Transformers reads it for, and this model has no gpt-oss experts module ({name} is a "
+                f"Linear layer). Quantize it with fp8, mxfp8 or rtn instead",
+                field="quant_method",
+                value="mxfp4",
+                allowed="a gpt-oss model",
+            )
+        return LINEAR_REASON
+
+    def offload_refusal(self) -> str | None:
+        return None  # an experts module is its buffers, read on every forward
+
+    def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
+        raise quantplug.ConfigError(f"{name}: {LINEAR_REASON}", field="quant_method", value="mxfp4")
+
+    empty_module = quantize_module
+
+    def _experts(self, module: nn.Module, layout, device) -> Mxfp4Experts:
+        carried, gate_fn = carried_state(module)
+        bias_dtype = module._parameters["gate_up_proj_bias"].dtype
+        return Mxfp4Experts(layout, bias_dtype, carried, gate_fn, device=device)
+
+    def empty_experts(self, name, module, layout):
+        return self._experts(module, layout, "meta")
+
+    def quantize_experts(self, name, module, layout):
+        device = module._parameters["down_proj"].device
+        q = self._experts(module, layout, device)
+        for param in PARAMS:
+            stacked = module._parameters[param].detach()  # [E, in, out]
+            blocks, scales = getattr(q, param + "_blocks"), getattr(q, param + "_scales")
+            for e in range(layout.num_experts):  # one expert's float32 copy at a time
+                blocks[e], scales[e] = quantize(stacked[e].t())
+            getattr(q, param + "_bias").copy_(module._parameters[param + "_bias"].detach())
+        return q
+
+    def expected_experts_tensors(self, name, module, layout):
+        """uint8 blocks and scales as declared; biases in any float dtype (bfloat16 in gpt-oss's
+        checkpoints), cast to the model's on load."""
+        spec = super().expected_experts_tensors(name, module, layout)
+        return {
+            k: (shape, None) if k.endswith("_bias") else (shape, dtype) for k, (shape, dtype) in spec.items()
+        }
+
+    def load_experts(self, name, module, layout, tensors):
+        q = self.empty_experts(name, module, layout)
+        tensors = dict(tensors)
+        for param in PARAMS:
+            bias = tensors[param + "_bias"]
+            if not bias.is_floating_point():
+                raise quantplug.CheckpointError(
+                    f"tensor {name + '.' + param + '_bias'!r} has dtype {bias.dtype}; biases are floating point"
+                )
+            tensors[param + "_bias"] = bias.to(getattr(q, param + "_bias").dtype)
+        q.load_state_dict(tensors, strict=True, assign=True)
+        return q
