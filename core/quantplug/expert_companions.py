@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, Derived
 from .errors import CheckpointError
 from .experts import ExpertsLayout
 
-__all__ = ["split_companions", "stack_companions", "splits_per_expert"]
+__all__ = ["slice_companions", "split_companions", "stack_companions", "splits_per_expert"]
 
 
 def splits_per_expert(layout: ExpertsLayout) -> bool:
@@ -123,3 +123,63 @@ def split_companions(
                 out.append((f"{site}.{e}.{proj[roles[i]]}.weight{suffix}", piece.contiguous()))
         return out
     return None
+
+
+def slice_companions(
+    ckpt: Checkpoint,
+    name: str,
+    layout: ExpertsLayout,
+    per_expert: dict[tuple[int, str], str],
+    leaves: list[str],
+) -> tuple[dict[str, Derived], set[str]]:
+    """Views presenting a stacked checkpoint's per-row companions (one value per output row of each
+    expert: FBGEMM's Llama-4 ``gate_up_proj_scale`` [E, 1, 2I] and ``down_proj_scale`` [E, H, 1]) as
+    each unfused expert's ``{e}.{proj}.weight{x}`` [out, 1] (``per_expert``: (expert, role) -> the
+    per-expert module name; ``leaves``: the stored tensor names under ``name``). Companions of other
+    shapes are left as they are (the load names them as unexpected)."""
+    params = {"down": "down_proj"} | {
+        role: layout.up_param for role in layout.projections() if role != "down"
+    }
+    views: dict[str, Derived] = {}
+    consumed: set[str] = set()
+    for param in dict.fromkeys(params.values()):
+        roles = [r for r in layout.projections() if params[r] == param]
+        rows = sum(layout.shape(r)[0] for r in roles)
+        for leaf in leaves:
+            if not leaf.startswith(param + "_") or leaf.startswith(param + "_bias"):
+                continue
+            stored = f"{name}.{leaf}"
+            shape, dtype = ckpt.spec(stored)
+            if len(shape) < 2 or shape[0] != layout.num_experts or _numel(shape[1:]) != rows:
+                continue
+            for r in roles:
+                for e in range(layout.num_experts):
+                    target = f"{per_expert[(e, r)]}.weight{leaf[len(param) :]}"
+                    views[target] = _row_view(stored, dtype, layout, e, r, len(roles) > 1)
+            consumed.add(stored)
+    return views, consumed
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _row_view(
+    stored: str, dtype: torch.dtype, layout: ExpertsLayout, e: int, role: str, joined: bool
+) -> Derived:
+    out = layout.shape(role)[0]
+
+    def build(read) -> torch.Tensor:
+        flat = read(stored, e).reshape(-1)
+        if joined:  # gate and up share the stacked tensor: halves, or interleaved rows
+            first = role == "gate"
+            if layout.is_concatenated:
+                flat = flat[:out] if first else flat[out:]
+            else:
+                flat = flat[0::2] if first else flat[1::2]
+        return flat.reshape(out, 1).contiguous()
+
+    return Derived((out, 1), dtype, build)

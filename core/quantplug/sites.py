@@ -22,7 +22,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, Derived
 from .errors import CheckpointError
-from .expert_companions import split_companions, stack_companions
+from .expert_companions import slice_companions, split_companions, stack_companions
 from .expert_names import CheckpointNames
 from .experts import (
     DEFAULT_NAMES,
@@ -157,8 +157,11 @@ def present_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
         params = _role_params(layout)
         if f"{name}.{layout.up_param}" not in have:
             continue  # stored per expert: read by name
-        views, consumed = {}, set()
-        for (e, role), key in _per_expert_names(name, layout, _proj_names(module)).items():
+        per_expert = _per_expert_names(name, layout, _proj_names(module))
+        if leaves is None:
+            leaves = _leaves(have)
+        views, consumed = slice_companions(ckpt, name, layout, per_expert, leaves.get(name, []))
+        for (e, role), key in per_expert.items():
             suffixes = (("weight", False), ("bias", True)) if layout.has_bias else (("weight", False),)
             for suffix, bias in suffixes:
                 stored = f"{name}.{params[role]}" + ("_bias" if bias else "")
@@ -189,13 +192,19 @@ def present_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
                     ckpt, model, f"{name}.{target}", layout, parts, suffix == "bias"
                 )
         if leaves is None:
-            leaves = {}
-            for k in have:
-                module, _, leaf = k.rpartition(".")
-                leaves.setdefault(module, []).append(leaf)
+            leaves = _leaves(have)
         more, used = stack_companions(ckpt, name, layout, per_expert, leaves)  # e.g. block scales
         views.update(more)
         ckpt.derive(views, consumed | used)
+
+
+def _leaves(keys: set[str]) -> dict[str, list[str]]:
+    """Stored module name -> the names of its tensors."""
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        module, _, leaf = k.rpartition(".")
+        out.setdefault(module, []).append(leaf)
+    return out
 
 
 def _proj_names(module: UnfusedExperts) -> dict[str, str]:

@@ -210,3 +210,68 @@ def test_a_torch_without_float8_is_told_the_version_needed(monkeypatch):
     monkeypatch.delattr(torch, "float8_e4m3fn")
     with pytest.raises(quantplug.ConfigError, match=r"torch>=2\.1"):
         quantplug.quantize(tiny_llama(), {"quant_method": "fp8"}, progress=False)
+
+
+def tiny_llama4():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Llama4TextConfig(
+        hidden_size=128,
+        intermediate_size=128,
+        intermediate_size_mlp=256,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=384,
+        max_position_embeddings=64,
+        interleave_moe_layer_step=1,
+        no_rope_layers=[1, 1],
+        attention_chunk_size=64,
+    )
+    model = transformers.Llama4ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+def test_fbgemm_llama4_stacked_experts_with_row_scales_load(tmp_path):
+    """Meta's Llama-4 FP8 layout: stacked experts ``gate_up_proj`` [E, H, 2I] e4m3 with
+    ``gate_up_proj_scale`` [E, 1, 2I] and ``down_proj`` [E, I, H] with ``down_proj_scale`` [E, H, 1]
+    (Transformers' FbgemmFp8Llama4TextExperts); each expert is loaded with its rows' scales."""
+    model = tiny_llama4()
+    model.save_pretrained(tmp_path / "l4")
+    tensors = load_file(str(tmp_path / "l4" / "model.safetensors"))
+    reference = {}
+    for key, t in list(tensors.items()):
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out]: scale per out
+            scale = (t.abs().amax(dim=1, keepdim=True) / 448).clamp_min(1e-12)  # [E, 1, out]
+            q = (t / scale).to(torch.float8_e4m3fn)
+            tensors[key] = q
+            tensors[key + "_scale"] = (
+                scale if key.endswith("gate_up_proj") else scale.transpose(1, 2).contiguous()
+            )
+            reference[key] = q.float() * scale
+        elif t.dim() == 2 and "layers" in key and "router" not in key:
+            scale = (t.abs().amax(dim=1, keepdim=True) / 448).clamp_min(1e-12)
+            tensors[key] = q = (t / scale).to(torch.float8_e4m3fn)
+            tensors[key.replace(".weight", ".weight_scale")] = scale
+            reference[key] = q.float() * scale
+    save_file(tensors, str(tmp_path / "l4" / "model.safetensors"), metadata={"format": "pt"})
+    data = json.loads((tmp_path / "l4" / "config.json").read_text())
+    data["quantization_config"] = {
+        "quant_method": "fbgemm_fp8",
+        "modules_to_not_convert": ["router", "lm_head"],
+    }
+    (tmp_path / "l4" / "config.json").write_text(json.dumps(data))
+    ref = tiny_llama4()
+    ref.load_state_dict(reference, strict=False)
+    loaded = quantplug.load(tmp_path / "l4", progress=False)
+    experts = loaded.model.layers[0].feed_forward.experts
+    assert type(experts.get_submodule("3.down_proj")).__name__ == "Fp8Linear"
+    assert rel(logits(loaded), logits(ref)) < 1e-5
