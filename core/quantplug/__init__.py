@@ -31,7 +31,7 @@ from .errors import (
     QuantplugError,
     UnknownMethodError,
 )
-from .grid import GridLayout, IntegerGrid
+from .grid import Float8Grid, Float8Layout, GridLayout, IntegerGrid
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -79,6 +79,8 @@ __all__ = [
     "Capabilities",
     "CheckpointError",
     "ConfigError",
+    "Float8Grid",
+    "Float8Layout",
     "GridLayout",
     "IntegerGrid",
     "PluginError",

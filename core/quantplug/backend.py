@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .capabilities import NAME_RE, Capabilities, Preset, str_tuple
 from .config import QuantConfig
 from .errors import BackendUnavailableError, PluginError
-from .experts_contract import ExpertsMethods
+from .float8_contract import Float8Methods
 from .versions import installed_version
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -271,7 +271,7 @@ def _requirement_fix(who: str, req: Any) -> str:
     return f"pip install '{req.name}{spec_text(wanted)}'" if wanted else f"pip install {req.name}"
 
 
-class Quantizer(ExpertsMethods):
+class Quantizer(Float8Methods):
     """Quantizes single modules for one backend and one config; the core does everything else
     (the model walk, skipping, progress, checkpoints, the Transformers bridge).
 

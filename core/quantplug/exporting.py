@@ -7,6 +7,8 @@ grids' layouts (``Config.for_grids``) and its layers from the grids (``Quantizer
 the exported model computes what the source computed. A layer whose grid the target cannot hold
 as it is (nf4's code book, float zero points, ...) is refused, saying why; with ``requantize`` it is
 dequantized (run on the identity matrix) and quantized again by the target -- lossy, only when asked.
+Float8 (e4m3) layers are described as ``Float8Grid`` instead (``Quantizer.float8_grid``) and copied
+into a target that holds float8 (``Config.for_float8_grids``, ``Quantizer.encode_float8_grid``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .candidates import resolve
 from .checkpoint import CONFIG_NAME, non_checkpoint_files, read_json
 from .dispatch import AutoQuantizer, backends, get_backend
 from .errors import ConfigError, PluginError
-from .grid import GridLayout, IntegerGrid
+from .float8_contract import Float8Methods
+from .grid import Float8Grid, Float8Layout, GridLayout, IntegerGrid
 from .layers import as_linear_meta, is_eligible, set_submodule
 from .walk import QuantizedModelInfo, attach_info, progress_bar, quantized_info
 
@@ -109,7 +112,7 @@ def export(
         )
 
     unquantized = [n for n, m in model.named_modules() if n and n not in layouts and is_eligible(m)]
-    config = target.config.for_grids(layouts, unquantized)
+    config, encode = _target_config(target, layouts, unquantized, folder, format)
     quantizer = AutoQuantizer.from_config(config)
     float_dtype = getattr(model, "dtype", None) or torch.float32
     _check_plan(quantizer, model, layouts, unquantized, float_dtype)
@@ -117,30 +120,69 @@ def export(
         for name in layouts:
             grid = _grid(source, model, name, requant_config)
             meta = _meta_linear(model.get_submodule(name), grid.layout, grid.bias is not None, float_dtype)
-            set_submodule(model, name, quantizer.encode_grid(name, meta, grid))
+            set_submodule(model, name, getattr(quantizer, encode)(name, meta, grid))
             bar.update(1)
     attach_info(model, QuantizedModelInfo(config, quantizer, list(layouts)))
     return save(model, out, max_shard_size=max_shard_size, extra_files=non_checkpoint_files(folder))
 
 
-def _grid(source, model: nn.Module, name: str, requant_config) -> IntegerGrid | str:
-    """The layer's ``IntegerGrid`` (checked), re-quantized by ``requant_config`` where the source has
-    none and that is given; else the source's reason."""
-    grid = source.integer_grid(name, model.get_submodule(name))
+def _target_config(target, layouts: dict, unquantized: list[str], folder, format: str):
+    """The target's config for the layers' grids, and the name of its quantizer's encoding method:
+    integer grids (``for_grids`` / ``encode_grid``) or float8 ones (``for_float8_grids`` /
+    ``encode_float8_grid``), never both in one export."""
+    float8 = [n for n, lay in layouts.items() if isinstance(lay, Float8Layout)]
+    if not float8:
+        return target.config.for_grids(layouts, unquantized), "encode_grid"
+    if len(float8) != len(layouts):
+        integer = next(n for n, lay in layouts.items() if not isinstance(lay, Float8Layout))
+        raise ConfigError(
+            f"{folder}: export writes float8 weights or integer grids, not both, but {float8[0]} is float8 and "
+            f"{integer} an integer grid (a re-quantized layer?); quantize the full-precision original with "
+            f"--method {format}",
+            field="requantize",
+            value=None,
+        )
+    if not hasattr(target.config, "for_float8_grids"):
+        float8_formats = sorted(b.name for b in backends() if hasattr(b.config, "for_float8_grids"))
+        raise ConfigError(
+            f"{folder}: {float8[0]} (and {len(float8) - 1} more layers) hold float8 (e4m3) weights, which "
+            f"{format} cannot hold as they are (its config has no for_float8_grids); formats that hold them: "
+            f"{', '.join(float8_formats) or 'none installed'}, or pass requantize= a {format} config (lossy)",
+            field="format",
+            value=format,
+            allowed=float8_formats,
+        )
+    return target.config.for_float8_grids(layouts, unquantized), "encode_float8_grid"
+
+
+def _grid(source, model: nn.Module, name: str, requant_config) -> IntegerGrid | Float8Grid | str:
+    """The layer's ``IntegerGrid`` or ``Float8Grid`` (checked), re-quantized by ``requant_config``
+    where the source has neither and that is given; else the source's reason."""
+    module = model.get_submodule(name)
+    grid = source.integer_grid(name, module)
     if isinstance(grid, IntegerGrid):
         grid.check(name)
         return grid
-    return str(grid) if requant_config is None else _requantized_grid(model, name, requant_config)
+    float8 = source.float8_grid(name, module)
+    if isinstance(float8, Float8Grid):
+        float8.check(name)
+        return float8
+    if type(source).float8_grid is not Float8Methods.float8_grid:
+        grid = float8  # a source that speaks float8 says why this layer is not
+    if requant_config is None:
+        return str(grid)
+    # a float8 layer the source refused is re-quantized in the target's integer format (lossy, asked)
+    return _requantized_grid(model, name, requant_config)
 
 
 def _layouts(source, model: nn.Module, names: list[str], requant_config, progress: bool):
     """Each quantized layer's ``GridLayout``, and the reasons of the layers that have none."""
-    layouts: dict[str, GridLayout] = {}
+    layouts: dict[str, GridLayout | Float8Layout] = {}
     refused: dict[str, str] = {}
     with progress_bar(len(names), "reading grids", progress) as bar:
         for name in names:
             grid = _grid(source, model, name, requant_config)
-            if isinstance(grid, IntegerGrid):
+            if isinstance(grid, (IntegerGrid, Float8Grid)):
                 layouts[name] = grid.layout
             else:
                 refused[name] = grid
@@ -148,7 +190,9 @@ def _layouts(source, model: nn.Module, names: list[str], requant_config, progres
     return layouts, refused
 
 
-def _meta_linear(module: nn.Module, layout: GridLayout, bias: bool, dtype: torch.dtype) -> nn.Linear:
+def _meta_linear(
+    module: nn.Module, layout: GridLayout | Float8Layout, bias: bool, dtype: torch.dtype
+) -> nn.Linear:
     """A meta ``nn.Linear`` with the grid's shape, the model's float ``dtype`` and the layer's bias."""
     bias = bias or getattr(module, "bias", None) is not None
     return nn.Linear(layout.in_features, layout.out_features, bias=bias, device="meta", dtype=dtype)
@@ -214,7 +258,7 @@ def _requantized_grid(model: nn.Module, name: str, config) -> IntegerGrid:
 
 
 def _check_plan(
-    quantizer, model: nn.Module, layouts: dict[str, GridLayout], unquantized: list[str], dtype
+    quantizer, model: nn.Module, layouts: dict[str, GridLayout | Float8Layout], unquantized: list[str], dtype
 ) -> None:
     """The target config quantizes exactly the layers that have grids (else it would load differently)."""
     for name, layout in layouts.items():

@@ -1,7 +1,8 @@
 """``IntegerGrid``: a quantized layer's weight as integers on a uniform grid, the common language of
 ``quantplug.export`` -- a source backend describes its layer in it (``Quantizer.integer_grid``), a
 target format builds its layer from it (``Quantizer.encode_grid``), so a checkpoint changes format
-without going back to full precision.
+without going back to full precision. ``Float8Grid`` is the same for float8 (e4m3) weights with a
+scale per tile, row or tensor (``Quantizer.float8_grid`` / ``Quantizer.encode_float8_grid``).
 
 Light: no torch import at module level.
 """
@@ -94,3 +95,76 @@ class IntegerGrid:
         if self.zero_point is not None:
             codes = codes - self.zero_point.to(self.scale.dtype).unsqueeze(-1)
         return (codes * self.scale.unsqueeze(-1)).reshape(out_f, in_f)
+
+
+@dataclasses.dataclass(frozen=True)
+class Float8Layout:
+    """The shape of a layer's ``Float8Grid``, without its tensors: what a target config is built from."""
+
+    block: tuple[int, int] | None
+    """(rows, cols) of a tile sharing one scale; ``(1, in_features)``: one scale per row; None: per tensor."""
+    in_features: int
+    out_features: int
+
+    @property
+    def strategy(self) -> str:
+        """``"tensor"``, ``"channel"`` (one scale per output row) or ``"block"`` (a scale per tile)."""
+        if self.block is None:
+            return "tensor"
+        return "channel" if tuple(self.block) == (1, self.in_features) else "block"
+
+
+@dataclasses.dataclass
+class Float8Grid:
+    """``weight[o, i] = float(codes[o, i]) * scale[o // bm, i // bn]`` with ``(bm, bn) = block``
+    (ceil: a ragged last tile has its own scale): float8 weights, the float counterpart of
+    ``IntegerGrid`` that ``quantplug.export`` copies into another float8 format as they are.
+
+    codes  float8_e4m3fn [out, in]
+    scale  float32 [ceil(out / bm), ceil(in / bn)]; [1, 1] when ``block`` is None (one scale per tensor)
+    block  (bm, bn), or None for one scale per tensor
+    bias   float [out] or ``None``
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    block: tuple[int, int] | None
+    bias: torch.Tensor | None = None
+
+    @property
+    def layout(self) -> Float8Layout:
+        out_f, in_f = self.codes.shape
+        return Float8Layout(None if self.block is None else tuple(self.block), in_f, out_f)
+
+    def grid_shape(self) -> tuple[int, int]:
+        if self.block is None:
+            return (1, 1)
+        out_f, in_f = self.codes.shape
+        bm, bn = self.block
+        return (-(-out_f // bm), -(-in_f // bn))
+
+    def check(self, name: str) -> None:
+        """Raise ``PluginError`` when the grid does not hold together (a source plugin's bug)."""
+        import torch
+
+        def bad(why: str) -> PluginError:
+            return PluginError(f"float8 grid of {name!r}: {why}; report this to the source backend's plugin")
+
+        if self.codes.dim() != 2 or self.codes.dtype != torch.float8_e4m3fn:
+            raise bad(
+                f"codes must be float8_e4m3fn [out, in], got {self.codes.dtype} {list(self.codes.shape)}"
+            )
+        if self.block is not None and (len(self.block) != 2 or min(self.block) < 1):
+            raise bad(f"block must be (rows, cols) of positive integers or None, got {self.block!r}")
+        shape = self.grid_shape()
+        if tuple(self.scale.shape) != shape or self.scale.dtype != torch.float32:
+            raise bad(f"scale must be float32 {list(shape)}, got {self.scale.dtype} {list(self.scale.shape)}")
+        if self.bias is not None and tuple(self.bias.shape) != (self.codes.shape[0],):
+            raise bad(f"bias must be [{self.codes.shape[0]}], got {list(self.bias.shape)}")
+
+    def dequantize(self):
+        """The float32 weight [out, in] the grid stands for."""
+        out_f, in_f = self.codes.shape
+        bm, bn = self.block or (out_f, in_f)
+        full = self.scale.repeat_interleave(bm, 0)[:out_f].repeat_interleave(bn, 1)[:, :in_f]
+        return self.codes.float() * full

@@ -6,8 +6,8 @@ Light: imports neither torch nor compressed-tensors (seconds to import). A hub c
 ``SCHEMES``, optionally with ``group_size`` and ``ignore``), which is expanded here into the
 ``config_groups`` llm-compressor would write, so ``to_dict()`` -- what ``quantplug.save`` puts in
 ``config.json`` -- is exactly llm-compressor's layout. What this plugin cannot apply (sparsity,
-transforms, a quantized KV cache, output activations, FP4 / MX formats, block strategies) is refused
-by name, never loaded densely or ignored.
+transforms, a quantized KV cache, output activations, FP4 / MX formats) is refused by name, never
+loaded densely or ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import quantplug
 
 from .args import stored_dtype_problems
+from .float8 import float8_config_fields, strategy_problems
 
 
 def _weights(num_bits: int, type_: str, symmetric: bool, strategy: str, group_size: int | None) -> dict:
@@ -81,8 +82,8 @@ DEFAULT_SCHEME = "W4A16"
 
 #: checkpoint formats whose tensors this plugin reads and writes
 FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
-WEIGHT_STRATEGIES = ("tensor", "channel", "group")
-ACTIVATION_STRATEGIES = ("tensor", "token")
+WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block")
+ACTIVATION_STRATEGIES = ("tensor", "token", "group")
 
 
 def infer_format(group: dict[str, Any]) -> str:
@@ -173,6 +174,12 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
             groups[f"group_{i}"] = group
         ignore = list(unquantized) if len(by_kind) == 1 else []
         return cls(config_groups=groups, ignore=tuple(ignore))
+
+    @classmethod
+    def for_float8_grids(cls, layouts: dict[str, Any], unquantized: list[str]) -> CompressedTensorsConfig:
+        """The config that holds these float8 grids as they are (``quantplug.export`` of fp8 /
+        fbgemm_fp8 checkpoints): FP8_BLOCK, FP8_DYNAMIC or per-tensor FP8 groups (``float8.py``)."""
+        return cls(**float8_config_fields(layouts, unquantized))
 
     def validate(self) -> None:
         self._expand_scheme()
@@ -312,9 +319,9 @@ class CompressedTensorsConfig(quantplug.QuantConfig):
             )
         if not isinstance(weights.get("symmetric", True), bool):
             raise bad("weights.symmetric must be true or false")
-        for why in stored_dtype_problems("weights", weights):
-            raise bad(why)
         inputs = group.get("input_activations")
+        for why in stored_dtype_problems("weights", weights) + strategy_problems(weights, inputs):
+            raise bad(why)
         if inputs is not None:
             if not isinstance(inputs, dict):
                 raise bad("input_activations must be a mapping or null")

@@ -27,6 +27,7 @@ from torch import nn
 
 import quantplug
 
+from .float8 import encode_float8
 from .layers import CompressedTensorsLinear
 
 _PACKED_ZP = ("group", "channel")  # strategies whose asymmetric zero points pack-quantized packs
@@ -86,7 +87,11 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
         found = self._targeted(name, module)
         if found is None:
             return f"matches no config_groups target ({', '.join(self._targets)})"
-        weights = found[0].weights
+        weights, inputs = found[0].weights, found[0].input_activations
+        if inputs is not None and inputs.strategy == "group" and module.in_features % inputs.group_size:
+            return (
+                f"{module.in_features} inputs are not a multiple of the input group_size {inputs.group_size}"
+            )
         if weights.strategy == "group" and module.in_features % weights.group_size:
             return (
                 f"{module.in_features} inputs are not a multiple of group_size {weights.group_size} "
@@ -106,7 +111,7 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
         scheme, fmt = self.scheme_of(name, module)
         args = scheme.weights
         weight = module.weight.detach()
-        lo, hi = _ranges(weight, args.strategy, args.group_size)
+        lo, hi = _ranges(weight, args.strategy, args.group_size, args.block_structure)
         scale, zero = calculate_qparams(lo, hi, args)
         state = {"weight": weight, "weight_scale": scale.to(weight.dtype)}
         if not args.symmetric:
@@ -202,6 +207,8 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
         out_f, in_f, dt = module.out_features, module.in_features, module.weight.dtype
         if w.strategy == "group":
             scale_shape = (out_f, math.ceil(in_f / w.group_size))
+        elif w.strategy == "block":
+            scale_shape = (math.ceil(out_f / w.block_structure[0]), math.ceil(in_f / w.block_structure[1]))
         elif w.strategy == "channel":
             scale_shape = (out_f, 1)
         else:
@@ -253,6 +260,9 @@ class CompressedTensorsQuantizer(quantplug.Quantizer):
         if not isinstance(qmodule, CompressedTensorsLinear):
             return f"{type(qmodule).__name__} is not a compressed-tensors layer"
         return _grid_of(qmodule)
+
+    def encode_float8_grid(self, name: str, module: nn.Linear, grid) -> nn.Module:
+        return encode_float8(self, name, module, grid)
 
     def encode_grid(self, name: str, module: nn.Linear, grid) -> nn.Module:
         scheme, fmt = self.scheme_of(name, module)
@@ -341,9 +351,17 @@ def _grid_of(layer: CompressedTensorsLinear) -> quantplug.IntegerGrid | str:
     return quantplug.IntegerGrid(codes.to(torch.int8), scale, zero, w.num_bits, group_size, bias)
 
 
-def _ranges(weight: torch.Tensor, strategy: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of ``weight`` per tensor ([1]), per output channel ([out, 1]) or per group
-    ([out, groups]): the shapes compressed-tensors gives its scales."""
+def _ranges(
+    weight: torch.Tensor, strategy: str, group_size: int | None, block: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``weight`` per tensor ([1]), per output channel ([out, 1]), per group
+    ([out, groups]) or per tile ([ceil(out / bm), ceil(in / bn)], zero-padded as compressed-tensors
+    pads): the shapes compressed-tensors gives its scales."""
+    if strategy == "block":
+        (bm, bn), (rows, cols) = block, weight.shape
+        padded = torch.nn.functional.pad(weight, (0, -cols % bn, 0, -rows % bm))
+        tiles = padded.reshape(padded.shape[0] // bm, bm, padded.shape[1] // bn, bn)
+        return tiles.amin((1, 3)), tiles.amax((1, 3))
     if strategy == "group":
         grouped = weight.reshape(weight.shape[0], -1, group_size)
         return grouped.amin(-1), grouped.amax(-1)
