@@ -54,12 +54,16 @@ def _nearest_e2m1(y: torch.Tensor) -> torch.Tensor:
 
 def test_codec_round_trip_is_transformers_dequantizer_and_rounds_as_defined():
     g = torch.Generator().manual_seed(0)
-    # [E, in, out] as GptOssExperts holds it; magnitudes from 1e-30 to 1e3, a zero block, exact ties
+    # [E, in, out] as GptOssExperts holds it; magnitudes from 1e-30 to 1e3, a zero block, ties and
+    # values one ulp either side of them (each block's max is 6: scale 1)
     w = torch.randn(3, 96, 64, generator=g) * torch.logspace(-30, 3, 96).reshape(1, 96, 1)
     w[0, :32, 0] = 0.0
     w[1, :32, 1] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 4) * torch.tensor(
         [1.0, -1.0]
     ).repeat(16)
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.0])
+    below, above = torch.nextafter(mids, torch.zeros(8)), torch.nextafter(mids, torch.full((8,), 9.0))
+    w[2, :32, 2] = torch.cat([torch.tensor([6.0]), below[:7], -above, -below, above])  # one ulp off the ties
     blocks, scales = quantize(w.transpose(1, 2))  # per expert [out, in]: blocks along the inputs
     assert blocks.shape == (3, 64, 3, 16) and blocks.dtype == torch.uint8
     assert scales.shape == (3, 64, 3) and scales.dtype == torch.uint8
