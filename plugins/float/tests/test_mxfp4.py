@@ -256,3 +256,22 @@ def test_scales_of_the_wrong_shape_name_the_tensor(tmp_path):
         match=r"'model\.layers\.0\.mlp\.experts\.(gate_up|down)_proj_scales' has shape",
     ):
         quantplug.load(tmp_path)
+
+
+@pytest.mark.xfail(
+    raises=AttributeError,
+    strict=True,
+    reason="core: placement.placed() sizes a native experts site's tensors of undeclared dtype with "
+    "meta.weight.dtype (an experts module has no .weight); fp8's stacked experts hit it too",
+)
+def test_disk_offload_matches_a_resident_load(quantized, tmp_path):
+    """``offload_refusal() is None``, as the conformance kit checks it (its Linear-layer cases do not
+    apply to an experts-only format): a decoder layer on disk gives the resident load's logits."""
+    pytest.importorskip("accelerate")
+    _, _, _, folder = quantized
+    resident = logits(quantplug.load(folder))
+    offloaded = quantplug.load(
+        folder, device_map={"": "cpu", "model.layers.1": "disk"}, offload_folder=tmp_path
+    )
+    assert offloaded.hf_device_map["model.layers.1"] == "disk"
+    assert torch.equal(logits(offloaded), resident)
