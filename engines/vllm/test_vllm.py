@@ -51,6 +51,9 @@ SERVED = {
     "ct-w4a16-asym": (0.15, 8),
     "rtn-int4-g128-export": (0.15, 8),
     "ct-fp8-dynamic": (0.5, 1),
+    # fp8 / fbgemm_fp8 checkpoints exported as FP8_BLOCK / FP8_DYNAMIC, e4m3 codes and scales as they were
+    "fp8-block128-export": (0.5, 1),
+    "fbgemm-fp8-export": (0.5, 1),
     "torchao-int8": (0.15, 8),
 }
 #: served, but not with quantplug's tokens: case -> why (strict: a fix makes these tests fail, so
@@ -64,6 +67,8 @@ REFUSED = {
     # per-tensor FP8 weights of fused layers (qkv, gate_up) are requantized to one scale with an op
     # the CPU build registers without a kernel
     "ct-fp8": (RuntimeError, r"_C::static_scaled_fp8_quant\(\) expected at most 0 argument"),
+    # fp8 per tensor exported as FP8 tensor weights (dynamic inputs): the same requantization of fused layers
+    "fp8-tensor-export": (RuntimeError, r"_C::static_scaled_fp8_quant\(\) expected at most 0 argument"),
     # vLLM 0.32 has no bitsandbytes method at all (its config check, before any weight is read)
     "bnb-int8": (ValueError, r"Unknown quantization method: bitsandbytes"),
     "bnb-nf4": (ValueError, r"Unknown quantization method: bitsandbytes"),

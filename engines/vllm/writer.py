@@ -31,8 +31,8 @@ PROMPT_LEN = 12
 LM_HEAD_SCALE = 10.0
 
 #: case -> how it is made: ("quantize", config) quantizes with ``quantplug.quantize`` (the config's
-#: backend must be installed); ("export", rtn config) quantizes with rtn and exports with
-#: ``quantplug.export(format="compressed-tensors")``
+#: backend must be installed); ("export", config) quantizes with ``config`` (rtn, or quantplug-float's
+#: fp8 / fbgemm_fp8), saves, and exports with ``quantplug.export(format="compressed-tensors")``
 CASES = {
     "ct-w8a8": ("quantize", {"quant_method": "compressed-tensors", "scheme": "W8A8"}),
     "ct-w4a16": ("quantize", {"quant_method": "compressed-tensors", "scheme": "W4A16"}),
@@ -42,6 +42,9 @@ CASES = {
     "ct-fp8-dynamic": ("quantize", {"quant_method": "compressed-tensors", "scheme": "FP8_DYNAMIC"}),
     "rtn-int4-g128-export": ("export", {"quant_method": "rtn", "bits": 4, "group_size": 128}),
     "rtn-int8-export": ("export", {"quant_method": "rtn", "bits": 8, "group_size": -1}),
+    "fp8-block128-export": ("export", {"quant_method": "fp8", "weight_block_size": [128, 128]}),
+    "fbgemm-fp8-export": ("export", {"quant_method": "fbgemm_fp8"}),
+    "fp8-tensor-export": ("export", {"quant_method": "fp8", "weight_block_size": None}),
     "bnb-int8": ("quantize", {"quant_method": "bitsandbytes", "load_in_8bit": True}),
     "bnb-nf4": ("quantize", {"quant_method": "bitsandbytes", "load_in_4bit": True}),
     "torchao-int8": (
@@ -60,6 +63,9 @@ CASES = {
     "gptq-int4": ("quantize", {"quant_method": "gptq", "bits": 4, "group_size": 128}),
     "autoround-int4": ("quantize", {"quant_method": "auto-round", "bits": 4, "group_size": 128, "iters": 20}),
 }
+#: cases whose model differs from the shared one: vLLM's block-FP8 layers need every output a multiple
+#: of the tile's 128 rows (tiny_llama's 2 KV heads give k_proj / v_proj 64 outputs)
+SOURCE_OVERRIDES = {"fp8-block128-export": {"num_key_value_heads": 4}}
 #: the configs that need calibration batches (token ids)
 CALIBRATED = ("FP8", "gptq", "auto-round")
 
@@ -75,11 +81,11 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def source_model(folder: Path):
-    """The random Llama in bfloat16, saved with its tokenizer to ``folder``."""
+def source_model(folder: Path, **overrides):
+    """The random Llama in bfloat16 (``overrides``: config fields), saved with its tokenizer to ``folder``."""
     from quantplug.testing import tiny_llama
 
-    model = tiny_llama(seed=0, **OVERRIDES)
+    model = tiny_llama(seed=0, **{**OVERRIDES, **overrides})
     assert model.config.vocab_size == VOCAB_SIZE, model.config.vocab_size
     with torch.no_grad():
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
@@ -106,8 +112,8 @@ def write_case(name: str, source: Path, out: Path) -> Path:
         quantplug.save(model, target, extra_files=tok_files)
     else:
         quantplug.quantize(model, config)
-        quantplug.save(model, out / f"{name}-rtn", extra_files=tok_files)
-        quantplug.export(out / f"{name}-rtn", target, format="compressed-tensors", progress=False)
+        quantplug.save(model, out / f"{name}-source", extra_files=tok_files)
+        quantplug.export(out / f"{name}-source", target, format="compressed-tensors", progress=False)
     return target
 
 
@@ -163,10 +169,14 @@ def main(out: Path, cases: list[str]) -> None:
     """``cases``: ``NAME`` or ``NAME:MARGIN`` (the top-1 / top-2 logit margin the prompt should keep;
     default 0.5)."""
     out.mkdir(parents=True, exist_ok=True)
-    source = source_model(out / "source")
+    sources: dict[str, Path] = {}
     for case in cases:
         name, _, enough = case.partition(":")
-        folder = write_case(name, source, out)
+        overrides = SOURCE_OVERRIDES.get(name, {})
+        key = "source" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+        if key not in sources:
+            sources[key] = source_model(out / key, **overrides)
+        folder = write_case(name, sources[key], out)
         model = quantplug.load(folder).eval()
         prompt = prompt_with_margin(model, float(enough or 0.5))
         record = greedy(model, torch.tensor([prompt]))
