@@ -121,6 +121,10 @@ class Preset:
     (``"bfloat16"``): a backend whose fast kernels take 16-bit activations declares it, and
     ``compare`` converts the model to it before quantizing that candidate (``compare(dtype=...)``
     forces one dtype for every candidate instead). ``None``: the model's own dtype."""
+    model_types: tuple[str, ...] = ()
+    """Transformers model types (``config.model_type``) the preset applies to, for a format tied to
+    one architecture (gpt-oss's MXFP4 experts): ``select`` rejects it for other models, and for a
+    model whose type it cannot tell (a parameter count). Empty: any model."""
     servable_by: tuple[str, ...] = ()
     """Serving engines that read this preset's checkpoints as they are, without conversion, as
     lowercase names, e.g. ``("vllm", "sglang")``: the engine loads the folder ``quantplug.save``
@@ -131,6 +135,7 @@ class Preset:
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", str_tuple(self.devices))
         object.__setattr__(self, "servable_by", str_tuple(self.servable_by))
+        object.__setattr__(self, "model_types", str_tuple(self.model_types))
         if self.min_cuda_capability is not None:
             object.__setattr__(self, "min_cuda_capability", tuple(self.min_cuda_capability))
         if self.dtype is not None and self.dtype not in PRESET_DTYPES:
@@ -222,4 +227,5 @@ class Preset:
             "speed": {dev: dict(fig) for dev, fig in self.speed.items()},
             "note": self.note,
             "servable_by": list(self.servable_by),
+            "model_types": list(self.model_types),
         }

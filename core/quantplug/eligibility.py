@@ -205,6 +205,15 @@ def _check(
 
     if request.serve is not None and request.serve not in preset.servable_by:
         return reject(*_serve_rejection(preset, backend.plugin or backend.name, request.serve, list(serving)))
+    if preset.model_types and size.model_type not in preset.model_types:
+        kinds = ", ".join(preset.model_types)
+        what = f"this model is {size.model_type}" if size.model_type else "this model's type is not known"
+        return reject(
+            f"applies to {kinds} models only; {what}",
+            ""
+            if size.model_type
+            else "pass the model, its folder or its config instead of a parameter count",
+        )
     dev = hw.device
     if dev not in devices:
         return reject(f"does not run on {dev} (runs on {', '.join(devices)})")

@@ -36,6 +36,8 @@ class ModelSize:
     pre_quantized: Mapping[str, Any] | None = None
     """``quantization_config`` of a pre-quantized checkpoint (its method decides)."""
     checkpoint_bytes: int | None = None
+    model_type: str | None = None
+    """Transformers' ``config.model_type`` (None: not known, e.g. from a parameter count)."""
 
     @property
     def total_params(self) -> int:
@@ -126,6 +128,7 @@ def _from_config_dict(cfg: Mapping[str, Any], source: str) -> ModelSize:
         source=f"{source} (estimated from its dimensions, Llama-style blocks)",
         exact=False,
         pre_quantized=cfg.get("quantization_config"),
+        model_type=cfg.get("model_type"),
     )
 
 
@@ -180,6 +183,7 @@ def _from_folder(path: Path) -> ModelSize:
         exact=True,
         pre_quantized=cfg.get("quantization_config"),
         checkpoint_bytes=checkpoint_bytes,
+        model_type=cfg.get("model_type"),
     )
 
 
@@ -235,4 +239,5 @@ def _from_module(model: Any) -> ModelSize:
         source=f"{type(model).__name__} ({len(targets)} layers quantize would convert)",
         exact=True,
         pre_quantized=pre,
+        model_type=getattr(hf, "model_type", None),
     )

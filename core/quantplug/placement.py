@@ -145,7 +145,10 @@ def placed(
     if walk is not None:
         for name, meta in metas.items():
             spec = site_expected(walk, name, meta)
-            sizes[name] = {k: (shape or (), dt or meta.weight.dtype) for k, (shape, dt) in spec.items()}
+            # a tensor of unchecked dtype counts at the layer's float dtype (experts: no ``weight``)
+            floats = [t.dtype for t in meta.parameters() if t.is_floating_point()]
+            default = floats[0] if floats else meta.weight.dtype
+            sizes[name] = {k: (shape or (), dt or default) for k, (shape, dt) in spec.items()}
     place = plan(model, device_map, max_memory, offload_folder, sizes)
     if walk is not None:
         refuse_unoffloadable(place, walk.names, walk.quantizer)

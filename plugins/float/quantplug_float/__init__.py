@@ -61,6 +61,7 @@ PRESETS = {
             bits_per_weight=4.25,
             rel_error=0.119,
             dtype="bfloat16",
+            model_types=("gpt_oss",),
             note="gpt-oss (GptOssExperts) only: its experts in e2m1 with an e8m0 scale per 32 inputs, dequantized "
             "per routed expert; Linear layers stay in full precision",
         ),

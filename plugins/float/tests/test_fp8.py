@@ -275,3 +275,18 @@ def test_fbgemm_llama4_stacked_experts_with_row_scales_load(tmp_path):
     experts = loaded.model.layers[0].feed_forward.experts
     assert type(experts.get_submodule("3.down_proj")).__name__ == "Fp8Linear"
     assert rel(logits(loaded), logits(ref)) < 1e-5
+
+
+def test_stacked_fp8_experts_offload_to_disk_as_they_load_resident(tmp_path):
+    pytest.importorskip("accelerate")
+    model = tiny_moe("qwen3_moe")
+    quantplug.quantize(model, {"quant_method": "fp8"}, progress=False)
+    folder = quantplug.save(model, tmp_path / "q")
+    resident = logits(quantplug.load(folder, progress=False))
+    offloaded = quantplug.load(
+        folder,
+        device_map={"": "cpu", "model.layers.1": "disk"},
+        offload_folder=tmp_path / "off",
+        progress=False,
+    )
+    assert torch.equal(logits(offloaded), resident)
