@@ -71,12 +71,9 @@ def quantize_blocks(
 def _e4m3_as_bf16_shifted(q: torch.Tensor) -> torch.Tensor:
     """e4m3 codes as bfloat16 ``q * 2**-120``, exactly (subnormals too), by integer ops (a cast
     from float8 is ~7x slower on CPU). NaN codes (never written by ``quantize_blocks``) read as 480."""
-    x = q.view(torch.uint8).to(torch.int16)
-    y = x & 0x7F
-    y <<= 4
-    x &= 0x80
-    x <<= 8
-    x |= y
+    x = q.view(torch.int8).to(torch.int16)  # sign-extended: bits 7..15 all hold the sign
+    x <<= 4  # exponent and mantissa to bfloat16's low exponent and mantissa bits (4..10)
+    x &= -30721  # 0x87FF: keep the sign at bit 15, clear the sign copies at 11..14
     return x.view(torch.bfloat16)
 
 
