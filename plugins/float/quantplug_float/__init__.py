@@ -18,8 +18,19 @@ from .config import FbgemmFp8Config, Fp8Config, Mxfp4Config, Mxfp8Config
 __all__ = ["PRESETS", "FbgemmFp8Config", "Fp8Config", "Mxfp4Config", "Mxfp8Config", "register_backends"]
 
 # bits_per_weight and rel_error: the kit's preset layer, Linear(2048, 2048) with N(0, 0.02)
-# weights in bfloat16 (quantplug.preset_check). Speed: see bench/RESULTS.md "Float formats".
-_FP8_NOTE = "weight-only on CPU: e4m3 codes dequantized per layer into bfloat16 on every forward"
+# weights in bfloat16 (quantplug.preset_check). CPU speed vs the float32 model: SmolLM2-135M loaded
+# in bfloat16, 2-core Intel Xeon (AVX-512 BF16, AMX), `python bench/float.py` (bench/RESULTS.md
+# "Float formats"; the bfloat16 model itself: decode 0.84x, prefill 2.3x there).
+_FP8_NOTE = (
+    "weight-only on CPU: e4m3 codes dequantized per layer into bfloat16 on every forward; cpu speed measured "
+    "on a 2-core Intel Xeon (AVX-512 BF16)"
+)
+
+
+def _cpu(decode: float, prefill: float) -> dict:
+    return {"cpu": {"decode": decode, "prefill": prefill}}
+
+
 PRESETS = {
     "fp8": (
         quantplug.Preset(
@@ -28,6 +39,7 @@ PRESETS = {
             bits=8,
             bits_per_weight=8.002,
             rel_error=0.026,
+            speed=_cpu(0.32, 1.57),
             dtype="bfloat16",
             note=_FP8_NOTE,
         ),
@@ -37,18 +49,33 @@ PRESETS = {
             bits=8,
             bits_per_weight=8.0,
             rel_error=0.027,
+            speed=_cpu(0.38, 1.42),
             dtype="bfloat16",
             note=_FP8_NOTE,
         ),
     ),
     "mxfp8": (
         quantplug.Preset(
-            "mxfp8", {}, bits=8, bits_per_weight=8.25, rel_error=0.027, dtype="bfloat16", note=_FP8_NOTE
+            "mxfp8",
+            {},
+            bits=8,
+            bits_per_weight=8.25,
+            rel_error=0.027,
+            speed=_cpu(0.28, 1.28),
+            dtype="bfloat16",
+            note=_FP8_NOTE,
         ),
     ),
     "fbgemm_fp8": (
         quantplug.Preset(
-            "fbgemm-fp8", {}, bits=8, bits_per_weight=8.016, rel_error=0.026, dtype="bfloat16", note=_FP8_NOTE
+            "fbgemm-fp8",
+            {},
+            bits=8,
+            bits_per_weight=8.016,
+            rel_error=0.026,
+            speed=_cpu(0.38, 1.36),
+            dtype="bfloat16",
+            note=_FP8_NOTE,
         ),
     ),
     # gpt-oss's experts only (a model without them is refused); figures: one expert projection
