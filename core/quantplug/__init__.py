@@ -57,6 +57,7 @@ _LAZY = {
     "UnfusedExperts": ".experts",
     "experts_layout": ".experts",
     "register_experts_class": ".experts",
+    "route_top_k": ".experts",
 }
 
 

@@ -230,26 +230,46 @@ class UnfusedExperts(nn.Module):
         if self.layout.routing == "all_tokens":
             x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
             return torch.cat([self._mlp(e, x[e]) for e in range(self.num_experts)]).view(-1, x.shape[-1])
-        out = torch.zeros_like(hidden_states)
-        flat = top_k_index.reshape(top_k_index.shape[0], -1)
         if self.all_tokens:  # calibration: every expert sees every token, only routed ones count
+            out = torch.zeros_like(hidden_states)
+            flat = top_k_index.reshape(top_k_index.shape[0], -1)
             for e in range(self.num_experts):
                 token_idx, k_pos = torch.where(flat == e)
                 y = self._mlp(e, hidden_states)[token_idx] * top_k_weights[token_idx, k_pos, None]
                 out.index_add_(0, token_idx, y.to(out.dtype))
             return out
-        if hidden_states.shape[0] == 1:  # decode: one token, its k experts in one host sync
-            weights = top_k_weights.reshape(1, -1)
-            for k, e in enumerate(flat[0].tolist()):
-                if 0 <= e < self.num_experts:
-                    out += (self._mlp(e, hidden_states) * weights[:, k : k + 1]).to(out.dtype)
-            return out
-        hits = torch.bincount(flat.flatten(), minlength=self.num_experts)[: self.num_experts]
-        for e in hits.nonzero().flatten().tolist():  # one host sync per layer, not one per expert
-            token_idx, k_pos = torch.where(flat == e)
-            y = self._mlp(e, hidden_states[token_idx]) * top_k_weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
+        return route_top_k(hidden_states, top_k_index, top_k_weights, self.num_experts, self._mlp)
+
+
+def route_top_k(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    mlp: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """What a top-k experts module returns: for each expert some token is routed to, in expert
+    order (as Transformers' eager loop sums them), ``mlp(e, tokens)`` times those tokens' routing
+    weights, added up per token. A decode step (one token) reads its k experts with one host sync,
+    a longer input one per layer; indices outside ``0 .. num_experts - 1`` (another rank's experts)
+    are skipped. For backends that keep experts stacked: their module's forward is this with their
+    own ``mlp``."""
+    out = torch.zeros_like(hidden_states)
+    flat = top_k_index.reshape(top_k_index.shape[0], -1)
+    if hidden_states.shape[0] == 1:
+        ks = flat[0].tolist()
+        weights = top_k_weights.reshape(1, -1)
+        for e in sorted(set(ks)):
+            if 0 <= e < num_experts:
+                k = ks.index(e)
+                out += (mlp(e, hidden_states) * weights[:, k : k + 1]).to(out.dtype)
         return out
+    hits = torch.bincount(flat.flatten().clamp_min(0), minlength=num_experts)[:num_experts]
+    for e in hits.nonzero().flatten().tolist():
+        token_idx, k_pos = torch.where(flat == e)
+        y = mlp(e, hidden_states[token_idx]) * top_k_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import quantplug
+
 from . import codec
 
 
@@ -116,20 +118,7 @@ class Fp8Experts(nn.Module):
         return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        out = torch.zeros_like(hidden_states)
-        flat = top_k_index.reshape(top_k_index.shape[0], -1)
-        if hidden_states.shape[0] == 1:  # decode: one token, its k experts in one host sync
-            weights = top_k_weights.reshape(1, -1)
-            for k, e in enumerate(flat[0].tolist()):
-                if 0 <= e < self.num_experts:
-                    out += (self._mlp(e, hidden_states) * weights[:, k : k + 1]).to(out.dtype)
-            return out
-        hits = torch.bincount(flat.flatten(), minlength=self.num_experts)[: self.num_experts]
-        for e in hits.nonzero().flatten().tolist():
-            token_idx, k_pos = torch.where(flat == e)
-            y = self._mlp(e, hidden_states[token_idx]) * top_k_weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        return quantplug.route_top_k(hidden_states, top_k_index, top_k_weights, self.num_experts, self._mlp)
 
     def extra_repr(self) -> str:
         lo = self.layout

@@ -138,22 +138,10 @@ class Mxfp4Experts(nn.Module):
         return h @ self.weight("down_proj", e, x.dtype).t() + self.down_proj_bias[e].to(x.dtype)
 
     def forward(self, hidden_states: torch.Tensor, router_indices=None, routing_weights=None) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        routes = router_indices.reshape(router_indices.shape[0], -1)
-        if hidden_states.shape[0] == 1:  # decode: the token's k experts, one host sync
-            ks = routes[0].tolist()
-            for e in sorted(set(ks)):  # in expert order, as GptOssExperts sums them
-                if 0 <= e < self.num_experts:
-                    y = self._mlp(e, hidden_states) * routing_weights[:, ks.index(e), None]
-                    out += y.to(out.dtype)
-            return out
-        for e in torch.unique(routes).tolist():  # only the experts some token is routed to
-            if not 0 <= e < self.num_experts:
-                continue  # another rank's expert (expert parallelism)
-            token_idx, k_pos = torch.where(routes == e)
-            y = self._mlp(e, hidden_states[token_idx]) * routing_weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        """GptOssExperts' sum: each routed expert, in expert order, on its tokens."""
+        return quantplug.route_top_k(
+            hidden_states, router_indices, routing_weights, self.num_experts, self._mlp
+        )
 
     def extra_repr(self) -> str:
         lo = self.layout
