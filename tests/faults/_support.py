@@ -47,12 +47,20 @@ def record(test: str, **counts: Any) -> None:
 
 
 def installed_methods() -> list[str]:
-    """quant_method of every installed backend that is available here and quantizes (load-only
-    backends such as awq are left out), sorted."""
+    """quant_method of every installed backend that is available here and quantizes a Llama, sorted.
+    Left out: load-only backends such as awq, and backends whose presets all declare other
+    architectures (``Preset.model_types``: mxfp4 is gpt-oss's experts format and refuses a Llama;
+    quantplug-float's tests/test_mxfp4.py covers its checkpoints, corrupt ones included)."""
     import quantplug
 
+    def takes_llama(backend) -> bool:
+        tied = [p.model_types for p in backend.presets]
+        return not tied or any(not types or "llama" in types for types in tied)
+
     return sorted(
-        b.config.quant_method for b in quantplug.backends() if b.available and b.capabilities.quantizes
+        b.config.quant_method
+        for b in quantplug.backends()
+        if b.available and b.capabilities.quantizes and takes_llama(b)
     )
 
 
