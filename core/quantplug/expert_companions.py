@@ -12,6 +12,8 @@ non-transposed concatenated layouts (the ones Transformers' quantized experts cl
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .checkpoint import Checkpoint, Derived
@@ -30,10 +32,7 @@ def _as_2d(shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) == 2:
         return shape[0], shape[1]
     if len(shape) < 2:
-        n = 1
-        for d in shape:
-            n *= d
-        return 1, n
+        return 1, math.prod(shape)
     raise ValueError(shape)
 
 
@@ -150,7 +149,7 @@ def slice_companions(
                 continue
             stored = f"{name}.{leaf}"
             shape, dtype = ckpt.spec(stored)
-            if len(shape) < 2 or shape[0] != layout.num_experts or _numel(shape[1:]) != rows:
+            if len(shape) < 2 or shape[0] != layout.num_experts or math.prod(shape[1:]) != rows:
                 continue
             for r in roles:
                 for e in range(layout.num_experts):
@@ -158,13 +157,6 @@ def slice_companions(
                     views[target] = _row_view(stored, dtype, layout, e, r, len(roles) > 1)
             consumed.add(stored)
     return views, consumed
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _row_view(
