@@ -33,6 +33,7 @@ from .errors import (
 )
 from .grid import Float8Grid, Float8Layout, GridLayout, IntegerGrid
 from .hookspecs import hookimpl
+from .kernels import Kernel, available_kernels, register_kernel, unregister_kernel
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,8 @@ _LAZY = {
     "experts_layout": ".experts",
     "register_experts_class": ".experts",
     "route_top_k": ".experts",
+    "KernelLinear": ".kernel_layer",
+    "kernel_choices": ".kernel_layer",
 }
 
 
@@ -84,6 +87,7 @@ __all__ = [
     "Float8Layout",
     "GridLayout",
     "IntegerGrid",
+    "Kernel",
     "PluginError",
     "Preset",
     "QuantConfig",
@@ -91,6 +95,7 @@ __all__ = [
     "QuantplugError",
     "UnknownMethodError",
     "__version__",
+    "available_kernels",
     "backends",
     "config_from_dict",
     "get_backend",
@@ -98,8 +103,10 @@ __all__ = [
     "plugins",
     "problems",
     "register_backend",
+    "register_kernel",
     "register_plugin",
     "reload_plugins",
+    "unregister_kernel",
     "unregister_plugin",
     *_LAZY,
 ]

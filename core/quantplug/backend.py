@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 from .capabilities import NAME_RE, Capabilities, Preset, str_tuple
 from .config import QuantConfig
 from .errors import BackendUnavailableError, PluginError
-from .float8_contract import Float8Methods
+from .grid_contract import GridMethods
 from .versions import installed_version
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from .grid import IntegerGrid
 
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -271,7 +270,7 @@ def _requirement_fix(who: str, req: Any) -> str:
     return f"pip install '{req.name}{spec_text(wanted)}'" if wanted else f"pip install {req.name}"
 
 
-class Quantizer(Float8Methods):
+class Quantizer(GridMethods):
     """Quantizes single modules for one backend and one config; the core does everything else
     (the model walk, skipping, progress, checkpoints, the Transformers bridge).
 
@@ -372,23 +371,6 @@ class Quantizer(Float8Methods):
             f"backend {self.backend.name!r} declares that {type(self.config).__name__} needs calibration, "
             f"but its quantizer does not implement calibrate(); report this to the maintainers of "
             f"{self.backend.plugin or 'the plugin'}."
-        )
-
-    def integer_grid(self, name: str, qmodule: nn.Module) -> IntegerGrid | str:
-        """``qmodule``'s weight as a ``quantplug.IntegerGrid`` (integer codes, per-group scales and
-        integer zero points), which ``quantplug.export`` re-encodes in another format without
-        rounding again; or a sentence saying why the layer is not one (a non-uniform code book such
-        as nf4, float zero points, quantized activations, ...). Default: the plugin does not say."""
-        who = self.backend.plugin or f"backend {self.backend.name!r}"
-        return f"{who} does not describe its layers as integer grids (Quantizer.integer_grid)"
-
-    def encode_grid(self, name: str, module: nn.Linear, grid: IntegerGrid) -> nn.Module:
-        """This backend's quantized module for ``module`` (an ``nn.Linear`` on the meta device: shape,
-        dtype, bias) holding exactly ``grid``. Implemented by export targets, whose config class
-        also has ``for_grids(layouts, unquantized)``; ``self.config`` is that config."""
-        raise PluginError(
-            f"backend {self.backend.name!r} cannot be an export target: its quantizer does not implement "
-            f"encode_grid()"
         )
 
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:

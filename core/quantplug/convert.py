@@ -19,6 +19,7 @@ from .errors import AlreadyQuantizedError, ConfigError
 from .experts import all_experts_see_all_tokens
 from .experts_contract import site_quantize, site_tensors
 from .integrations import register_if_transformers_loaded
+from .kernel_layer import float_dtype_of, summary, use_kernels
 from .layers import tensor_bytes
 from .walk import LayerWalk, quantized_info, release_freed_memory
 
@@ -36,6 +37,8 @@ class QuantizeReport:
     bytes_before: int
     bytes_after: int
     seconds: float
+    kernels: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Each converted layer's kernel, or why it runs the backend's own module (``quantplug.kernels``)."""
 
     def __str__(self) -> str:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0.0
@@ -45,6 +48,7 @@ class QuantizeReport:
             f"in {self.seconds:.1f} s"
         ]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"  {n} layer(s) run: {how}" for how, n in summary(self.kernels).items()]
         return "\n".join(lines)
 
 
@@ -111,6 +115,7 @@ def quantize(
     device: torch.device | str | None = None,
     progress: bool = True,
     calibration_data: Iterable[Any] | None = None,
+    kernel: str | None = None,
 ) -> QuantizeReport:
     """Quantize ``model`` in place with the backend that owns ``config.quant_method``.
 
@@ -121,6 +126,8 @@ def quantize(
     tensors passed as keyword arguments), required by configs that need calibration (activation
     quantization, GPTQ-style methods) and refused by those that do not: after every layer is
     replaced, the quantizer's ``calibrate(model, batches)`` runs them through the model.
+    ``kernel``: as ``quantplug.load``'s (``"auto"``: integer-grid layers run the fastest kernel
+    that takes them, e.g. torch's fused int4 / int8 CPU kernels in a bfloat16 model; ``"none"``).
     Returns a ``QuantizeReport``; the model keeps working (``forward``, ``generate``).
     """
     t0 = time.perf_counter()
@@ -156,7 +163,8 @@ def quantize(
     after = sum(
         tensor_bytes(site_tensors(quantizer, n, model.get_submodule(n), native).values()) for n in names
     )
-    walk.finish()
+    info = walk.finish()
+    info.kernels = use_kernels(model, quantizer, names, native, float_dtype_of(model), kernel)
     register_if_transformers_loaded()
     return QuantizeReport(
         backend=config.quant_method,
@@ -166,4 +174,5 @@ def quantize(
         bytes_before=before,
         bytes_after=after,
         seconds=time.perf_counter() - t0,
+        kernels=dict(info.kernels),
     )

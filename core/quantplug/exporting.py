@@ -26,6 +26,7 @@ from .dispatch import AutoQuantizer, backends, get_backend
 from .errors import ConfigError, PluginError
 from .float8_contract import Float8Methods
 from .grid import Float8Grid, Float8Layout, GridLayout, IntegerGrid
+from .kernel_layer import grid_of
 from .layers import as_linear_meta, is_eligible, set_submodule
 from .walk import QuantizedModelInfo, attach_info, progress_bar, quantized_info
 
@@ -159,10 +160,13 @@ def _grid(source, model: nn.Module, name: str, requant_config) -> IntegerGrid | 
     """The layer's ``IntegerGrid`` or ``Float8Grid`` (checked), re-quantized by ``requant_config``
     where the source has neither and that is given; else the source's reason."""
     module = model.get_submodule(name)
-    grid = source.integer_grid(name, module)
+    grid = grid_of(source, name, module)
     if isinstance(grid, IntegerGrid):
         grid.check(name)
-        return grid
+        problem = grid.layout.format_problem
+        if problem is None:
+            return grid
+        grid = problem
     float8 = source.float8_grid(name, module)
     if isinstance(float8, Float8Grid):
         float8.check(name)

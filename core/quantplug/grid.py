@@ -28,20 +28,40 @@ class GridLayout:
     symmetric: bool
     in_features: int
     out_features: int
+    act_order: bool = False
+    """The codes are in group order, not input order (``IntegerGrid.columns``: GPTQ's act-order)."""
+    float_zero: bool = False
+    """The zero points are floats (HQQ's), not integer codes: a kernel may take them, a format may not."""
 
     @property
     def per_channel(self) -> bool:
         return self.group_size == self.in_features
 
+    @property
+    def format_problem(self) -> str | None:
+        """Why a checkpoint format with integer zero points and no column order cannot hold this
+        grid as it is (None: it can)."""
+        if self.act_order:
+            return "act-order (its codes are in group order, not input order), which export does not carry"
+        if self.float_zero:
+            return "its zero points are floats, not integer codes"
+        return None
+
 
 @dataclasses.dataclass
 class IntegerGrid:
-    """``weight[o, i] = (codes[o, i] - zero_point[o, g]) * scale[o, g]`` with ``g = i // group_size``.
+    """``weight[o, i] = (codes[o, i] - zero_point[o, g]) * scale[o, g]`` with ``g = i // group_size``
+    (with ``columns``: ``weight[o, columns[i]]``, see below).
 
     codes       int8 [out, in], signed: -2**(bits-1) .. 2**(bits-1) - 1
     scale       float [out, groups]
-    zero_point  int8 [out, groups] in the same signed range, or ``None`` (symmetric: 0)
+    zero_point  int8 [out, groups] in the same signed range, or ``None`` (symmetric: 0); or float
+                [out, groups] in the scale's dtype (a fractional zero point, HQQ's), which kernels
+                take and export refuses
     bias        float [out] or ``None``
+    columns     int64 [in] or ``None``: act-order (GPTQ's ``desc_act``), the codes are in group order
+                and code column ``i`` is the layer's input ``columns[i]``; a kernel gathers its input
+                in that order. ``None``: input order.
     """
 
     codes: torch.Tensor
@@ -50,11 +70,24 @@ class IntegerGrid:
     bits: int
     group_size: int
     bias: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
+
+    @property
+    def float_zero(self) -> bool:
+        return self.zero_point is not None and self.zero_point.dtype.is_floating_point
 
     @property
     def layout(self) -> GridLayout:
         out_f, in_f = self.codes.shape
-        return GridLayout(self.bits, self.group_size, self.zero_point is None, in_f, out_f)
+        return GridLayout(
+            self.bits,
+            self.group_size,
+            self.zero_point is None,
+            in_f,
+            out_f,
+            act_order=self.columns is not None,
+            float_zero=self.float_zero,
+        )
 
     def check(self, name: str) -> None:
         """Raise ``PluginError`` when the grid does not hold together (a source plugin's bug)."""
@@ -76,7 +109,8 @@ class IntegerGrid:
                 f"scale must be float [{out_f}, {groups}], got {self.scale.dtype} {list(self.scale.shape)}"
             )
         lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
-        for what, t in (("codes", self.codes), ("zero_point", self.zero_point)):
+        zero = None if self.float_zero else self.zero_point
+        for what, t in (("codes", self.codes), ("zero_point", zero)):
             if t is None:
                 continue
             if t.dtype != torch.int8:
@@ -87,14 +121,31 @@ class IntegerGrid:
                 )
         if self.zero_point is not None and tuple(self.zero_point.shape) != (out_f, groups):
             raise bad(f"zero_point must be [{out_f}, {groups}], got {list(self.zero_point.shape)}")
+        if self.float_zero and self.zero_point.dtype != self.scale.dtype:
+            raise bad(
+                f"a float zero_point must have the scale's dtype {self.scale.dtype}, got {self.zero_point.dtype}"
+            )
+        if self.columns is not None:
+            cols = self.columns
+            if cols.dtype != torch.int64 or tuple(cols.shape) != (in_f,):
+                raise bad(f"columns must be int64 [{in_f}], got {cols.dtype} {list(cols.shape)}")
+            if not torch.equal(torch.sort(cols).values, torch.arange(in_f, device=cols.device)):
+                raise bad("columns is not a permutation of the inputs")
 
     def dequantize(self):
-        """The float weight [out, in] the grid stands for (in the scale's dtype)."""
+        """The float weight [out, in] the grid stands for (in the scale's dtype), in input order."""
         out_f, in_f = self.codes.shape
         codes = self.codes.reshape(out_f, -1, self.group_size).to(self.scale.dtype)
         if self.zero_point is not None:
             codes = codes - self.zero_point.to(self.scale.dtype).unsqueeze(-1)
-        return (codes * self.scale.unsqueeze(-1)).reshape(out_f, in_f)
+        weight = (codes * self.scale.unsqueeze(-1)).reshape(out_f, in_f)
+        if self.columns is None:
+            return weight
+        import torch
+
+        out = torch.empty_like(weight)
+        out[:, self.columns] = weight
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ from .errors import (
 )
 from .experts_contract import site_expected, site_load, site_quantize
 from .integrations import register_if_transformers_loaded
+from .kernel_layer import float_dtype_of, use_kernels
 from .layers import owner_of, transformers_tied_keys
 from .naming import adapt
 from .placement import Placement, placed, single_device
@@ -51,6 +52,7 @@ def load(
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    kernel: str | None = None,
 ) -> nn.Module:
     """Load a checkpoint folder, reading one tensor at a time.
 
@@ -70,6 +72,12 @@ def load(
     quantized size, or a dict maps module names to devices (``0``, ``"cuda:1"``, ``"cpu"``,
     ``"disk"``). Layers placed on ``"disk"`` are written to ``offload_folder`` as they are read;
     a backend whose layers cannot be offloaded is refused before anything is read.
+
+    ``kernel``: ``"auto"`` runs each quantized layer that is an integer grid on the fastest kernel
+    that takes it on its device (``quantplug.kernels``; torch's fused int4 / int8 CPU kernels with a
+    bfloat16 or float16 model), ``"none"`` keeps every backend's own module, a kernel's name runs
+    only that kernel (a layer it does not take is an error). ``device_map`` loads keep the
+    backends' modules. What each layer runs is in ``kernel_choices(model)``.
     """
     folder, config_json = _open(path)
     quantizer, prequantized = _quantizer(folder, config_json, config)
@@ -115,7 +123,11 @@ def load(
     else:
         place.dispatch(model)
     if walk is not None:
-        walk.finish()
+        info = walk.finish()
+        if place is None:
+            info.kernels = use_kernels(
+                model, quantizer, info.modules, info.experts, float_dtype_of(model), kernel
+            )
         register_if_transformers_loaded()
     model.eval()
     return model

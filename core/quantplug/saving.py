@@ -30,6 +30,7 @@ from .checkpoint import (
 )
 from .errors import CheckpointError, PluginError
 from .experts_contract import site_tensors
+from .kernel_layer import source_module
 from .safetensors_io import CHECKSUMS_KEY, write_file
 from .sites import checkpoint_layout, checkpoint_namer
 from .sizes import parse_size
@@ -234,8 +235,9 @@ def _file_metadata(
     meta = header_metadata(info)
     if info is not None:
         rename = checkpoint_namer(model)
-        extra = info.quantizer.checkpoint_metadata(
-            {rename(n): model.get_submodule(n) for n in info.modules}, stored
+        q = info.quantizer
+        extra = q.checkpoint_metadata(
+            {rename(n): source_module(q, n, model.get_submodule(n)) for n in info.modules}, stored
         )
         bad = [
             k

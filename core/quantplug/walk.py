@@ -48,6 +48,9 @@ class QuantizedModelInfo:
     experts: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The modules of ``modules`` that are stacked experts the backend quantized natively, with
     their ``ExpertsLayout`` (``quantplug.experts_contract``)."""
+    kernels: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Each of ``modules``: the kernel that runs it, or why it runs its backend's module
+    (``quantplug.kernel_layer``)."""
 
 
 def quantized_info(model: nn.Module) -> QuantizedModelInfo | None:
