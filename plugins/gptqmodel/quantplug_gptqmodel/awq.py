@@ -13,6 +13,8 @@ from torch import nn
 
 import quantplug
 
+from .grids import awq_grid, awq_tensors
+
 
 class AwqLinear(AwqTorchLinear):
     """GPTQModel's ``AwqTorchLinear`` whose stored tensors never change: it converts scales and bias
@@ -91,3 +93,13 @@ class AwqQuantizer(quantplug.Quantizer):
         layer = self._layer(module, meta=False)
         layer.load_state_dict(tensors, strict=True, assign=True)
         return layer
+
+    def integer_grid(self, name: str, qmodule: nn.Module):
+        """AWQ's 4-bit codes and integer zero points (``weight = (q - z) * s``) shifted to signed integers."""
+        if not isinstance(qmodule, AwqLinear):
+            return f"{type(qmodule).__name__} is not an AWQ layer of this plugin"
+        return awq_grid(qmodule)
+
+    def encode_grid(self, name: str, module: nn.Linear, grid) -> nn.Module:
+        """An ``AwqLinear`` holding exactly ``grid``, as ``load_module`` builds it from a checkpoint."""
+        return self.load_module(name, module, awq_tensors(name, module, grid, self.config))

@@ -61,6 +61,12 @@ class GptqLinear(TorchLinear):
         self.qzero_format(format=2)
         return self.finish()
 
+    def load_v2_tensors(self, tensors: dict[str, torch.Tensor]) -> GptqLinear:
+        """Take tensors whose zero points are in v2 (what this layer holds in memory, whatever its format)."""
+        self.load_state_dict(tensors, strict=True, assign=True)
+        self.qzero_format(format=2)
+        return self.finish()
+
 
 class _Qcfg:
     """What GPTQModel's v2 -> v1 converter reads from a quantize config."""

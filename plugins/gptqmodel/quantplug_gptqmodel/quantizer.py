@@ -23,6 +23,7 @@ import quantplug  # noqa: E402
 
 from .calibration import calibrate_model, check_batches  # noqa: E402
 from .config import GptqConfig  # noqa: E402
+from .grids import gptq_grid, gptq_tensors  # noqa: E402
 from .layers import PACK_MULTIPLE, GptqLinear  # noqa: E402
 
 
@@ -171,43 +172,18 @@ class GptqQuantizer(quantplug.Quantizer):
 
     def integer_grid(self, name: str, qmodule: nn.Module):
         """GPTQ's codes and zero points (v2 in memory: the zero itself) shifted to signed integers;
-        act-order layers whose columns are not in group order (a non-trivial ``g_idx``) are not a
-        plain group-wise grid."""
+        act-order layers list their inputs in group order (``IntegerGrid.columns``)."""
         if not isinstance(qmodule, GptqLinear):
             return f"{type(qmodule).__name__} is not a GPTQ layer of this plugin"
-        bits, in_f, out_f = qmodule.bits, qmodule.in_features, qmodule.out_features
-        if 32 % bits:
-            return f"{bits}-bit GPTQ packing spans int32 words; export reads 2, 4 and 8 bits"
-        group = qmodule.group_size if qmodule.group_size > 0 else in_f
-        if in_f % group:
-            return f"its last group is partial ({in_f} inputs, group_size {group})"
-        order = torch.arange(in_f, device=qmodule.g_idx.device) // group
-        if not torch.equal(qmodule.g_idx.to(order.dtype), order):
-            return "act-order (desc_act): its columns are not in group order (g_idx), which a group-wise grid cannot say"
-        if qmodule.qzero_format() != 2:
-            return "its zero points are not in GPTQModel's v2 layout in memory"
-        mask, half = (1 << bits) - 1, 1 << (bits - 1)
-        shifts = torch.arange(0, 32, bits, device=qmodule.qweight.device, dtype=torch.int64)
-        words = qmodule.qweight.to(torch.int64)  # [in * bits / 32, out]
-        codes = ((words.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask).reshape(in_f, out_f).t()
-        zwords = qmodule.qzeros.to(torch.int64)  # [groups, out * bits / 32]
-        zeros = (
-            ((zwords.unsqueeze(-1) >> shifts.view(1, 1, -1)) & mask)
-            .reshape(zwords.shape[0], -1)[:, :out_f]
-            .t()
+        return gptq_grid(qmodule, self.config.sym, self.config.desc_act)
+
+    def encode_grid(self, name: str, module: nn.Linear, grid) -> nn.Module:
+        """A ``GptqLinear`` holding exactly ``grid`` (its ``checkpoint_tensors`` in this config's format)."""
+        tensors = gptq_tensors(name, module, grid, self.config)
+        layer = GptqLinear(
+            self.config, module.in_features, module.out_features, module.bias is not None, module.weight.dtype
         )
-        zero = (zeros - half).to(torch.int8).contiguous()
-        if self.config.sym and not zero.any():
-            zero = None
-        bias = getattr(qmodule, "bias", None)
-        return quantplug.IntegerGrid(
-            (codes - half).to(torch.int8).contiguous(),
-            qmodule.scales.t().contiguous(),
-            zero,
-            bits,
-            group,
-            bias.detach() if isinstance(bias, torch.Tensor) else None,
-        )
+        return layer.load_v2_tensors(tensors)
 
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         for key in ("scales", "bias"):
