@@ -33,7 +33,8 @@ from .errors import (
 )
 from .grid import Float8Grid, Float8Layout, GridLayout, IntegerGrid
 from .hookspecs import hookimpl
-from .kernels import Kernel, available_kernels, register_kernel, unregister_kernel
+from .kernel_base import Kernel
+from .kernels import available_kernels, register_kernel, unregister_kernel
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from .errors import AlreadyQuantizedError, ConfigError
 from .experts import all_experts_see_all_tokens
 from .experts_contract import site_quantize, site_tensors
 from .integrations import register_if_transformers_loaded
-from .kernel_layer import float_dtype_of, summary, use_kernels
+from .kernel_layer import apply_kernels, summary
 from .layers import tensor_bytes
 from .walk import LayerWalk, quantized_info, release_freed_memory
 
@@ -164,7 +164,7 @@ def quantize(
         tensor_bytes(site_tensors(quantizer, n, model.get_submodule(n), native).values()) for n in names
     )
     info = walk.finish()
-    info.kernels = use_kernels(model, quantizer, names, native, float_dtype_of(model), kernel)
+    apply_kernels(model, info, kernel)
     register_if_transformers_loaded()
     return QuantizeReport(
         backend=config.quant_method,

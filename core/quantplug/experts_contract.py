@@ -127,6 +127,4 @@ def site_tensors(quantizer: Any, name: str, qmodule: nn.Module, native: dict) ->
     """What ``save`` writes for quantized site ``name`` (``native``: the native experts sites)."""
     if name in native:
         return quantizer.experts_tensors(name, qmodule)
-    from .kernel_layer import source_module  # (a layer a kernel runs: the backend's module rebuilt)
-
-    return quantizer.module_tensors(name, source_module(quantizer, name, qmodule))
+    return quantizer.module_tensors(name, qmodule)

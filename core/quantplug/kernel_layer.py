@@ -236,6 +236,13 @@ def use_kernels(
     return out
 
 
+def apply_kernels(model: nn.Module, info, kernel: str | None = None) -> None:
+    """``use_kernels`` on the layers of ``info`` (a model's ``QuantizedModelInfo``), recorded there."""
+    info.kernels = use_kernels(
+        model, info.quantizer, info.modules, info.experts, float_dtype_of(model), kernel
+    )
+
+
 def _base_integer_grid():
     from .grid_contract import GridMethods
 

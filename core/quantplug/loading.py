@@ -32,7 +32,7 @@ from .errors import (
 )
 from .experts_contract import site_expected, site_load, site_quantize
 from .integrations import register_if_transformers_loaded
-from .kernel_layer import float_dtype_of, use_kernels
+from .kernel_layer import apply_kernels
 from .layers import owner_of, transformers_tied_keys
 from .naming import adapt
 from .placement import Placement, placed, single_device
@@ -73,11 +73,8 @@ def load(
     ``"disk"``). Layers placed on ``"disk"`` are written to ``offload_folder`` as they are read;
     a backend whose layers cannot be offloaded is refused before anything is read.
 
-    ``kernel``: ``"auto"`` runs each quantized layer that is an integer grid on the fastest kernel
-    that takes it on its device (``quantplug.kernels``; torch's fused int4 / int8 CPU kernels with a
-    bfloat16 or float16 model), ``"none"`` keeps every backend's own module, a kernel's name runs
-    only that kernel (a layer it does not take is an error). ``device_map`` loads keep the
-    backends' modules. What each layer runs is in ``kernel_choices(model)``.
+    ``kernel`` (``quantplug.kernels``): ``"auto"`` (default) runs integer-grid layers on the fastest
+    kernel for their grid here, ``"none"`` on their backend's module; ``kernel_choices(model)`` says.
     """
     folder, config_json = _open(path)
     quantizer, prequantized = _quantizer(folder, config_json, config)
@@ -118,16 +115,19 @@ def load(
     left = [k for k in left if place is None or not place.on_disk(k)]
     if left:
         raise CheckpointError(f"{folder}: tensors {_fmt(left)} were not in the checkpoint")
+    return _settle(model, walk, place, target, kernel)
+
+
+def _settle(model: nn.Module, walk: LayerWalk | None, place: Placement | None, target, kernel) -> nn.Module:
+    """Put the loaded model on its device(s), record what was quantized, run layers on kernels."""
     if place is None:
         model.to(target)
     else:
         place.dispatch(model)
     if walk is not None:
         info = walk.finish()
-        if place is None:
-            info.kernels = use_kernels(
-                model, quantizer, info.modules, info.experts, float_dtype_of(model), kernel
-            )
+        if place is None:  # (a device_map load keeps the backends' modules)
+            apply_kernels(model, info, kernel)
         register_if_transformers_loaded()
     model.eval()
     return model

@@ -66,6 +66,7 @@ def checkpoint_tensors(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]]
     def walk(module: nn.Module, prefix: str) -> None:
         name = prefix[:-1]
         if name in qnames:
+            module = source_module(info.quantizer, name, module)  # (a kernel's layer: the backend's, rebuilt)
             for k, t in site_tensors(info.quantizer, name, module, info.experts).items():
                 add(prefix + k, t)
             return

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import Kernel
+from .kernel_base import Kernel
 
 FAST_CAPABILITIES = ("AVX2", "AVX512")
 """torch's CPU capabilities with vectorized int8/int4 kernels; elsewhere they run scalar code."""
