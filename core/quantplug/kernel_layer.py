@@ -182,12 +182,7 @@ def _try(quantizer, name: str, module: nn.Module, dtype: torch.dtype, settings: 
     with torch.no_grad():
         rel = _relative_difference(layer, module, dtype, grid.codes.shape[1])
     if not rel <= CHECK_TOLERANCE:
-        warnings.warn(
-            f"quantplug: kernel {kernel.name!r} disabled for layer {name!r}: its output differs from the "
-            f"backend's own forward by {rel:.2e} (relative; the check allows {CHECK_TOLERANCE:g})",
-            stacklevel=4,
-        )
-        return f"{OWN}: {kernel.name} failed the check at load ({rel:.2e})"
+        return f"{OWN}: {kernel.name} {FAILED} ({rel:.2e} relative; the check allows {CHECK_TOLERANCE:g})"
     return layer
 
 
@@ -266,6 +261,7 @@ def short(choices: dict[str, str]) -> str:
 
 
 _warned: set[str] = set()
+FAILED = "failed the check at load: its output differs from the backend's own forward"
 NO_KERNEL = f"{OWN}: no kernel takes it"
 
 
@@ -273,6 +269,15 @@ def _say_once(choices: dict[str, str]) -> None:
     """Log what runs where; warn (once per reason and process) about grids no kernel takes."""
     reasons = collections.Counter(v for v in choices.values() if v.startswith(OWN))
     ran = len(choices) - sum(reasons.values())
+    failed = [(n, v) for n, v in choices.items() if FAILED in v]
+    if failed:  # every time: a kernel that computes something else is news
+        names = ", ".join(repr(n) for n, _ in failed[:3]) + (" ..." if len(failed) > 3 else "")
+        warnings.warn(
+            f"quantplug: {failed[0][1].removeprefix(OWN + ': ').split(' ')[0]!r} kernel disabled for "
+            f"{len(failed)} layer(s) ({names}): {failed[0][1].split(FAILED, 1)[0].removeprefix(OWN + ': ')}"
+            f"{FAILED}{failed[0][1].split(FAILED, 1)[1]}; they run the backend's module",
+            stacklevel=4,
+        )
     for why, n in reasons.items():
         logger.info("quantplug: %d layer(s) run their backend's module (%s)", n, why.removeprefix(OWN + ": "))
         if why.startswith(NO_KERNEL) and why not in _warned:
