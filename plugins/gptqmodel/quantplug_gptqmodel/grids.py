@@ -125,7 +125,11 @@ def gptq_tensors(name: str, module, grid, config) -> dict[str, torch.Tensor]:
     def refuse(why: str):
         return quantplug.PluginError(f"{name}: {what} cannot hold its integer grid: {why}")
 
-    if 32 % bits or (in_f * bits) % 32 or (out_f * bits) % 32:
+    if 32 % bits:
+        raise refuse(
+            f"GPTQ's {bits}-bit packing spans int32 words; integer grids are packed in 2, 4 and 8 bits"
+        )
+    if (in_f * bits) % 32 or (out_f * bits) % 32:
         raise refuse(f"{in_f} inputs x {out_f} outputs of {bits}-bit codes do not fill whole int32 words")
     if grid.columns is not None and not config.desc_act:
         raise refuse("its codes are in act-order (columns), and the config says desc_act=false")

@@ -174,3 +174,101 @@ def test_awq_checkpoint_written_by_auto_round_round_trips():
     for name, layer in layers:
         grid = _check_round_trip(quantizer, layer, torch.float16, _awq_weight(layer), name)
         assert grid.zero_point is not None and grid.group_size == 32
+
+
+def _quantizer(**config) -> quantplug.Quantizer:
+    return quantplug.AutoQuantizer.from_config(config)
+
+
+ACT_ORDER_ASYM = {"bits": 4, "group_size": 32, "sym": False, "desc_act": True}
+
+
+@pytest.mark.parametrize(
+    "config, change, says",
+    [
+        ({"bits": 8}, {}, "the grid has 4-bit codes, the config 8-bit"),
+        ({"group_size": 64}, {}, "group size is 32, the config's 64"),
+        ({"sym": True}, {}, "it has zero points, and the config says sym=true"),
+        ({"desc_act": False}, {}, r"act-order \(columns\), and the config says desc_act=false"),
+        ({}, {"float_zero": True}, "zero points are floats"),
+        ({}, {"bias": None}, "the grid has no bias, the layer has one"),
+        ({"bits": 3}, {"bits": 3}, "3-bit packing spans int32 words"),
+    ],
+)
+def test_gptq_grids_the_config_cannot_hold_are_refused(config, change, says, tmp_path):
+    source, layer, _ = _gptq({**ACT_ORDER_ASYM, "format": "gptq"}, True, torch.float32, tmp_path)
+    grid = source.integer_grid("0", layer)
+    if change.get("float_zero"):
+        grid = dataclasses.replace(grid, zero_point=grid.zero_point.to(grid.scale.dtype))
+    if "bias" in change:
+        grid = dataclasses.replace(grid, bias=None)
+    if "bits" in change:
+        grid = dataclasses.replace(
+            grid, bits=3, codes=grid.codes.clamp(-4, 3), zero_point=grid.zero_point.clamp(-4, 3)
+        )
+    target = _quantizer(quant_method="gptq", **{**ACT_ORDER_ASYM, **config})
+    with pytest.raises(
+        quantplug.PluginError, match=f"down_proj: GPTQ .* cannot hold its integer grid: .*{says}"
+    ):
+        target.encode_grid("down_proj", _meta_linear(layer, torch.float32), grid)
+
+
+def test_gptq_layers_that_are_not_grids_say_why(tmp_path):
+    quantizer, layer, loaded = _gptq({**ACT_ORDER_ASYM, "format": "gptq"}, False, torch.float32, tmp_path)
+    labelled_sym = _quantizer(quant_method="gptq", **{**ACT_ORDER_ASYM, "sym": True})
+    assert "says sym=true, but not every zero point is the middle code 8" in labelled_sym.integer_grid(
+        "0", layer
+    )
+    no_act_order = _quantizer(quant_method="gptq", **{**ACT_ORDER_ASYM, "desc_act": False})
+    assert (
+        "g_idx puts inputs out of group order, but its config says desc_act=false"
+        in no_act_order.integer_grid("0", layer)
+    )
+    g_idx = loaded.g_idx
+    g_idx[int((g_idx == 1).nonzero()[0])] = 0  # group 0 gets 33 inputs, group 1 31
+    assert "does not put exactly 32 inputs in each of its 4 groups" in quantizer.integer_grid("0", loaded)
+    assert "Linear is not a GPTQ layer" in quantizer.integer_grid("0", nn.Linear(IN, OUT))
+    three, layer3, _ = _gptq({"bits": 3, "group_size": 32}, False, torch.float32, tmp_path / "3")
+    assert "3-bit GPTQ packing spans int32 words" in three.integer_grid("0", layer3)
+
+
+def test_symmetric_grids_are_held_by_asymmetric_layouts(tmp_path):
+    """A grid without zero points is stored with the middle zero point: the same weights."""
+    gptq, layer, _ = _gptq({"bits": 4, "group_size": 32, "format": "gptq"}, True, torch.float32, tmp_path)
+    grid = gptq.integer_grid("0", layer)
+    assert grid.zero_point is None
+    for config in (
+        {"quant_method": "gptq", **ACT_ORDER_ASYM},
+        {"quant_method": "awq", "bits": 4, "group_size": 32},
+    ):
+        target = quantplug.AutoQuantizer.from_config(config)
+        again = target.integer_grid("0", target.encode_grid("0", _meta_linear(layer, torch.float32), grid))
+        assert not again.zero_point.any() and torch.equal(again.dequantize(), grid.dequantize()), config
+
+
+def test_awq_grids_the_config_cannot_hold_are_refused():
+    quantizer = _quantizer(quant_method="awq", bits=4, group_size=32)
+    tensors, _, _ = _pack_awq(IN, OUT, 32, torch.float16, True, seed=5)
+    layer = quantizer.load_module("0", nn.Linear(IN, OUT, device="meta", dtype=torch.float16), tensors)
+    grid = quantizer.integer_grid("0", layer)
+    meta = _meta_linear(layer, torch.float16)
+    bad = {
+        "group size is 32, the config's 64": (_quantizer(quant_method="awq", bits=4, group_size=64), grid),
+        "act-order": (quantizer, dataclasses.replace(grid, columns=torch.randperm(IN))),
+        "zero points are floats": (quantizer, dataclasses.replace(grid, zero_point=grid.zero_point.half())),
+        "the grid has 2-bit codes, the config 4-bit": (
+            quantizer,
+            dataclasses.replace(
+                grid, bits=2, codes=grid.codes.clamp(-2, 1), zero_point=grid.zero_point.clamp(-2, 1)
+            ),
+        ),
+    }
+    for says, (target, wrong) in bad.items():
+        with pytest.raises(
+            quantplug.PluginError, match=f"q_proj: AWQ gemm .* cannot hold its integer grid: .*{says}"
+        ):
+            target.encode_grid("q_proj", meta, wrong)
+    gptq_layer = _quantizer(quant_method="gptq", bits=4, group_size=32).encode_grid(
+        "0", meta, dataclasses.replace(grid, zero_point=None, codes=grid.codes)
+    )
+    assert "GptqLinear is not an AWQ layer" in quantizer.integer_grid("0", gptq_layer)
