@@ -249,7 +249,7 @@ def test_compare_table(run, model_dir, tmp_path):
     stdout = _clean(proc, when=("import", "quantize"))
     data = json.loads((out / "comparison.json").read_text())
     lines = stdout.splitlines()
-    assert lines[0].startswith("| candidate | dtype |") and lines[1] == "|" + "---|" * 10
+    assert lines[0].startswith("| candidate | dtype | kernel |") and lines[1] == "|" + "---|" * 11
     labels = [r["label"] for r in data["rows"]]
     assert [line.split(" | ")[0] for line in lines[2 : 2 + len(labels)]] == [f"| {x}" for x in labels]
     assert lines[2 + len(labels)] == "" and stdout.rstrip().endswith(data["recommendation"].rstrip())

@@ -40,6 +40,9 @@ class Row:
     select_rank: int | None = None
     dtype: str | None = None
     """The dtype of the model's floating-point parameters when it ran (``"bfloat16"``)."""
+    kernel: str | None = None
+    """What ran the quantized layers (``quantplug.kernels``): a kernel's name, ``"own forward"``
+    (the backend's module), or the most common of them with its share (``"torch-int4-cpu 12/14"``)."""
     weight_bytes: int | None = None
     """Bytes of the weights of the layers a default config quantizes: the converted layers' stored
     tensors plus the weights of those the backend left in full precision (every one of them, in

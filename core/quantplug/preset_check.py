@@ -79,6 +79,8 @@ class Measured:
     grid_span: int | None = None
     """How many code values the grid's codes span (max - min + 1)."""
     grid_note: str = ""
+    kernel: str | None = None
+    """What runs the layer here in ``dtype`` (``quantplug.kernels``): a kernel's name or why not."""
 
     def layer(self) -> str:
         out_f, in_f = LAYER_SHAPE
@@ -112,6 +114,7 @@ def measure_preset(backend: Backend, preset: Preset, device: str = "cpu") -> Mea
 
     import quantplug
 
+    from .kernel_layer import grid_of, source_module
     from .walk import quantized_info
 
     dtype_name = preset.dtype or DEFAULT_DTYPE
@@ -134,8 +137,10 @@ def measure_preset(backend: Backend, preset: Preset, device: str = "cpu") -> Mea
     x = torch.randn(64, in_f, generator=torch.Generator().manual_seed(2)).to(device, dtype)
     with torch.no_grad():
         ref, out = dense(x).float(), model(x).float()
-    quantizer = quantized_info(model).quantizer
-    tensors = {k: t for k, t in quantizer.module_tensors("0", model[0]).items() if k != "bias"}
+    info = quantized_info(model)
+    quantizer = info.quantizer
+    plugin_layer = source_module(quantizer, "0", model[0])  # (the backend's, also when a kernel runs it)
+    tensors = {k: t for k, t in quantizer.module_tensors("0", plugin_layer).items() if k != "bias"}
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
     measured = Measured(
         dtype=dtype_name,
@@ -146,7 +151,8 @@ def measure_preset(backend: Backend, preset: Preset, device: str = "cpu") -> Mea
     memory = _memory_bits(model[0], out_f * in_f)
     if memory is not None and memory > measured.bits_per_weight * (1 + BPW_TOLERANCE):
         measured.memory_bits_per_weight = memory
-    grid = quantizer.integer_grid("0", model[0])
+    measured.kernel = info.kernels.get("0")
+    grid = grid_of(quantizer, "0", model[0])
     if isinstance(grid, str):
         measured.grid_note = grid
     else:

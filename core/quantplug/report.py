@@ -78,14 +78,14 @@ def _table(result: Comparison) -> str:
     )
     quality = quality.replace("output error", "output rel. error")
     head = (
-        f"| candidate | dtype | select rank | weights | model | quantize s | {quality} | "
+        f"| candidate | dtype | kernel | select rank | weights | model | quantize s | {quality} | "
         f"prefill {result.settings['prefill_tokens'] or ''} tok ms | decode ms/token | note |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in result.rows:
         if r.error:
             lines.append(
-                f"| {r.label} | {r.dtype or ''} | {r.select_rank or '-'} | | | | | | | "
+                f"| {r.label} | {r.dtype or ''} | | {r.select_rank or '-'} | | | | | | | "
                 f"failed: {r.error.splitlines()[0][:160]} |"
             )
             continue
@@ -111,7 +111,8 @@ def _table(result: Comparison) -> str:
             kept = f"{r.left_full_precision} of {r.left_full_precision + (r.converted or 0)} layers left unquantized"
             note = f"{note}; {kept}" if note else kept
         lines.append(
-            f"| {r.label} | {r.dtype or '-'} | {r.select_rank or '-'} | {w} | {fmt_bytes(r.model_bytes)} | "
+            f"| {r.label} | {r.dtype or '-'} | {r.kernel or '-'} | {r.select_rank or '-'} | {w} | "
+            f"{fmt_bytes(r.model_bytes)} | "
             f"{_f(r.quantize_seconds, 1)} | {q} | {_f(r.prefill_ms, 0)}{_pm(r.prefill_spread)} | "
             f"{_f(r.decode_ms, 1)}{_pm(r.decode_spread)} | {note} |"
         )

@@ -18,6 +18,7 @@ from torch import nn
 from .candidates import Spec
 from .errors import ConfigError
 from .footprint import PeakMemory, checkpoint_bytes, model_bytes
+from .kernel_layer import short
 from .layers import default_targets
 from .measure import Bench, Row, captured_warnings, measure
 from .report import summary
@@ -160,6 +161,7 @@ def _measure_candidate(
                 )
             row.quantize_peak_bytes = peak.extra_bytes
             row.converted = len(report.converted)
+            row.kernel = short(report.kernels)
             say(f"    quantized {len(report.converted)} layer(s) in {report.seconds:.1f} s; measuring")
             row.quantize_seconds = report.seconds
             # the layers the backend left in full precision count too: a candidate that converts a
