@@ -1,6 +1,5 @@
-"""``AutoRoundQuantizer``: runs auto-round's ``AutoRound`` on the model in ``calibrate`` and puts
-auto-round's packed ``QuantLinear`` modules (its inference kernels: auto-round-lib's on CPU) in
-place of the layers quantplug's walk chose.
+"""``AutoRoundQuantizer``: runs auto-round's ``AutoRound`` on the model in ``calibrate`` and puts auto-round's
+packed ``QuantLinear`` modules (its inference kernels: auto-round-lib's on CPU) in place of the layers chosen.
 
 ``quantize_module`` returns the layer unchanged and records its name; ``calibrate`` checks the
 calibration data (a ``ConfigError`` before the model is touched), runs AutoRound with those layers
@@ -11,7 +10,7 @@ loaded one compute the same.
 
 Checkpoint tensors are exactly auto-round's (read off the packing ``QuantLinear`` built on the meta
 device); the inference module keeps them for ``module_tensors`` (auto-round-lib's kernel repacks
-its weights on load, so they are not its ``state_dict``)."""
+its weights on load, so they are not its ``state_dict``); ``GridMixin`` (grid.py) reads them as an integer grid."""
 
 from __future__ import annotations
 
@@ -37,6 +36,7 @@ from torch import nn
 import quantplug
 
 from .calibration import Wrapped, count_samples, prepare_samples, restored, set_module, shallow_copy
+from .grid import GridMixin
 from .moe import keep_unfused_experts
 
 #: attribute on an inference module holding the checkpoint tensors it was built from
@@ -51,7 +51,7 @@ CHECKPOINT_ATTR = "_quantplug_checkpoint"
 _AUTO_ROUND = threading.RLock()
 
 
-class AutoRoundQuantizer(quantplug.Quantizer):
+class AutoRoundQuantizer(GridMixin, quantplug.Quantizer):
     def __init__(self, backend, config):
         super().__init__(backend, config)
         self._pending: dict[int, str] = {}
