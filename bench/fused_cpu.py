@@ -1,12 +1,14 @@
-"""Layer-level latency of rtn's fused CPU kernels against dense float32 / bfloat16, per number of
-input rows M: where the kernels win (decode, few rows) and where the dense matmul does (prefill),
-i.e. the crossover ``RtnConfig.dense_from`` is set from.
+"""Layer-level latency of the core's fused CPU kernels (``quantplug.KernelLinear`` on torch's
+``torch-int8-cpu`` / ``torch-int4-cpu``, here holding rtn layers) against dense float32 / bfloat16,
+per number of input rows M: where the kernels win (decode, few rows) and where the dense matmul does
+(prefill), i.e. the crossover the kernels' ``dense_from`` (and ``RtnConfig.dense_from``) is set from.
 
     python bench/fused_cpu.py                      # SmolLM2-135M's layer shapes
     python bench/fused_cpu.py --shape 4096x4096    # others (out x in), repeatable
 
 For each shape and M: float32 F.linear, bfloat16 F.linear, and rtn int8 (per channel) / int4 (g32)
-``FusedRtnLinear`` forced onto its kernel and onto its dense path (dequantize + bfloat16 matmul),
+layers quantized by quantplug (a ``KernelLinear``) forced onto the kernel and onto the dense path
+(dequantize + bfloat16 matmul) through ``dense_from``,
 median of timed calls on hot caches, with torch's threads as set. Run it alone: a second busy
 process on a 2-core machine makes every figure meaningless. Writes bench/results/fused_cpu.json.
 """
@@ -24,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import quantplug
 from quantplug.hardware import cpu_hardware
 from quantplug_rtn import RtnConfig
-from quantplug_rtn.fused import kernel_problem, to_fused
-from quantplug_rtn.quantizer import RtnLinear
 
 OUT = Path(__file__).parent / "results" / "fused_cpu.json"
 SMOLLM2 = ["576x576", "192x576", "1536x576", "576x1536"]
 ROWS = [1, 2, 4, 8, 16, 32, 64, 256]
+KERNELS = ("torch-int8-cpu", "torch-int4-cpu")
 
 
 def _median_us(fn, budget_s: float = 0.25) -> float:
@@ -45,11 +47,19 @@ def _median_us(fn, budget_s: float = 0.25) -> float:
     return statistics.median(samples)
 
 
-def _layer(out_f: int, in_f: int, bits: int, group: int, dense_from: int):
+def _layer(out_f: int, in_f: int, bits: int, group: int, dense_from: int) -> quantplug.KernelLinear:
+    """One bfloat16 layer quantized by rtn, as the core runs it (a ``KernelLinear``)."""
     torch.manual_seed(0)
-    linear = nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
-    config = RtnConfig(bits=bits, group_size=group, dense_from=dense_from)
-    return to_fused(RtnLinear.from_linear(linear, config), config, "layer")
+    model = nn.Sequential(nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16))
+    # the core takes the activations' dtype from the model's float parameters, and a bias-free
+    # quantized layer alone has none: a bfloat16 parameter beside it (unused) says the model's dtype
+    model.register_parameter("dtype", nn.Parameter(torch.zeros(1, dtype=torch.bfloat16), requires_grad=False))
+    quantplug.quantize(model, RtnConfig(bits=bits, group_size=group, dense_from=dense_from), progress=False)
+    if not isinstance(model[0], quantplug.KernelLinear):
+        raise SystemExit(
+            f"{out_f}x{in_f} int{bits}: no kernel runs it ({quantplug.kernel_choices(model)['0']})"
+        )
+    return model[0]
 
 
 def bench_shape(shape: str) -> list[dict]:
@@ -87,9 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", action="append", help="out x in, e.g. 4096x4096 (default: SmolLM2's)")
     args = parser.parse_args()
-    problem = kernel_problem()
-    if problem:
-        raise SystemExit(f"no fused kernels on this machine: {problem}")
+    kernels = quantplug.available_kernels()
+    problems = {k: kernels[k].machine_problem() for k in KERNELS}
+    if any(problems.values()):
+        raise SystemExit(f"no fused kernels on this machine: {problems}")
     results = [r for shape in args.shape or SMOLLM2 for r in bench_shape(shape)]
     OUT.write_text(
         json.dumps(

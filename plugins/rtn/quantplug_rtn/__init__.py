@@ -14,9 +14,9 @@ __all__ = ["PRESETS", "RtnConfig", "register_backends"]
 # rel_error and bits_per_weight: one Linear(2048, 2048), Gaussian weights and inputs, through
 # quantplug (fp32 scales). bits_per_weight = bits + 32 bits of fp32 scale per group, + 32 more for
 # the fp32 zero (the group minimum) when asymmetric: g32-asym = bits + (32 + 32) / 32; per channel
-# (int8) 8 + 32 / 2048. The presets with dtype="bfloat16" run torch's fused CPU kernels
-# (quantplug_rtn.fused) in a bfloat16 model; in memory an int4 layer keeps a zero point (0) next to
-# each bfloat16 scale: 4 + 32 / group bits per weight.
+# (int8) 8 + 32 / 2048. The presets with dtype="bfloat16" run torch's fused CPU kernels (the core's
+# torch-int8-cpu / torch-int4-cpu, quantplug.KernelLinear) in a bfloat16 model; in memory an int4
+# layer keeps a zero point (0) next to each bfloat16 scale: 4 + 32 / group bits per weight.
 # CPU speeds vs the fp32 model: the fused presets from `quantplug compare` on SmolLM2-135M, 2-core
 # Intel Xeon with AVX-512 BF16 (bench/results/fused_cpu_compare/, bench/RESULTS.md "Fused CPU
 # kernels"); the others dequantize the whole weight on every forward (SmolLM2-135M on a 2-core EPYC,
@@ -89,6 +89,6 @@ def register_backends(register):
             ),
             requires=(),  # plain PyTorch: nothing beyond quantplug's own dependencies
             presets=PRESETS,
-            description="Round-to-nearest, per-channel or group-wise, symmetric or asymmetric; fused CPU kernels for symmetric int8 / int4 in bfloat16, else dequantize on forward.",
+            description="Round-to-nearest, per-channel or group-wise, symmetric or asymmetric; symmetric int8 / int4 layers in bfloat16 run the core's fused CPU kernels, else dequantize on forward.",
         )
     )

@@ -15,14 +15,18 @@ class RtnConfig(quantplug.QuantConfig):
     bits        2, 4 or 8 bits per weight (packed: 4, 2 or 1 values per byte)
     group_size  weights sharing one scale along the input dimension; -1 = one group per output channel
     symmetric   True: scale only (codes centred on zero); False: scale and zero point per group
-    kernel      "auto": symmetric int8 per-channel and int4 group 32/64/128/256 layers on a CPU run
-                torch's fused weight-only kernels (``quantplug_rtn.fused``; build the model in
-                bfloat16 for them), everything else dequantizes on every forward; "fused": the same,
-                but a layer that cannot run a fused kernel is an error; "portable": always dequantize
-    dense_from  fused layers given this many rows (batch x tokens) or more dequantize and run the
+    kernel      which matmul runs the layers after quantize / load (``quantize(..., kernel=)`` and
+                ``load(..., kernel=)`` override it): the core's kernels (``quantplug.kernels``; torch's
+                fused weight-only CPU kernels ``torch-int8-cpu`` and ``torch-int4-cpu``) run the
+                symmetric int8 per-channel and int4 layers (groups of a multiple of 32) of a bfloat16 / float16
+                model on a CPU, as ``quantplug.KernelLinear``; the others run ``RtnLinear``, which
+                dequantizes on every forward. "auto": so; "fused": the same, but a layer that no kernel
+                runs is an error; "portable": always ``RtnLinear``. Checkpoints are the same either way.
+    dense_from  kernel layers given this many rows (batch x tokens) or more dequantize and run the
                 dense matmul, which is faster than the kernels there (prefill); fewer rows (decode)
-                run the kernel. None: the crossover measured on a 2-core Xeon (AVX-512 BF16) with
-                SmolLM2's layer shapes (bench/results/fused_cpu.json): 32 rows for int8, 96 for int4
+                run the kernel. None: the kernel's own crossover, measured on a 2-core Xeon (AVX-512
+                BF16) with SmolLM2's layer shapes (bench/results/fused_cpu.json): 32 rows for int8,
+                96 for int4
     """
 
     quant_method = "rtn"
@@ -44,19 +48,22 @@ class RtnConfig(quantplug.QuantConfig):
                 raise self.invalid("kernel", "'auto' or 'portable'", why=problem)
 
 
-DENSE_FROM = {"int8": 32, "int4": 96}
-"""``dense_from`` when None, per fused layout (rows from which the dense matmul is faster)."""
-INT4_GROUPS = (32, 64, 128, 256)
-"""Group sizes of torch's fused int4 CPU kernel."""
+INT4_GROUP = 32
+"""torch's fused int4 CPU kernel (``torch-int4-cpu``) takes groups of a multiple of this many inputs."""
 
 
 def layout_problem(bits: int, group_size: int, symmetric: bool) -> str | None:
-    """Why layers of these settings cannot run a fused kernel (None: they can)."""
+    """Why layers of these settings cannot run a fused kernel (None: they may; a layer's shape can
+    still rule it out): ``kernel="fused"`` with such settings is a config error, before any model
+    is seen."""
     if not symmetric:
-        return "asymmetric layers have no fused kernel (symmetric=true has)"
-    if (bits == 8 and group_size == -1) or (bits == 4 and group_size in INT4_GROUPS):
+        return (
+            "asymmetric layers run no fused kernel: their zero is each group's minimum, a float the "
+            "kernels' grids cannot give back bit for bit (symmetric=true runs them)"
+        )
+    if (bits == 8 and group_size == -1) or (bits == 4 and (group_size == -1 or group_size % INT4_GROUP == 0)):
         return None
     return (
         f"bits={bits}, group_size={group_size} has no fused kernel: int8 needs group_size=-1 (per "
-        f"channel), int4 a group_size of {', '.join(map(str, INT4_GROUPS))}"
+        f"channel), int4 a group_size that is a multiple of {INT4_GROUP} (32, 64, 128, 256, ...) or -1"
     )

@@ -20,6 +20,15 @@ Dequantized weight, per group:
   two apart (the tensor names are the same: the core checks a checkpoint's tensor names against
   ``expected_tensors``, which cannot see the checkpoint, so a layout with other names would be
   refused before ``load_module`` could recognise it).
+
+Kernels: a symmetric layer (and one of the integer-zero layout) is an ``IntegerGrid``
+(``RtnQuantizer.integer_grid``) that ``encode_grid`` rebuilds bit for bit, so after ``quantize`` /
+``load`` the core runs it on a fused kernel where one takes it (``quantplug.KernelLinear``: torch's
+int8 per-channel and int4 group-wise CPU kernels in a bfloat16 / float16 model) and saves this
+layout again. A layer whose last group is partial (576 inputs in groups of 128) is described with
+the largest group size dividing both (64: the scales repeated), a multiple of 32 or the layer is not
+a grid. The min/max layout's float ``zero`` cannot be rebuilt bit for bit from a grid's zero point:
+those layers run ``RtnLinear.forward``.
 """
 
 from __future__ import annotations
@@ -33,7 +42,11 @@ from torch import nn
 import quantplug
 
 from .config import RtnConfig
-from .fused import FusedRtnLinear, to_fused
+
+FINE_GROUP = 32
+"""A partial last group is described with a finer group only when that group is a multiple of this."""
+KERNEL_SETTING = {"auto": "auto", "fused": "required", "portable": "none"}
+"""``RtnConfig.kernel`` -> the core's ``kernel=`` (``Quantizer.kernel_settings``)."""
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -130,27 +143,6 @@ class RtnLinear(nn.Module):
         """The unpacked codes, uint8 [out, groups * group_size] (the padded input dimension)."""
         return unpack(self.qweight, self.bits, self.scale.shape[1] * self.group_size)
 
-    @classmethod
-    def from_codes(
-        cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, like
-    ) -> RtnLinear:
-        """A symmetric layer of ``like``'s shape holding ``codes`` [out, padded in] and ``scale``."""
-        q = cls(
-            like.in_features,
-            like.out_features,
-            bits=like.bits,
-            group_size=like.group_size,
-            symmetric=True,
-            bias=bias is not None,
-            dtype=scale.dtype,
-            device=scale.device,
-        )
-        q.qweight.copy_(pack(codes, like.bits))
-        q.scale.copy_(scale)
-        if bias is not None:
-            q.bias.data.copy_(bias)
-        return q
-
     def dequantize(self) -> torch.Tensor:
         """The full-precision weight [out, in] this layer computes with."""
         groups = self.scale.shape[1]
@@ -174,27 +166,99 @@ class RtnLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
 
+    def grid(self) -> quantplug.IntegerGrid | str:
+        """The layer as an ``IntegerGrid`` (signed codes: code - 2**(bits-1); the integer-zero
+        layout's zero points likewise), or why it is not one (see the module docstring)."""
+        if self.zero is not None and not self.integer_zero:
+            return (
+                "its zero points are floats (each group's minimum, the min/max layout), which a grid's "
+                "zero point cannot give back bit for bit; symmetric rtn configs (symmetric=true) are grids"
+            )
+        group, repeat = _grid_group(self.in_features, self.group_size)
+        if group is None:
+            return (
+                f"its last group is partial ({self.in_features} inputs, group_size {self.group_size}) and "
+                f"no group size that is a multiple of {FINE_GROUP} divides both"
+            )
+        half = 1 << (self.bits - 1)
+        codes = (unpack(self.qweight, self.bits, self.in_features).to(torch.int16) - half).to(torch.int8)
+        zero = None if self.zero is None else (self.zero.to(torch.int16) - half).to(torch.int8)
+        groups = self.in_features // group
+        scale = self.scale if repeat == 1 else self.scale.repeat_interleave(repeat, 1)[:, :groups]
+        if zero is not None and repeat > 1:
+            zero = zero.repeat_interleave(repeat, 1)[:, :groups]
+        bias = None if self.bias is None else self.bias.detach()
+        return quantplug.IntegerGrid(codes, scale, zero, self.bits, group, bias)
+
+    @classmethod
+    def from_grid(
+        cls, grid: quantplug.IntegerGrid, module: nn.Linear, config: RtnConfig, name: str
+    ) -> RtnLinear:
+        """The layer of ``config`` for ``module`` (its shape) holding exactly ``grid``: the inverse of
+        ``grid()``, on the grid's device, scales and bias in the grid's dtypes; padded inputs (a
+        partial last group) hold the code of weight 0, as ``from_linear`` writes them."""
+
+        def refuse(why: str) -> quantplug.PluginError:
+            return quantplug.PluginError(f"rtn cannot hold the grid of {name!r} as {config!r}: {why}")
+
+        out_f, in_f = module.out_features, module.in_features
+        if tuple(grid.codes.shape) != (out_f, in_f):
+            raise refuse(f"codes {list(grid.codes.shape)} for a layer of [{out_f}, {in_f}]")
+        if grid.columns is not None:
+            raise refuse("act-order (columns): rtn's codes are in input order")
+        if grid.bits != config.bits:
+            raise refuse(f"{grid.bits}-bit codes, the config has bits={config.bits}")
+        if grid.float_zero:
+            raise refuse(
+                "float zero points (rtn's min/max layout stores the group minimum, not a zero point)"
+            )
+        if config.symmetric != (grid.zero_point is None):
+            has = "symmetric" if grid.zero_point is None else "with zero points"
+            raise refuse(f"the grid is {has}, the config has symmetric={config.symmetric}")
+        q = cls.like(nn.Linear(in_f, out_f, bias=grid.bias is not None, device="meta"), config)
+        group, repeat = _grid_group(in_f, q.group_size)
+        if grid.group_size != group:
+            raise refuse(f"group size {grid.group_size}, the config's layers are described with {group}")
+        scale, zero = _coarse(grid.scale, repeat, refuse), None
+        if grid.zero_point is not None:
+            zero = (_coarse(grid.zero_point, repeat, refuse).to(torch.int16) + (1 << (config.bits - 1))).to(
+                torch.uint8
+            )
+        return q._hold(grid, scale, zero)
+
+    def _hold(self, grid: quantplug.IntegerGrid, scale: torch.Tensor, zero: torch.Tensor | None) -> RtnLinear:
+        """This (meta) layer's tensors replaced by the grid's: codes packed, ``zero`` as uint8."""
+        half = 1 << (self.bits - 1)
+        padded = self.scale.shape[1] * self.group_size
+        codes = (grid.codes.to(torch.int16) + half).to(torch.uint8)
+        if padded > self.in_features:  # the code of weight 0: 2**(bits-1), or the last group's zero point
+            fill = torch.full_like(codes[:, :1], half) if zero is None else zero[:, -1:]
+            codes = torch.cat([codes, fill.expand(-1, padded - self.in_features)], 1)
+        self.qweight = pack(codes, self.bits)
+        self.scale = scale.contiguous()
+        self.zero = zero
+        bias = None if grid.bias is None else nn.Parameter(grid.bias.detach().clone(), requires_grad=False)
+        self.bias = bias
+        return self
+
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym, integer zero point" if self.integer_zero else "asym"
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, {kind}"
 
 
 class RtnQuantizer(quantplug.Quantizer):
-    """The two methods every quantizer writes, and the two that keep checkpoints written before the
-    min/max layout loading (an asymmetric layer's ``zero`` is then uint8, see the module docstring).
-    ``module_tensors`` is ``quantplug.Quantizer``'s default: it stores ``state_dict()``."""
+    """The two methods every quantizer writes, the two that keep checkpoints written before the
+    min/max layout loading (an asymmetric layer's ``zero`` is then uint8, see the module docstring),
+    and the integer-grid methods that put layers on the core's kernels. ``module_tensors`` is
+    ``quantplug.Quantizer``'s default: it stores ``state_dict()``."""
 
     config: RtnConfig
 
     def quantize_module(self, name: str, module: nn.Linear) -> nn.Module:
-        return to_fused(RtnLinear.from_linear(module, self.config), self.config, name)
-
-    def module_tensors(self, name: str, qmodule: nn.Module) -> dict[str, torch.Tensor]:
-        """rtn's packed layout, also for a layer held in a fused kernel's layout."""
-        return super().module_tensors(name, canonical(qmodule))
+        return RtnLinear.from_linear(module, self.config)
 
     def offload_refusal(self) -> str | None:
-        return None  # a layer is its buffers (codes, scales, zero points; or a kernel's layout of them)
+        return None  # a layer is its buffers (codes, scales, zero points)
 
     def empty_module(self, name: str, module: nn.Linear) -> nn.Module:
         return RtnLinear.like(module, self.config)  # module is on the meta device: so is the result
@@ -210,28 +274,21 @@ class RtnQuantizer(quantplug.Quantizer):
         return spec
 
     def integer_grid(self, name: str, qmodule: nn.Module):
-        """Symmetric layers (and asymmetric ones with an integer zero point, the old layout) are
-        integer grids; the min/max layout's zero is a float (each group's minimum), which formats with
-        integer zero points cannot hold."""
-        qmodule = canonical(qmodule)
+        """Symmetric layers and those of the integer-zero layout (``RtnLinear.grid``); the min/max
+        layout's zero is a float (each group's minimum), which no grid gives back bit for bit."""
         if not isinstance(qmodule, RtnLinear):
             return f"{type(qmodule).__name__} is not an RtnLinear"
-        if qmodule.zero is not None and not qmodule.integer_zero:
-            return (
-                "its zero points are floats (each group's minimum, the min/max layout), not integer codes; "
-                "symmetric rtn configs (symmetric=true) export as they are"
-            )
-        if qmodule.in_features % qmodule.group_size:
-            return (
-                f"its last group is partial ({qmodule.in_features} inputs, group_size {qmodule.group_size})"
-            )
-        half = 1 << (qmodule.bits - 1)
-        codes = unpack(qmodule.qweight, qmodule.bits, qmodule.in_features).to(torch.int16) - half
-        zero = None if qmodule.zero is None else (qmodule.zero.to(torch.int16) - half).to(torch.int8)
-        bias = None if qmodule.bias is None else qmodule.bias.detach()
-        return quantplug.IntegerGrid(
-            codes.to(torch.int8), qmodule.scale, zero, qmodule.bits, qmodule.group_size, bias
-        )
+        return qmodule.grid()
+
+    def encode_grid(self, name: str, module: nn.Linear, grid: quantplug.IntegerGrid) -> nn.Module:
+        """The ``RtnLinear`` of this config holding ``grid`` (``RtnLinear.from_grid``): what the core
+        saves for a layer a kernel ran, the same tensors as the layer it was described from."""
+        return RtnLinear.from_grid(grid, module, self.config, name)
+
+    def kernel_settings(self) -> dict:
+        """``RtnConfig.kernel``: "auto" -> "auto", "fused" -> "required", "portable" -> "none";
+        ``dense_from`` as configured (None: the kernel's own crossover)."""
+        return {"kernel": KERNEL_SETTING[self.config.kernel], "dense_from": self.config.dense_from}
 
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         """``empty_module`` with the checkpoint tensors assigned (a uint8 ``zero`` stays uint8, and
@@ -243,11 +300,26 @@ class RtnQuantizer(quantplug.Quantizer):
                 f"of {name + '.scale'!r}: each group's minimum) or torch.uint8 (an integer zero point, "
                 f"written by quantplug-rtn before the min/max layout)"
             )
-        return to_fused(super().load_module(name, module, tensors), self.config, name)
+        return super().load_module(name, module, tensors)
 
 
-def canonical(qmodule: nn.Module) -> nn.Module:
-    """An ``RtnLinear`` with the weights of a ``FusedRtnLinear`` (anything else as it is)."""
-    if not isinstance(qmodule, FusedRtnLinear):
-        return qmodule
-    return RtnLinear.from_codes(qmodule.codes(), qmodule.group_scales(), qmodule.bias, qmodule)
+def _grid_group(in_features: int, group_size: int) -> tuple[int | None, int]:
+    """(the group size a layer's grid has, how many grid groups make one rtn group): rtn's own when
+    it divides the inputs, else the largest dividing both if a multiple of ``FINE_GROUP`` (None: none)."""
+    if in_features % group_size == 0:
+        return group_size, 1
+    fine = math.gcd(in_features, group_size)
+    return (fine, group_size // fine) if fine % FINE_GROUP == 0 else (None, 1)
+
+
+def _coarse(fine: torch.Tensor, repeat: int, refuse) -> torch.Tensor:
+    """rtn's per-group tensor [out, groups] from a grid's [out, in / fine group]: every ``repeat``-th
+    column, checked to repeat exactly (else the grid does not fit rtn's groups)."""
+    if repeat == 1:
+        return fine
+    coarse = fine[:, ::repeat].contiguous()
+    if not torch.equal(coarse.repeat_interleave(repeat, 1)[:, : fine.shape[1]], fine):
+        raise refuse(
+            f"its scales or zero points differ within one of rtn's groups ({repeat} grid groups each)"
+        )
+    return coarse
