@@ -20,6 +20,7 @@ from torch import nn
 
 import quantplug
 
+from . import grid
 from .config import HqqConfig
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -153,6 +154,17 @@ class HqqQuantizer(quantplug.Quantizer):
         qmodule = HQQLinear(meta, config, compute_dtype=dtype, device="meta", del_orig=True)
         qmodule.quant_config["weight_quant_params"]["optimize"] = True  # what quantize_module records
         return qmodule
+
+    def integer_grid(self, name: str, qmodule: nn.Module) -> quantplug.IntegerGrid | str:
+        """4 and 8-bit layers grouped along the inputs, as a grid with float zero points (grid.py)."""
+        return grid.integer_grid(name, qmodule)
+
+    def encode_grid(self, name: str, module: nn.Linear, integer_grid: quantplug.IntegerGrid) -> nn.Module:
+        """The ``HQQLinear`` ``load_module`` builds from ``integer_grid`` packed as hqq stores it."""
+        settings = self._settings(name, module)
+        weights = grid.encode_weights(name, module, settings, integer_grid)
+        meta = {k: v for k, v in self._meta_module(settings, module).state_dict().items() if k not in WEIGHTS}
+        return self.load_module(name, module, {**meta, **weights})
 
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
         settings = self._settings(name, module)
