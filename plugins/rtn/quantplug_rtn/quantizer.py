@@ -235,7 +235,7 @@ class RtnLinear(nn.Module):
             fill = torch.full_like(codes[:, :1], half) if zero is None else zero[:, -1:]
             codes = torch.cat([codes, fill.expand(-1, padded - self.in_features)], 1)
         self.qweight = pack(codes, self.bits)
-        self.scale = scale.contiguous()
+        self.scale = scale.clone(memory_format=torch.contiguous_format)
         self.zero = zero
         bias = None if grid.bias is None else nn.Parameter(grid.bias.detach().clone(), requires_grad=False)
         self.bias = bias
