@@ -30,6 +30,7 @@ from torch import nn
 
 import quantplug
 
+from . import grid
 from .config import INT4_GROUP_SIZES, INT4_PACKING_FORMATS, INTX_BITS, MODE_REQUIREMENTS, TorchaoConfig
 
 if "TORCHAO_FORCE_SKIP_LOADING_SO_FILES" not in os.environ and not torch.cuda.is_available():
@@ -288,30 +289,15 @@ class TorchaoQuantizer(quantplug.Quantizer):
         return {k: (tuple(t.shape), t.dtype) for k, t in self.module_tensors(name, empty).items()}
 
     def integer_grid(self, name: str, qmodule: nn.Module):
-        """int8 weight-only layers (``Int8Tensor`` without activation quantization) are integer grids:
-        ``qdata`` per row with ``scale`` and ``zero_point``; the other modes are not (float8, int8
-        activations, int4's packed layouts, intx: not described yet)."""
-        weight = getattr(qmodule, "weight", None)
-        kind = type(weight).__name__
-        if kind != "Int8Tensor":
-            return (
-                f"its weight is a torchao {kind}; only int8 weight-only layers are described as integer grids"
-            )
-        if getattr(weight, "act_quant_kwargs", None) is not None:
-            return "its inputs are quantized too (int8 dynamic activations): a weight-only grid would change what it computes"
-        out_f, in_f = weight.shape
-        block = list(getattr(weight, "block_size", []))
-        if block != [1, in_f]:
-            return f"its block size {block} is not one scale per row"
-        zero = weight.zero_point.reshape(out_f, 1).to(torch.int8)
-        bias = qmodule.bias.detach() if qmodule.bias is not None else None
-        return quantplug.IntegerGrid(
-            weight.qdata.contiguous(),
-            weight.scale.reshape(out_f, 1),
-            zero if zero.any() else None,
-            8,
-            in_f,
-            bias,
+        """int8_weight_only and intx_weight_only layers (unpacked int8 codes, grid.py); the other
+        modes are not grids (float8, int8 activations, int4's packed layouts)."""
+        return grid.integer_grid(name, qmodule)
+
+    def encode_grid(self, name: str, module: nn.Linear, integer_grid: quantplug.IntegerGrid) -> nn.Module:
+        """The layer ``load_module`` rebuilds (torchao's unflatten) from the grid's tensors."""
+        layout = lambda: self.expected_tensors(name, module)  # noqa: E731 (int4 cannot build one on CPU)
+        return self.load_module(
+            name, module, grid.encode_tensors(self.config, name, module, integer_grid, layout)
         )
 
     def load_module(self, name: str, module: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
