@@ -1,8 +1,7 @@
 """The ``quantplug`` command line: ``list``, ``doctor``, ``select``, ``quantize``, ``compare``,
-``export``, ``bench-presets``.
+``export``, ``bench-presets``, ``kernels``.
 
-``list``, ``doctor`` and ``select`` (with ``--device``) read plugin metadata only: they import
-neither torch nor any backend library.
+``list``, ``doctor`` and ``select`` (with ``--device``) read plugin metadata only (no torch, no library).
 """
 
 from __future__ import annotations
@@ -15,7 +14,9 @@ import click
 from . import __version__, discovery, dispatch, plugin_env
 from .cli_bench import bench_presets_cmd
 from .cli_compare import compare_cmd, priority_option, workload_option
+from .cli_kernels import kernels_cmd
 from .hints import install_command
+from .kernels import kernel_names
 from .stdout_guard import GuardedGroup, echo
 
 
@@ -77,6 +78,7 @@ def list_cmd(as_json: bool) -> None:
                 }
                 for b in backends
             ],
+            "kernels": kernel_names(),
             "ambiguous_backends": ambiguous,
             "plugin_problems": [p.__dict__ for p in problems],
         }
@@ -102,6 +104,9 @@ def list_cmd(as_json: bool) -> None:
     for b in backends:
         if b.notes:
             echo(f"note: {b.name}: {b.notes}")
+    echo(
+        f"kernels: {', '.join(kernel_names())} (`quantplug kernels --presets`: which one runs each preset here)"
+    )
     for name, owners in ambiguous.items():
         echo(
             f"ambiguous: {name} is registered by {' and '.join(owners)}; neither is used (see `quantplug doctor`)"
@@ -389,6 +394,7 @@ def select_cmd(
 
 main.add_command(compare_cmd)
 main.add_command(bench_presets_cmd)
+main.add_command(kernels_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -19,7 +19,7 @@ from .errors import AlreadyQuantizedError, ConfigError
 from .experts import all_experts_see_all_tokens
 from .experts_contract import site_quantize, site_tensors
 from .integrations import register_if_transformers_loaded
-from .kernel_layer import apply_kernels, summary
+from .kernel_layer import apply_kernels, float_dtype_of, summary
 from .layers import tensor_bytes
 from .walk import LayerWalk, quantized_info, release_freed_memory
 
@@ -144,6 +144,7 @@ def quantize(
     target = torch.device(device) if device is not None else model_device(model)
     quantizer.validate_environment(target)
     batches = calibration_batches(quantizer, calibration_data, target)
+    dtype = float_dtype_of(model)  # (before: a model of quantized layers only has no float parameters after)
     walk = LayerWalk(model, quantizer)
     with torch.no_grad():
         before = walk.replace(
@@ -164,7 +165,7 @@ def quantize(
         tensor_bytes(site_tensors(quantizer, n, model.get_submodule(n), native).values()) for n in names
     )
     info = walk.finish()
-    apply_kernels(model, info, kernel)
+    apply_kernels(model, info, kernel, dtype)
     register_if_transformers_loaded()
     return QuantizeReport(
         backend=config.quant_method,

@@ -231,11 +231,13 @@ def use_kernels(
     return out
 
 
-def apply_kernels(model: nn.Module, info, kernel: str | None = None) -> None:
-    """``use_kernels`` on the layers of ``info`` (a model's ``QuantizedModelInfo``), recorded there."""
-    info.kernels = use_kernels(
-        model, info.quantizer, info.modules, info.experts, float_dtype_of(model), kernel
-    )
+def apply_kernels(
+    model: nn.Module, info, kernel: str | None = None, dtype: torch.dtype | None = None
+) -> None:
+    """``use_kernels`` on the layers of ``info`` (a model's ``QuantizedModelInfo``), recorded there;
+    ``dtype``: the model's float dtype (default: its floating-point parameters')."""
+    dtype = dtype or float_dtype_of(model)
+    info.kernels = use_kernels(model, info.quantizer, info.modules, info.experts, dtype, kernel)
 
 
 def _base_integer_grid():

@@ -36,6 +36,9 @@ AUTO, NONE, REQUIRED = "auto", "none", "required"
 """``kernel=`` values of ``quantize`` / ``load`` besides a kernel's name."""
 
 
+BUILTIN_NAMES = ("torch-int4-cpu", "torch-int8-cpu")
+"""The kernels quantplug ships (``quantplug.torch_kernels``), named without importing torch."""
+
 _registered: dict[str, Kernel] = {}
 
 
@@ -81,6 +84,15 @@ def available_kernels() -> dict[str, Kernel]:
     out = {k.name: k for k in BUILTIN}
     out.update(_entry_point_kernels()[0])
     out.update(_registered)
+    return out
+
+
+def kernel_names() -> dict[str, str]:
+    """Every kernel's name -> where it comes from ("built in", or the entry point's value), read from
+    metadata only (imports neither torch nor a kernel plugin: for ``quantplug list``)."""
+    out = dict.fromkeys(BUILTIN_NAMES, "built in")
+    out.update({ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    out.update(dict.fromkeys(_registered, "registered in this process"))
     return out
 
 

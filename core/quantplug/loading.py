@@ -115,11 +115,14 @@ def load(
     left = [k for k in left if place is None or not place.on_disk(k)]
     if left:
         raise CheckpointError(f"{folder}: tensors {_fmt(left)} were not in the checkpoint")
-    return _settle(model, walk, place, target, kernel)
+    return _settle(model, walk, place, target, (kernel, float_dtype))
 
 
-def _settle(model: nn.Module, walk: LayerWalk | None, place: Placement | None, target, kernel) -> nn.Module:
-    """Put the loaded model on its device(s), record what was quantized, run layers on kernels."""
+def _settle(
+    model: nn.Module, walk: LayerWalk | None, place: Placement | None, target, kernel: tuple
+) -> nn.Module:
+    """Put the loaded model on its device(s), record what was quantized, run layers on kernels
+    (``kernel``: the ``kernel=`` argument and the model's float dtype)."""
     if place is None:
         model.to(target)
     else:
@@ -127,7 +130,7 @@ def _settle(model: nn.Module, walk: LayerWalk | None, place: Placement | None, t
     if walk is not None:
         info = walk.finish()
         if place is None:  # (a device_map load keeps the backends' modules)
-            apply_kernels(model, info, kernel)
+            apply_kernels(model, info, *kernel)
         register_if_transformers_loaded()
     model.eval()
     return model

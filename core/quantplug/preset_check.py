@@ -107,8 +107,11 @@ def check_preset(backend: Backend, name: str, device: str = "cpu") -> tuple[str 
     return None, figure_problems(preset, measured, backend.capabilities.max_rel_error)
 
 
-def measure_preset(backend: Backend, preset: Preset, device: str = "cpu") -> Measured:
-    """Quantize the layer described in the module docstring with ``preset`` and measure it."""
+def measure_preset(
+    backend: Backend, preset: Preset, device: str = "cpu", dtype: str | None = None
+) -> Measured:
+    """Quantize the layer described in the module docstring with ``preset`` and measure it (in
+    ``dtype``, default the preset's own)."""
     import torch
     from torch import nn
 
@@ -117,7 +120,7 @@ def measure_preset(backend: Backend, preset: Preset, device: str = "cpu") -> Mea
     from .kernel_layer import grid_of, source_module
     from .walk import quantized_info
 
-    dtype_name = preset.dtype or DEFAULT_DTYPE
+    dtype_name = dtype or preset.dtype or DEFAULT_DTYPE
     dtype = getattr(torch, dtype_name)
     out_f, in_f = LAYER_SHAPE
     torch.manual_seed(0)
