@@ -104,9 +104,7 @@ def list_cmd(as_json: bool) -> None:
     for b in backends:
         if b.notes:
             echo(f"note: {b.name}: {b.notes}")
-    echo(
-        f"kernels: {', '.join(kernel_names())} (`quantplug kernels --presets`: which one runs each preset here)"
-    )
+    echo(f"kernels: {', '.join(kernel_names())} (`quantplug kernels --presets`: which runs each preset)")
     for name, owners in ambiguous.items():
         echo(
             f"ambiguous: {name} is registered by {' and '.join(owners)}; neither is used (see `quantplug doctor`)"

@@ -118,9 +118,7 @@ def load(
     return _settle(model, walk, place, target, (kernel, float_dtype))
 
 
-def _settle(
-    model: nn.Module, walk: LayerWalk | None, place: Placement | None, target, kernel: tuple
-) -> nn.Module:
+def _settle(model: nn.Module, walk: LayerWalk | None, place: Placement | None, target, kernel) -> nn.Module:
     """Put the loaded model on its device(s), record what was quantized, run layers on kernels
     (``kernel``: the ``kernel=`` argument and the model's float dtype)."""
     if place is None:
