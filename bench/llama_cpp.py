@@ -344,9 +344,7 @@ def child_bandwidth(threads: int) -> None:
         t0 = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
-    emit_result(
-        {"bytes": src.nbytes, "seconds": times, "gb_per_s": 2 * src.nbytes / min(times) / 1e9}
-    )
+    emit_result({"bytes": src.nbytes, "seconds": times, "gb_per_s": 2 * src.nbytes / min(times) / 1e9})
 
 
 def child_prompt(folder: str, path: str) -> None:
@@ -390,9 +388,9 @@ def measure(args, prep: dict) -> dict:
     comp = {t: completion(prep["bindir"], prep["models"][t], prompt_file, args.threads) for t in GGUF_TYPES}
     for t in GGUF_TYPES:
         say(f"  {t}: llama-completion {comp[t]['decode_ms_per_token']:.2f} ms/token")
-    say(f"[6/6] quantplug: {', '.join(VARIANTS)}")
+    say(f"[6/6] quantplug: {', '.join(args.variants)}")
     qp = {}
-    for v in VARIANTS:
+    for v in args.variants:
         argv = [*me, "quantplug", str(prep["folder"]), v, "--threads", str(args.threads)]
         qp[v] = run_child([*argv, "--repeats", str(args.repeats)], timeout=1800, time_v=False)
         say(
@@ -412,7 +410,8 @@ def table_rows(m: dict) -> list[dict]:
     """One row per quantplug variant, next to the llama.cpp type it is compared with."""
     bw = m["bandwidth"]["gb_per_s"] * 1e9
     out = []
-    for v, (_, t) in VARIANTS.items():
+    for v in m["quantplug"]:
+        t = VARIANTS[v][1]
         q = m["quantplug"][v]
         tg = bench_figure(m["llama_bench"], t, 0, NEW, PROMPT)
         tg0 = bench_figure(m["llama_bench"], t, 0, NEW, 0)
@@ -440,7 +439,9 @@ def table_rows(m: dict) -> list[dict]:
 def report(args, prep: dict, m: dict, rows: list[dict], info: dict) -> str:
     lb = m["llama_bench"][0]
     bw = m["bandwidth"]["gb_per_s"]
-    f32_same = m["quantplug"]["fp32"]["greedy_text"].strip() == m["completion"]["F32"]["text"].strip()
+    fp32 = m["quantplug"].get("fp32", {}).get("greedy_text")
+    same = "not measured" if fp32 is None else fp32.strip() == m["completion"]["F32"]["text"].strip()
+    same = {True: "identical", False: "DIFFERENT"}.get(same, same)
     lines = [
         f"{now_iso()[:10]}, {machine_line(info)}, {args.threads} threads, torch {info['versions']['torch']}, "
         f"llama.cpp {info['llama_cpp']['commit']} (llama-cpp-python {args.llama_cpp_python} sdist, cmake "
@@ -486,7 +487,7 @@ def report(args, prep: dict, m: dict, rows: list[dict], info: dict) -> str:
         )
     lines += [
         "",
-        f"Greedy continuation of the same prompt, fp32 vs llama.cpp F32: {'identical' if f32_same else 'DIFFERENT'} "
+        f"Greedy continuation of the same prompt, fp32 vs llama.cpp F32: {same} "
         "(all texts in bench/results/llama_cpp.json).",
     ]
     return "## llama.cpp anchor: quantplug vs llama.cpp on the same machine (issue 31)\n\n" + "\n".join(lines)
@@ -502,9 +503,18 @@ def main() -> None:
     parser.add_argument(
         "--llama-cpp-python", default=SDIST_VERSION, help="the sdist whose llama.cpp is built"
     )
+    parser.add_argument(
+        "--variants",
+        type=lambda s: s.split(","),
+        default=list(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (records only with all)",
+    )
     parser.add_argument("--no-record", action="store_true", help="print the table, write nothing in bench/")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.child:
         kind, *rest = args.child
         if kind == "quantplug":
@@ -531,7 +541,9 @@ def main() -> None:
     body = report(args, prep, m, rows, info)
     print(body)
     say(f"total {time.perf_counter() - t0:.0f} s")
-    if not args.no_record:
+    if args.no_record or args.variants != list(VARIANTS):
+        say("not recorded (--no-record or a subset of --variants)")
+    else:
         write_json(HERE / "results" / "llama_cpp.json", {"machine": info, "rows": rows, **m})
         update_results_section("llama_cpp", body)
         say("wrote bench/results/llama_cpp.json and the llama_cpp section of bench/RESULTS.md")
