@@ -51,9 +51,6 @@ def _layer(out_f: int, in_f: int, bits: int, group: int, dense_from: int) -> qua
     """One bfloat16 layer quantized by rtn, as the core runs it (a ``KernelLinear``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16))
-    # the core takes the activations' dtype from the model's float parameters, and a bias-free
-    # quantized layer alone has none: a bfloat16 parameter beside it (unused) says the model's dtype
-    model.register_parameter("dtype", nn.Parameter(torch.zeros(1, dtype=torch.bfloat16), requires_grad=False))
     quantplug.quantize(model, RtnConfig(bits=bits, group_size=group, dense_from=dense_from), progress=False)
     if not isinstance(model[0], quantplug.KernelLinear):
         raise SystemExit(
