@@ -278,3 +278,19 @@ def test_grids_that_do_not_hold_together_are_refused():
     grid = quantplug.IntegerGrid(codes, scale, torch.zeros(4, 1), 4, 8, columns=torch.arange(8).flip(0))
     grid.check("x")
     assert grid.layout.act_order and grid.layout.float_zero and "act-order" in grid.layout.format_problem
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"bits": 4, "group_size": 32, "zero": "int", "act_order": True},
+        {"bits": 8, "group_size": -1, "zero": "int"},
+    ],
+)
+def test_a_kernel_layer_compiles_without_a_graph_break(fields):
+    fast, _ = _pair({"quant_method": make_backend(), **fields})
+    layer = fast.get_submodule("model.layers.0.mlp.down_proj")
+    x = torch.randn(1, layer.in_features, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise
+    with torch.no_grad():
+        assert _rel(compiled(x), layer(x)) < 1e-2
