@@ -55,7 +55,8 @@ def _grid(w: torch.Tensor, bias, c) -> quantplug.IntegerGrid:
     out_f, in_f = w.shape
     group = in_f if c.group_size == -1 else c.group_size
     columns = torch.randperm(in_f, generator=torch.Generator().manual_seed(in_f)) if c.act_order else None
-    wg = (w if columns is None else w[:, columns]).float().reshape(out_f, -1, group)
+    whole = -(-in_f // group) * group  # a partial last group: padded with zeros to quantize
+    wg = F.pad((w if columns is None else w[:, columns]).float(), (0, whole - in_f)).reshape(out_f, -1, group)
     lo, hi = -(1 << (c.bits - 1)), (1 << (c.bits - 1)) - 1
     if c.zero == "none":
         scale = (wg.abs().amax(-1) / hi).clamp_min(1e-8)
@@ -67,7 +68,7 @@ def _grid(w: torch.Tensor, bias, c) -> quantplug.IntegerGrid:
         zero = -mn / scale + lo  # (c - zero) * scale: c = lo at the minimum
         zero = torch.round(zero).clamp(lo, hi).to(torch.int8) if c.zero == "int" else zero.to(w.dtype)
         codes = torch.round(wg / scale.unsqueeze(-1) + zero.float().unsqueeze(-1)).clamp(lo, hi)
-    codes = codes.reshape(out_f, in_f).to(torch.int8)
+    codes = codes.reshape(out_f, whole)[:, :in_f].to(torch.int8)
     b = None if bias is None else bias.detach().clone()
     return quantplug.IntegerGrid(codes, scale.to(w.dtype), zero, c.bits, group, b, columns)
 
@@ -140,6 +141,7 @@ CASES = {
     "int4-g64-float-zero": ({"bits": 4, "group_size": 64, "zero": "float"}, "torch-int4-cpu"),
     "int4-g32-act-order": ({"bits": 4, "group_size": 32, "zero": "int", "act_order": True}, "torch-int4-cpu"),
     "int4-per-channel": ({"bits": 4, "group_size": -1}, "torch-int4-cpu"),
+    "int4-g96-partial-last-group": ({"bits": 4, "group_size": 96, "zero": "int"}, "torch-int4-cpu"),
     "int8-per-channel": ({"bits": 8, "group_size": -1}, "torch-int8-cpu"),
     "int8-per-channel-zero": ({"bits": 8, "group_size": -1, "zero": "int"}, "torch-int8-cpu"),
 }
@@ -273,11 +275,19 @@ def test_grids_that_do_not_hold_together_are_refused():
     bad_columns = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6])
     with pytest.raises(quantplug.PluginError, match="not a permutation"):
         quantplug.IntegerGrid(codes, scale, None, 4, 8, columns=bad_columns).check("x")
-    with pytest.raises(quantplug.PluginError, match="float zero_point must have the scale's dtype"):
-        quantplug.IntegerGrid(codes, scale, torch.zeros(4, 1, dtype=torch.float16), 4, 8).check("x")
-    grid = quantplug.IntegerGrid(codes, scale, torch.zeros(4, 1), 4, 8, columns=torch.arange(8).flip(0))
+    with pytest.raises(quantplug.PluginError, match=r"scale must be float \[4, 2\]"):  # 8 inputs, groups of 5
+        quantplug.IntegerGrid(codes, scale, None, 4, 5).check("x")
+    with pytest.raises(quantplug.PluginError, match=r"zero_point must be \[4, 1\]"):
+        quantplug.IntegerGrid(codes, scale, torch.zeros(4, 2), 4, 8).check("x")
+    # float32 zero points beside bfloat16 scales (HQQ's, held exactly): the weight is computed in float32
+    zero = torch.full((4, 1), 0.3)
+    grid = quantplug.IntegerGrid(codes, scale.bfloat16(), zero, 4, 8, columns=torch.arange(8).flip(0))
     grid.check("x")
+    assert torch.equal(grid.dequantize(), torch.full((4, 8), -0.3).bfloat16())
     assert grid.layout.act_order and grid.layout.float_zero and "act-order" in grid.layout.format_problem
+    partial = quantplug.IntegerGrid(codes, torch.ones(4, 2), None, 4, 5)  # a partial last group of 3
+    partial.check("x")
+    assert "last group is partial" in partial.layout.format_problem
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,12 @@ priority_option = click.option(
 )
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="Measure every model through torch.compile (minutes per model).",
+)
+@click.option(
     "--calibration-tokens",
     type=click.IntRange(min=0),
     default=2048,
@@ -101,6 +107,7 @@ def compare_cmd(
     tokens,
     prefill_tokens,
     decode_tokens,
+    compile_,
     calibration_tokens,
     repeats,
     dtype,
@@ -132,6 +139,7 @@ def compare_cmd(
             tokens=tokens,
             prefill_tokens=prefill_tokens,
             decode_tokens=decode_tokens,
+            compile=compile_,
             calibration_tokens=calibration_tokens,
             repeats=repeats,
             top=top,

@@ -96,6 +96,7 @@ def compare(
     threads: int | None = None,
     task: str | None = None,
     log: Callable[[str], None] | None = None,
+    compile: bool = False,
 ) -> Comparison:
     """Quantize ``model`` with each candidate and measure each on this machine.
 
@@ -116,8 +117,8 @@ def compare(
     bfloat16 copy next to it where the device computes in bfloat16, each candidate in its preset's
     ``dtype``; a dtype runs everything in it (an ``nn.Module`` is converted in place). ``threads``
     (default on CPU: the cores other processes leave free); other processes' CPU use during the run
-    is measured and unreliable latency flagged. Returns a ``Comparison`` (``table()``,
-    ``to_dict()``, ``plot(path)``).
+    is measured and unreliable latency flagged. ``compile``: all measured through ``torch.compile``.
+    Returns a ``Comparison`` (``table()``, ``to_dict()``, ``plot(path)``).
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_arguments(top, per_backend, tokens, window, decode_tokens, repeats, max_quality_loss)
@@ -143,6 +144,7 @@ def compare(
     )  # fmt: skip
     with_sentences(bench, model, task, text, tokenizer, inputs, pooling)
     settings = run_settings(model_name, dev, bench, text, encoding, workload, priority, max_quality_loss)
+    settings["compile"] = bench.compile = compile
     settings["dtype"] = dtype_note(forced, other_dtypes, dev)
     # measure
     on_import = import_libraries(specs, say)

@@ -24,7 +24,8 @@ class GridLayout:
 
     bits: int
     group_size: int
-    """Inputs per group; equal to ``in_features`` for one group per row (per-channel)."""
+    """Inputs per group; equal to ``in_features`` for one group per row (per-channel). The last group
+    may be partial (``in_features`` not a multiple): it has its own scale."""
     symmetric: bool
     in_features: int
     out_features: int
@@ -38,9 +39,15 @@ class GridLayout:
         return self.group_size == self.in_features
 
     @property
+    def partial_group(self) -> bool:
+        return self.in_features % self.group_size != 0
+
+    @property
     def format_problem(self) -> str | None:
-        """Why a checkpoint format with integer zero points and no column order cannot hold this
-        grid as it is (None: it can)."""
+        """Why a checkpoint format with integer zero points, whole groups and no column order cannot
+        hold this grid as it is (None: it can)."""
+        if self.partial_group:
+            return f"its last group is partial ({self.in_features} inputs, group_size {self.group_size})"
         if self.act_order:
             return "act-order (its codes are in group order, not input order), which export does not carry"
         if self.float_zero:
@@ -54,10 +61,10 @@ class IntegerGrid:
     (with ``columns``: ``weight[o, columns[i]]``, see below).
 
     codes       int8 [out, in], signed: -2**(bits-1) .. 2**(bits-1) - 1
-    scale       float [out, groups]
+    scale       float [out, groups], groups = ceil(in / group_size) (a partial last group has its own)
     zero_point  int8 [out, groups] in the same signed range, or ``None`` (symmetric: 0); or float
-                [out, groups] in the scale's dtype (a fractional zero point, HQQ's), which kernels
-                take and export refuses
+                [out, groups] (a fractional zero point, HQQ's; any float dtype, e.g. float32 beside
+                16-bit scales to hold it exactly), which kernels take and export refuses
     bias        float [out] or ``None``
     columns     int64 [in] or ``None``: act-order (GPTQ's ``desc_act``), the codes are in group order
                 and code column ``i`` is the layer's input ``columns[i]``; a kernel gathers its input
@@ -101,9 +108,9 @@ class IntegerGrid:
         out_f, in_f = self.codes.shape
         if not 1 <= self.bits <= 8:
             raise bad(f"bits={self.bits} is outside 1..8")
-        if self.group_size <= 0 or in_f % self.group_size:
-            raise bad(f"group_size {self.group_size} does not divide the {in_f} inputs")
-        groups = in_f // self.group_size
+        if self.group_size <= 0:
+            raise bad(f"group_size must be positive, got {self.group_size}")
+        groups = -(-in_f // self.group_size)  # a partial last group has its own scale
         if tuple(self.scale.shape) != (out_f, groups) or not self.scale.dtype.is_floating_point:
             raise bad(
                 f"scale must be float [{out_f}, {groups}], got {self.scale.dtype} {list(self.scale.shape)}"
@@ -121,10 +128,6 @@ class IntegerGrid:
                 )
         if self.zero_point is not None and tuple(self.zero_point.shape) != (out_f, groups):
             raise bad(f"zero_point must be [{out_f}, {groups}], got {list(self.zero_point.shape)}")
-        if self.float_zero and self.zero_point.dtype != self.scale.dtype:
-            raise bad(
-                f"a float zero_point must have the scale's dtype {self.scale.dtype}, got {self.zero_point.dtype}"
-            )
         if self.columns is not None:
             cols = self.columns
             if cols.dtype != torch.int64 or tuple(cols.shape) != (in_f,):
@@ -133,16 +136,26 @@ class IntegerGrid:
                 raise bad("columns is not a permutation of the inputs")
 
     def dequantize(self):
-        """The float weight [out, in] the grid stands for (in the scale's dtype), in input order."""
+        """The float weight [out, in] the grid stands for (in the scale's dtype; computed in float32
+        when the zero points are floats of another dtype), in input order."""
+        import torch
+        import torch.nn.functional as F
+
         out_f, in_f = self.codes.shape
-        codes = self.codes.reshape(out_f, -1, self.group_size).to(self.scale.dtype)
+        whole = self.scale.shape[1] * self.group_size  # inputs in whole groups (a partial last one padded)
+        dtype = (
+            torch.float32
+            if self.float_zero and self.zero_point.dtype != self.scale.dtype
+            else self.scale.dtype
+        )
+        codes = F.pad(self.codes, (0, whole - in_f)).reshape(out_f, -1, self.group_size).to(dtype)
         if self.zero_point is not None:
-            codes = codes - self.zero_point.to(self.scale.dtype).unsqueeze(-1)
-        weight = (codes * self.scale.unsqueeze(-1)).reshape(out_f, in_f)
+            codes = codes - self.zero_point.to(dtype).unsqueeze(-1)
+        weight = (
+            (codes * self.scale.to(dtype).unsqueeze(-1)).reshape(out_f, whole)[:, :in_f].to(self.scale.dtype)
+        )
         if self.columns is None:
             return weight
-        import torch
-
         out = torch.empty_like(weight)
         out[:, self.columns] = weight
         return out

@@ -48,7 +48,10 @@ class KernelLinear(nn.Module):
         self.out_features, self.in_features = grid.codes.shape
         self.dtype = dtype  # the model's float dtype: the plugin's layer is rebuilt for it on save
         self.weights = kernel.build(grid, dtype)
-        self.register_buffer("scale", grid.scale.detach().clone())
+        # the grid's scales, unless the kernel holds them bit for bit (then they are not kept twice)
+        held = getattr(self.weights, "scales", None)
+        same = held is not None and _same({"s": held()}, {"s": grid.scale}) is None
+        self.register_buffer("scale", None if same else grid.scale.detach().clone())
         self.register_buffer(
             "zero_point", None if grid.zero_point is None else grid.zero_point.detach().clone()
         )
@@ -60,7 +63,7 @@ class KernelLinear(nn.Module):
         bias = None if self.bias is None else self.bias.detach()
         return IntegerGrid(
             self.weights.codes().contiguous(),
-            self.scale,
+            self.weights.scales().contiguous() if self.scale is None else self.scale,
             self.zero_point,
             self.bits,
             self.group_size,
@@ -113,10 +116,18 @@ def grid_of(quantizer, name: str, module: nn.Module) -> IntegerGrid | str:
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str | None:
+    """Why two tensor dicts differ (None: same keys, dtypes, shapes and bits; NaN bit patterns
+    compare as bits: HQQ stores packed codes viewed as floats)."""
     if a.keys() != b.keys():
         return f"tensors {sorted(a)} instead of {sorted(b)}"
     for k in a:
-        if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k].cpu(), b[k].cpu()):
+        x, y = a[k].detach().cpu(), b[k].detach().cpu()
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return f"a different {k!r}"
+        if x.is_floating_point() and x.numel():
+            bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+            x, y = x.contiguous().view(bits), y.contiguous().view(bits)
+        if not torch.equal(x, y):
             return f"a different {k!r}"
     return None
 
@@ -227,6 +238,15 @@ def use_kernels(
             else:
                 set_submodule(model, name, result)
                 out[name] = result.kernel
+    missed = [(n, v) for n, v in out.items() if v.startswith(OWN) and n not in native]
+    if kernel != AUTO and missed:  # "required" or a kernel's name: every layer, or an error
+        raise ConfigError(
+            f"kernel={kernel!r}: layer {missed[0][0]!r} runs no kernel ({missed[0][1].removeprefix(OWN + ': ')})"
+            + (f", and {len(missed) - 1} more layer(s)" if len(missed) > 1 else ""),
+            field="kernel",
+            value=kernel,
+            allowed="'auto' (layers no kernel takes run their backend's module) or 'none'",
+        )
     _say_once(out)
     return out
 

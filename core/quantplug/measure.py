@@ -135,6 +135,8 @@ class Bench:
     calibration: list[torch.Tensor] | None = None
     """Token-id batches for candidates that need calibration data: text disjoint from ``eval_ids``."""
     calibration_note: str = ""
+    compile: bool = False
+    """Measure every model through ``torch.compile`` (``compare(compile=True)``)."""
     task: str = "outputs"
     """What quality means (``encoder_quality.TASKS``)."""
     sentences: Any = None

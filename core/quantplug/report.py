@@ -79,7 +79,8 @@ def _table(result: Comparison) -> str:
     quality = quality.replace("output error", "output rel. error")
     head = (
         f"| candidate | dtype | kernel | select rank | weights | model | quantize s | {quality} | "
-        f"prefill {result.settings['prefill_tokens'] or ''} tok ms | decode ms/token | note |"
+        f"prefill {result.settings['prefill_tokens'] or ''} tok ms | decode ms/token"
+        f"{' (compiled)' if result.settings.get('compile') else ''} | note |"
     )
     lines = [head, "|" + "---|" * 11]
     for r in result.rows:

@@ -59,8 +59,9 @@ def measure_all(
     from a deep copy (converted to the candidate's ``dtype`` first, when it names one)."""
     baseline = _unquantized_row("unquantized", model)
     say(f"[0/{len(specs)}] unquantized ({baseline.dtype}): measuring")
-    reference = measure(baseline, model, bench, None, say)
-    timing = PairedTiming(baseline, model, bench)  # the baseline is timed in every candidate's rounds
+    base_run = run_form(model, bench)
+    reference = measure(baseline, base_run, bench, None, say)
+    timing = PairedTiming(baseline, base_run, bench)  # the baseline is timed in every candidate's rounds
     say(f"    {summary(baseline)}")
     rows = [baseline]
     for dtype in other_dtypes:
@@ -69,8 +70,9 @@ def measure_all(
         with captured_warnings() as caught:
             work = to_dtype(copy.deepcopy(model), dtype)
             row = _unquantized_row(f"unquantized ({name})", work)
-            measure(row, work, bench, reference, say)
-            timing.time(row, work, say)
+            run = run_form(work, bench)
+            measure(row, run, bench, reference, say)
+            timing.time(row, run, say)
         row.warnings = list(dict.fromkeys(caught))
         rows.append(row)
         say(f"    {summary(row)}")
@@ -83,6 +85,12 @@ def measure_all(
         _measure_candidate(row, model, spec, bench, reference, timing, say)
         timing.finish(rows[1:])  # every row against the baseline's samples so far
     return rows
+
+
+def run_form(model: nn.Module, bench: Bench) -> nn.Module:
+    """What is measured: ``model``, or ``torch.compile(model)`` with ``compare(compile=True)`` (a
+    wrapper: the model itself, which candidates are copied from, stays as it is)."""
+    return torch.compile(model) if bench.compile else model
 
 
 def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -174,8 +182,9 @@ def _measure_candidate(
             row.weight_bytes = report.bytes_after + sum(_dense_bytes(m) for m in left) + stacked_bytes
             row.model_bytes = model_bytes(work)
             row.checkpoint_bytes = checkpoint_bytes(work)
-            measure(row, work, bench, reference, say)
-            timing.time(row, work, say)
+            run = run_form(work, bench)
+            measure(row, run, bench, reference, say)
+            timing.time(row, run, say)
         row.warnings = list(dict.fromkeys(caught))
         say(f"    {summary(row)}")
         for w in row.warnings:

@@ -38,9 +38,12 @@ def _once(model: nn.Module, bench: Bench) -> tuple[float, float | None]:
 
 
 def warm_up(model: nn.Module, bench: Bench) -> None:
-    """First calls pick kernels and allocate: not timed."""
+    """First calls pick kernels and allocate: not timed (a compiled model compiles here: every
+    shape it is timed at, twice, since the second call of a new shape compiles it dynamic)."""
     with torch.no_grad():
         run_batch(model, bench.warm)
+    for _ in range(2 if bench.compile else 0):
+        _once(model, bench)
 
 
 def _spread(values: list[float]) -> float | None:

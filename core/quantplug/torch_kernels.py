@@ -5,7 +5,8 @@
   ``(c - zp) * s`` (signed codes c = code - 8) is that with ``zero = -zp * s``: symmetric,
   asymmetric with integer zero points (GPTQ, AWQ, AutoRound, compressed-tensors) and HQQ's float
   zero points alike. Group sizes that are multiples of 32 run as groups of 256 / 128 / 64 / 32
-  sharing their scale (per-channel int4 too).
+  sharing their scale (per-channel int4 too); a partial last group (576 inputs in groups of 128)
+  is padded with zero weights and the input with zeros.
 - ``torch-int8-cpu``: ``aten._weight_int8pack_mm(x, codes [out, in], scale [out])``, per-channel
   int8; a zero point per row adds ``-(zp * s) * sum(x)`` (one reduction of the input).
 
@@ -106,38 +107,48 @@ def _offsets(grid, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 class TorchInt4Weights(nn.Module):
-    """A grid's codes packed for ``aten._weight_int4pack_mm_for_cpu`` (rows padded to 64)."""
+    """A grid's codes packed for ``aten._weight_int4pack_mm_for_cpu`` (rows padded to 64, inputs to
+    whole groups: a partial last group's missing inputs are zero weights, and the input is padded
+    with zeros to meet them)."""
 
     def __init__(self, grid, dtype: torch.dtype):
         super().__init__()
         out_f, in_f = grid.codes.shape
         self.out_features, self.in_features = out_f, in_f
         self.group = next(g for g in INT4_GROUPS if grid.group_size % g == 0)
-        repeat = grid.group_size // self.group
+        self.repeat = grid.group_size // self.group
         self.padded_out = math.ceil(out_f / 64) * 64
+        self.padded_in = grid.scale.shape[1] * grid.group_size
         pad = self.padded_out - out_f
-        codes = F.pad(grid.codes.to(torch.int16) + 8, (0, 0, 0, pad), value=8)  # padded rows: weight 0
-        self.register_buffer("packed", pack_int4(codes))
-        scale = grid.scale.float().repeat_interleave(repeat, 1)
+        codes = F.pad(grid.codes.to(torch.int16) + 8, (0, self.padded_in - in_f, 0, pad), value=8)
+        self.register_buffer("packed", pack_int4(codes))  # padded rows and inputs: weight 0
+        scale = grid.scale.float().repeat_interleave(self.repeat, 1)
         zero = _offsets(grid, dtype)
-        zero = torch.zeros_like(scale) if zero is None else zero.repeat_interleave(repeat, 1)
+        zero = torch.zeros_like(scale) if zero is None else zero.repeat_interleave(self.repeat, 1)
         sz = torch.stack([F.pad(scale, (0, 0, 0, pad)).T, F.pad(zero, (0, 0, 0, pad)).T], -1)
         self.register_buffer("scale_zero", sz.to(dtype).contiguous())  # [groups, padded out, 2]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
         sz = self.scale_zero if self.scale_zero.dtype == x.dtype else self.scale_zero.to(x.dtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, sz)
         return out[:, : self.out_features]
 
     def codes(self) -> torch.Tensor:
-        return unpack_int4(self.packed)[: self.out_features]
+        return unpack_int4(self.packed)[: self.out_features, : self.in_features]
+
+    def scales(self) -> torch.Tensor:
+        """The grid's scales [out, groups] as the kernel holds them (in the model's dtype)."""
+        return self.scale_zero[:: self.repeat, : self.out_features, 0].T
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        out = scratch(self.padded_out * self.in_features, dtype, self.packed.device)
-        w = out[: self.out_features * self.in_features].view(self.out_features, -1, self.group)
+        out = scratch(self.padded_out * self.padded_in, dtype, self.packed.device)
+        w = out[: self.out_features * self.padded_in].view(self.out_features, -1, self.group)
         sz = self.scale_zero[:, : self.out_features].to(dtype)  # [groups, out, 2]
-        w.copy_(self.codes().view_as(w)).mul_(sz[..., 0].T.unsqueeze(-1)).add_(sz[..., 1].T.unsqueeze(-1))
-        return w.view(self.out_features, self.in_features)
+        codes = unpack_int4(self.packed)[: self.out_features]
+        w.copy_(codes.view_as(w)).mul_(sz[..., 0].T.unsqueeze(-1)).add_(sz[..., 1].T.unsqueeze(-1))
+        return w.view(self.out_features, self.padded_in)[:, : self.in_features]
 
 
 class TorchInt8Weights(nn.Module):
@@ -167,6 +178,9 @@ class TorchInt8Weights(nn.Module):
 
     def codes(self) -> torch.Tensor:
         return self.weight[:, : self.in_features]
+
+    def scales(self) -> torch.Tensor:
+        return self.scale.reshape(-1, 1)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         out = scratch(self.out_features * self.kernel_in, dtype, self.weight.device)

@@ -21,12 +21,14 @@ AWQ = Path(__file__).resolve().parent / "data" / "awq-tiny"
 
 def test_awq_checkpoint_loads_with_transformers_logits(tmp_path):
     ids = token_ids(VOCAB, (2, 12), seed=99)
-    model = quantplug.load(AWQ, progress=False)
-    assert type(model.model.layers[0].mlp.down_proj).__name__ == "AwqLinear"
-    ours = _logits(model, ids)
     theirs = _transformers_logits(AWQ, ids, tmp_path)
-    assert _rel(ours, theirs) < 0.02, _rel(ours, theirs)
-    assert _rel(ours, _logits(tiny_llama(), ids)) < 0.3  # the quantized model, not random weights
+    own = quantplug.load(AWQ, progress=False, kernel="none")  # GPTQModel's AWQ forward
+    assert type(own.model.layers[0].mlp.down_proj).__name__ == "AwqLinear"
+    model = quantplug.load(AWQ, progress=False)  # the same grids on torch's fused int4 CPU kernel
+    assert set(quantplug.kernel_choices(model).values()) == {"torch-int4-cpu"}
+    for ours in (_logits(own, ids), _logits(model, ids)):
+        assert _rel(ours, theirs) < 0.02, _rel(ours, theirs)
+        assert _rel(ours, _logits(tiny_llama(), ids)) < 0.3  # the quantized model, not random weights
 
 
 def test_awq_checkpoint_resaves_unchanged_after_running(tmp_path):

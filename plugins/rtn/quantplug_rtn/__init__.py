@@ -16,8 +16,9 @@ __all__ = ["PRESETS", "RtnConfig", "register_backends"]
 # the fp32 zero (the group minimum) when asymmetric: g32-asym = bits + (32 + 32) / 32; per channel
 # (int8) 8 + 32 / 2048. The presets with dtype="bfloat16" run torch's fused CPU kernels (the core's
 # torch-int8-cpu / torch-int4-cpu, quantplug.KernelLinear) in a bfloat16 model, and declare what such
-# a layer holds in memory: for int4, the packed codes, a (scale, zero) pair per group for the kernel
-# and the grid's scales for save, 4 + 48 / group bits per weight (the checkpoint stores 4 + 16 / group).
+# a layer holds in memory: for int4, the packed codes and a (scale, zero) pair per group for the
+# kernel, 4 + 32 / group bits per weight (the checkpoint stores 4 + 16 / group; the kernel's bfloat16
+# scales are the grid's, so they are not kept twice).
 # CPU speeds vs the fp32 model: the fused presets from `quantplug compare` on SmolLM2-135M, 2-core
 # Intel Xeon with AVX-512 BF16 (bench/results/fused_cpu_compare/, bench/RESULTS.md "Fused CPU
 # kernels"); the others dequantize the whole weight on every forward (SmolLM2-135M on a 2-core EPYC,
@@ -39,7 +40,7 @@ PRESETS = (
         "int4-g32",
         {"bits": 4, "group_size": 32},
         bits=4,
-        bits_per_weight=5.5,
+        bits_per_weight=5.0,
         rel_error=0.097,
         speed={"cpu": {"decode": 1.51, "prefill": 1.52}, "cuda": _CUDA},
         dtype="bfloat16",
@@ -56,7 +57,7 @@ PRESETS = (
         "int4-g128",
         {"bits": 4, "group_size": 128},
         bits=4,
-        bits_per_weight=4.375,
+        bits_per_weight=4.25,
         rel_error=0.116,
         speed={"cpu": {"decode": 1.57, "prefill": 1.63}, "cuda": _CUDA},
         dtype="bfloat16",

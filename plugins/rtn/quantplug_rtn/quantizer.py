@@ -43,8 +43,6 @@ import quantplug
 
 from .config import RtnConfig
 
-FINE_GROUP = 32
-"""A partial last group is described with a finer group only when that group is a multiple of this."""
 KERNEL_SETTING = {"auto": "auto", "fused": "required", "portable": "none"}
 """``RtnConfig.kernel`` -> the core's ``kernel=`` (``Quantizer.kernel_settings``)."""
 
@@ -174,21 +172,12 @@ class RtnLinear(nn.Module):
                 "its zero points are floats (each group's minimum, the min/max layout), which a grid's "
                 "zero point cannot give back bit for bit; symmetric rtn configs (symmetric=true) are grids"
             )
-        group, repeat = _grid_group(self.in_features, self.group_size)
-        if group is None:
-            return (
-                f"its last group is partial ({self.in_features} inputs, group_size {self.group_size}) and "
-                f"no group size that is a multiple of {FINE_GROUP} divides both"
-            )
         half = 1 << (self.bits - 1)
         codes = (unpack(self.qweight, self.bits, self.in_features).to(torch.int16) - half).to(torch.int8)
         zero = None if self.zero is None else (self.zero.to(torch.int16) - half).to(torch.int8)
-        groups = self.in_features // group
-        scale = self.scale if repeat == 1 else self.scale.repeat_interleave(repeat, 1)[:, :groups]
-        if zero is not None and repeat > 1:
-            zero = zero.repeat_interleave(repeat, 1)[:, :groups]
         bias = None if self.bias is None else self.bias.detach()
-        return quantplug.IntegerGrid(codes, scale, zero, self.bits, group, bias)
+        # (a partial last group, 576 inputs in groups of 128, is a grid's partial last group too)
+        return quantplug.IntegerGrid(codes, self.scale, zero, self.bits, self.group_size, bias)
 
     @classmethod
     def from_grid(
@@ -216,15 +205,12 @@ class RtnLinear(nn.Module):
             has = "symmetric" if grid.zero_point is None else "with zero points"
             raise refuse(f"the grid is {has}, the config has symmetric={config.symmetric}")
         q = cls.like(nn.Linear(in_f, out_f, bias=grid.bias is not None, device="meta"), config)
-        group, repeat = _grid_group(in_f, q.group_size)
-        if grid.group_size != group:
-            raise refuse(f"group size {grid.group_size}, the config's layers are described with {group}")
-        scale, zero = _coarse(grid.scale, repeat, refuse), None
+        if grid.group_size != q.group_size:
+            raise refuse(f"group size {grid.group_size}, the config's layers have {q.group_size}")
+        zero = None
         if grid.zero_point is not None:
-            zero = (_coarse(grid.zero_point, repeat, refuse).to(torch.int16) + (1 << (config.bits - 1))).to(
-                torch.uint8
-            )
-        return q._hold(grid, scale, zero)
+            zero = (grid.zero_point.to(torch.int16) + (1 << (config.bits - 1))).to(torch.uint8)
+        return q._hold(grid, grid.scale, zero)
 
     def _hold(self, grid: quantplug.IntegerGrid, scale: torch.Tensor, zero: torch.Tensor | None) -> RtnLinear:
         """This (meta) layer's tensors replaced by the grid's: codes packed, ``zero`` as uint8."""
@@ -301,25 +287,3 @@ class RtnQuantizer(quantplug.Quantizer):
                 f"written by quantplug-rtn before the min/max layout)"
             )
         return super().load_module(name, module, tensors)
-
-
-def _grid_group(in_features: int, group_size: int) -> tuple[int | None, int]:
-    """(the group size a layer's grid has, how many grid groups make one rtn group): rtn's own when
-    it divides the inputs, else the largest dividing both if a multiple of ``FINE_GROUP`` (None: none)."""
-    if in_features % group_size == 0:
-        return group_size, 1
-    fine = math.gcd(in_features, group_size)
-    return (fine, group_size // fine) if fine % FINE_GROUP == 0 else (None, 1)
-
-
-def _coarse(fine: torch.Tensor, repeat: int, refuse) -> torch.Tensor:
-    """rtn's per-group tensor [out, groups] from a grid's [out, in / fine group]: every ``repeat``-th
-    column, checked to repeat exactly (else the grid does not fit rtn's groups)."""
-    if repeat == 1:
-        return fine
-    coarse = fine[:, ::repeat].contiguous()
-    if not torch.equal(coarse.repeat_interleave(repeat, 1)[:, : fine.shape[1]], fine):
-        raise refuse(
-            f"its scales or zero points differ within one of rtn's groups ({repeat} grid groups each)"
-        )
-    return coarse

@@ -1,5 +1,5 @@
 """``integer_grid`` / ``encode_grid`` of rtn layers: symmetric layers (int8 per channel, int4 / int2
-group-wise, a partial last group described with a finer group) and the integer-zero layout of
+group-wise, a partial last group) and the integer-zero layout of
 checkpoints written before the min/max one read as an exact ``IntegerGrid`` that dequantizes to the
 layer's weight, and are rebuilt into byte-identical tensors and a module computing the same; the
 min/max layout and grids a config cannot hold are refused with the reason."""
@@ -51,21 +51,21 @@ def _meta(layer: RtnLinear, dtype: torch.dtype) -> nn.Linear:
 
 
 CASES = {
-    "int8-per-channel": (RtnConfig(bits=8, group_size=-1), (96, 256), None),
-    "int4-g32": (RtnConfig(bits=4, group_size=32), (96, 256), None),
-    "int4-g128-partial": (RtnConfig(bits=4, group_size=128), (96, 576), 64),  # 576 = 4.5 groups: 9 of 64
-    "int4-g256-partial": (RtnConfig(bits=4, group_size=256), (64, 320), 64),
-    "int2-g64": (RtnConfig(bits=2, group_size=64), (96, 256), None),
-    "int4-g32-integer-zero": (RtnConfig(bits=4, group_size=32, symmetric=False), (96, 256), None),
-    "int4-g64-integer-zero-partial": (RtnConfig(bits=4, group_size=64, symmetric=False), (64, 288), 32),
-    "int2-g32-integer-zero": (RtnConfig(bits=2, group_size=32, symmetric=False), (96, 256), None),
+    "int8-per-channel": (RtnConfig(bits=8, group_size=-1), (96, 256)),
+    "int4-g32": (RtnConfig(bits=4, group_size=32), (96, 256)),
+    "int4-g128-partial": (RtnConfig(bits=4, group_size=128), (96, 576)),  # 576 = 4.5 groups of 128
+    "int4-g256-partial": (RtnConfig(bits=4, group_size=256), (64, 320)),
+    "int2-g64": (RtnConfig(bits=2, group_size=64), (96, 256)),
+    "int4-g32-integer-zero": (RtnConfig(bits=4, group_size=32, symmetric=False), (96, 256)),
+    "int4-g64-integer-zero-partial": (RtnConfig(bits=4, group_size=64, symmetric=False), (64, 288)),
+    "int2-g32-integer-zero": (RtnConfig(bits=2, group_size=32, symmetric=False), (96, 256)),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_layer_is_its_grid_and_is_rebuilt_from_it_bit_for_bit(case, dtype):
-    config, shape, fine_group = CASES[case]
+    config, shape = CASES[case]
     layer = _layer(config, shape, dtype)
     if not config.symmetric:
         layer = _integer_zero(layer)
@@ -73,7 +73,7 @@ def test_a_layer_is_its_grid_and_is_rebuilt_from_it_bit_for_bit(case, dtype):
     grid = quantizer.integer_grid("layer", layer)
     assert isinstance(grid, quantplug.IntegerGrid), grid
     grid.check("layer")  # (a)
-    expected_group = fine_group or (shape[1] if config.group_size == -1 else config.group_size)
+    expected_group = shape[1] if config.group_size == -1 else config.group_size  # a partial last group too
     assert grid.group_size == expected_group and grid.bits == config.bits
     assert grid.scale.dtype == dtype and (grid.zero_point is None) == config.symmetric
     # (b) the grid's weight is the layer's (both computed in the scale dtype, compared in float32)
@@ -90,13 +90,16 @@ def test_a_layer_is_its_grid_and_is_rebuilt_from_it_bit_for_bit(case, dtype):
         assert torch.equal(rebuilt(x), layer(x))
 
 
-def test_the_min_max_layout_and_partial_groups_without_a_finer_grid_are_refused_with_the_reason():
+def test_the_min_max_layout_is_refused_with_the_reason_and_a_partial_last_group_is_a_grid():
     quantizer = _quantizer(RtnConfig(bits=4, group_size=32, symmetric=False))
     why = quantizer.integer_grid("layer", _layer(RtnConfig(bits=4, group_size=32, symmetric=False)))
     assert isinstance(why, str) and "min/max layout" in why and "bit for bit" in why
     config = RtnConfig(bits=4, group_size=32)
-    why = _quantizer(config).integer_grid("layer", _layer(config, (64, 130)))  # gcd(32, 130) = 2
-    assert isinstance(why, str) and "last group is partial (130 inputs, group_size 32)" in why
+    layer = _layer(config, (64, 130))  # 4 whole groups of 32 and one of 2
+    grid = _quantizer(config).integer_grid("layer", layer)
+    grid.check("layer")
+    assert grid.group_size == 32 and tuple(grid.scale.shape) == (64, 5) and grid.layout.partial_group
+    torch.testing.assert_close(grid.dequantize().float(), layer.dequantize().float(), rtol=0, atol=0)
     assert "is not an RtnLinear" in _quantizer(config).integer_grid("layer", nn.Linear(4, 4))
 
 
@@ -119,9 +122,7 @@ def test_grids_the_config_cannot_hold_are_refused_naming_the_layer_and_why():
     out_f, groups = grid.scale.shape
     bad = {
         "3-bit codes, the config has bits=4": _replace(grid, bits=3),
-        "group size 64, the config's layers are described with 32": _replace(
-            grid, group_size=64, scale=grid.scale[:, ::2]
-        ),
+        "group size 64, the config's layers have 32": _replace(grid, group_size=64, scale=grid.scale[:, ::2]),
         "act-order": _replace(grid, columns=torch.arange(256).flip(0)),
         "the grid is with zero points, the config has symmetric=True": _replace(
             grid, zero_point=torch.zeros(out_f, groups, dtype=torch.int8)
@@ -136,13 +137,6 @@ def test_grids_the_config_cannot_hold_are_refused_naming_the_layer_and_why():
     asym = RtnConfig(bits=4, group_size=32, symmetric=False)
     with pytest.raises(quantplug.PluginError, match="the grid is symmetric, the config has symmetric=False"):
         _quantizer(asym).encode_grid("layer", meta, grid)
-    # a finer grid whose scales differ within one of rtn's groups of 128 (576 inputs: grid groups of 64)
-    config = RtnConfig(bits=4, group_size=128)
-    fine, meta = _grid(config, (64, 576))
-    scale = fine.scale.clone()
-    scale[:, 1] *= 2
-    with pytest.raises(quantplug.PluginError, match="differ within one of rtn's groups"):
-        _quantizer(config).encode_grid("layer", meta, _replace(fine, scale=scale))
 
 
 def test_a_legacy_integer_zero_checkpoint_in_bfloat16_loads_onto_kernels_and_saves_byte_identical(tmp_path):
