@@ -135,7 +135,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str | None:
 def float_dtype_of(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's floating-point parameters (its activations' dtype), or None."""
     for p in model.parameters():
-        if p.dtype.is_floating_point and p.device.type != "meta":
+        if p.dtype.is_floating_point:  # (meta too: a model being loaded)
             return p.dtype
     return None
 

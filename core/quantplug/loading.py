@@ -32,7 +32,7 @@ from .errors import (
 )
 from .experts_contract import site_expected, site_load, site_quantize
 from .integrations import register_if_transformers_loaded
-from .kernel_layer import apply_kernels
+from .kernel_layer import apply_kernels, float_dtype_of
 from .layers import owner_of, transformers_tied_keys
 from .naming import adapt
 from .placement import Placement, placed, single_device
@@ -100,6 +100,7 @@ def load(
         else placed(model, walk, layout.metas, device_map, max_memory, offload_folder)
     )
     float_dtype = dtype or (model.dtype if hasattr(model, "dtype") else None)
+    kernel_dtype = float_dtype or float_dtype_of(model)  # (before the layers are replaced)
     reader = _Reader(ckpt, layout.aliases, target, float_dtype, place)
     with torch.no_grad():
         if walk is not None:
@@ -115,7 +116,7 @@ def load(
     left = [k for k in left if place is None or not place.on_disk(k)]
     if left:
         raise CheckpointError(f"{folder}: tensors {_fmt(left)} were not in the checkpoint")
-    return _settle(model, walk, place, target, (kernel, float_dtype))
+    return _settle(model, walk, place, target, (kernel, kernel_dtype))
 
 
 def _settle(model: nn.Module, walk: LayerWalk | None, place: Placement | None, target, kernel) -> nn.Module:

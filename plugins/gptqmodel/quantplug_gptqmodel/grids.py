@@ -50,11 +50,9 @@ def gptq_grid(layer, sym: bool, desc_act: bool) -> quantplug.IntegerGrid | str:
     if (in_f * bits) % 32 or (out_f * bits) % 32:
         return f"its {in_f} inputs x {out_f} outputs leave partly filled int32 words of {bits}-bit codes"
     group = layer.group_size if layer.group_size > 0 else in_f
-    if in_f % group:
-        return f"its last group is partial ({in_f} inputs, group_size {group})"
     if layer.qzero_format() != 2:
         return "its zero points are not in GPTQModel's v2 layout in memory"
-    groups = in_f // group
+    groups = -(-in_f // group)  # a partial last group (576 inputs in groups of 128) is a grid's too
     g_idx = layer.g_idx.to(torch.int64)
     columns = None
     if not torch.equal(g_idx, torch.arange(in_f, device=g_idx.device) // group):
@@ -64,8 +62,10 @@ def gptq_grid(layer, sym: bool, desc_act: bool) -> quantplug.IntegerGrid | str:
                 "read the config would ignore g_idx)"
             )
         counts = torch.bincount(g_idx, minlength=groups)
-        if counts.numel() != groups or not bool((counts == group).all()):
-            return f"act-order: its g_idx does not put exactly {group} inputs in each of its {groups} groups"
+        sizes = torch.full((groups,), group, device=counts.device)
+        sizes[-1] = in_f - (groups - 1) * group
+        if counts.numel() != groups or not torch.equal(counts, sizes):
+            return f"act-order: its g_idx does not put {group} inputs in each of its {groups} groups (the last: the rest)"
         columns = torch.argsort(g_idx, stable=True)
     half = 1 << (bits - 1)
     codes = unpack_last(layer.qweight.t(), bits)  # [out, in], input order

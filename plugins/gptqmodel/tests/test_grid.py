@@ -21,18 +21,20 @@ import quantplug
 IN, OUT = 128, 64
 
 
-def _model(bias: bool, dtype: torch.dtype) -> nn.Sequential:
+def _model(bias: bool, dtype: torch.dtype, in_f: int = IN) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(IN, OUT, bias=bias)).to(dtype)
+    return nn.Sequential(nn.Linear(in_f, OUT, bias=bias)).to(dtype)
 
 
-def _gptq(config: dict, bias: bool, dtype: torch.dtype, tmp_path, bias_dtype=None):
+def _gptq(config: dict, bias: bool, dtype: torch.dtype, tmp_path, bias_dtype=None, in_f: int = IN):
     """A GPTQ layer quantized by quantplug (GPTQModel's GPTQ and packer), and the same layer loaded from
     the checkpoint it saved (``bias_dtype``: the bias re-stored so, as GPTQModel's own writer does)."""
-    model = _model(bias, dtype)
+    model = _model(bias, dtype, in_f)
     gen = torch.Generator().manual_seed(1)
-    spread = torch.linspace(0.2, 3.0, IN)[torch.randperm(IN, generator=gen)]  # act-order has an order to find
-    data = [(torch.randn(256, IN, generator=gen) * spread).to(dtype)]
+    spread = torch.linspace(0.2, 3.0, in_f)[
+        torch.randperm(in_f, generator=gen)
+    ]  # act-order has an order to find
+    data = [(torch.randn(256, in_f, generator=gen) * spread).to(dtype)]
     config = {"quant_method": "gptq", **config}
     quantplug.quantize(model, config, calibration_data=data, progress=False, kernel="none")
     folder = quantplug.save(model, tmp_path / "ckpt")
@@ -40,7 +42,7 @@ def _gptq(config: dict, bias: bool, dtype: torch.dtype, tmp_path, bias_dtype=Non
         tensors = load_file(folder / "model.safetensors")
         tensors["0.bias"] = tensors["0.bias"].to(bias_dtype)
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    loaded = quantplug.load(folder, model=_model(bias, dtype), progress=False, kernel="none")
+    loaded = quantplug.load(folder, model=_model(bias, dtype, in_f), progress=False, kernel="none")
     return quantplug.AutoQuantizer.from_config(config), model[0], loaded[0]
 
 
@@ -120,6 +122,20 @@ def test_gptq_grid_round_trips_bit_for_bit(config, bias, dtype, bias_dtype, tmp_
     if bias_dtype is not None:
         assert loaded.bias.dtype == grids[1].bias.dtype == bias_dtype
     assert torch.equal(grids[0].codes, grids[1].codes) and torch.equal(grids[0].scale, grids[1].scale)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_a_partial_last_group_is_a_grid_and_runs_the_int4_kernel(desc_act, tmp_path):
+    # 96 inputs in groups of 64 (SmolLM2's 576 in groups of 128 likewise): a last group of 32
+    config = {"bits": 4, "group_size": 64, "sym": False, "desc_act": desc_act, "format": "gptq"}
+    quantizer, quantized, loaded = _gptq(config, True, torch.bfloat16, tmp_path, in_f=96)
+    for layer in (quantized, loaded):
+        grid = _check_round_trip(quantizer, layer, torch.bfloat16, layer.dequantize_weight().t())
+        assert grid.group_size == 64 and tuple(grid.scale.shape) == (OUT, 2) and grid.layout.partial_group
+        assert (grid.columns is not None) == desc_act
+    model = _model(True, torch.bfloat16, 96)
+    quantplug.load(tmp_path / "ckpt", model=model, progress=False)
+    assert quantplug.kernel_choices(model) == {"0": "torch-int4-cpu"}
 
 
 def _pack_awq(in_f: int, out_f: int, group: int, scale_dtype, bias: bool, seed: int):
@@ -226,7 +242,7 @@ def test_gptq_layers_that_are_not_grids_say_why(tmp_path):
     )
     g_idx = loaded.g_idx
     g_idx[int((g_idx == 1).nonzero()[0])] = 0  # group 0 gets 33 inputs, group 1 31
-    assert "does not put exactly 32 inputs in each of its 4 groups" in quantizer.integer_grid("0", loaded)
+    assert "does not put 32 inputs in each of its 4 groups" in quantizer.integer_grid("0", loaded)
     assert "Linear is not a GPTQ layer" in quantizer.integer_grid("0", nn.Linear(IN, OUT))
     three, layer3, _ = _gptq({"bits": 3, "group_size": 32}, False, torch.float32, tmp_path / "3")
     assert "3-bit GPTQ packing spans int32 words" in three.integer_grid("0", layer3)
