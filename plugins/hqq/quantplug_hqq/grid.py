@@ -55,9 +55,15 @@ def integer_grid(name: str, qmodule) -> quantplug.IntegerGrid | str:
     codes = HqqLibQuantizer.unpack[meta["packing"]](w_q, dtype=torch.uint8)
     half = 1 << (bits - 1)
     scale, zero = meta["scale"], meta["zero"]
-    zero_point = zero - half  # in zero's dtype (the compute dtype)
+    zero_point = zero - half  # in zero's dtype (the compute dtype) where that is exact,
     if zero.dtype != scale.dtype or not torch.equal(zero_point + half, zero):
-        return f"its zero points are not exact in {scale.dtype} once shifted by {half} (they would not round-trip)"
+        zero_point = (
+            zero.float() - half
+        )  # else in float32 (HQQ's optimized zeros: 3.92 - 8 loses a bit in bf16)
+        if not torch.equal((zero_point + half).to(zero.dtype), zero):
+            return (
+                f"its zero points are not exact in float32 once shifted by {half} (they would not round-trip)"
+            )
     bias = qmodule.bias
     return quantplug.IntegerGrid(
         (codes.reshape(out_f, in_f).to(torch.int16) - half).to(torch.int8),
@@ -101,13 +107,13 @@ def encode_weights(
         torch.full_like(scale, half)
         if grid.zero_point is None
         else (
-            grid.zero_point.to(dtype) + half
+            (grid.zero_point.float() + half).to(dtype)
             if grid.float_zero
             else (grid.zero_point.to(torch.int16) + half).to(dtype)
         )
     )
     if not torch.equal(scale.to(grid.scale.dtype), grid.scale) or (
-        grid.float_zero and not torch.equal((zero - half).to(grid.zero_point.dtype), grid.zero_point)
+        grid.float_zero and not torch.equal((zero.float() - half).to(grid.zero_point.dtype), grid.zero_point)
     ):
         raise refuse(f"its {grid.scale.dtype} scale / zero point are not exact in the layer's {dtype}")
     codes = (grid.codes.to(torch.int16) + half).to(torch.uint8).reshape(-1, group)

@@ -91,9 +91,14 @@ def test_quantized_scale_and_inexact_zero_say_why():
     qmodule.meta["quant_scale"] = True
     assert "quant_scale" in quantizer.integer_grid(NAME, qmodule)
     qmodule.meta["quant_scale"] = False
-    # 1.0078125 is a bfloat16, 1.0078125 - 128 is not: the shifted zero point would not come back
+    # 1.0078125 is a bfloat16, 1.0078125 - 128 is not: the shifted zero points are held in float32
     qmodule.meta["zero"][0, 0] = 1.0078125
-    assert "not exact" in quantizer.integer_grid(NAME, qmodule)
+    grid = quantizer.integer_grid(NAME, qmodule)
+    assert grid.zero_point.dtype == torch.float32 and grid.zero_point[0, 0] == 1.0078125 - 128
+    # ... and where float32 cannot hold the shift either, the layer says why
+    qmodule.meta["zero"] = qmodule.meta["zero"].float()
+    qmodule.meta["zero"][0, 0] = 1e-7
+    assert "not exact in float32" in quantizer.integer_grid(NAME, qmodule)
 
 
 def test_bad_grids_are_refused():
