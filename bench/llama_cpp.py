@@ -184,12 +184,15 @@ def build(cache: Path, src: Path) -> tuple[Path, float]:
             "cmake configure", ["cmake", "-S", src, "-B", out, *gen, *flags], cache / "configure.log", env=env
         )
     say(f"  cmake --build -j 2 --target {' '.join(TARGETS)} (from scratch: ~6 min on 2 idle cores)")
-    run(
-        "cmake build",
-        ["cmake", "--build", out, "-j", "2", "--target", *TARGETS],
-        cache / "build.log",
-        env=env,
-    )
+    log = cache / "build.log"
+    say(f"  (progress: tail -f {log})")
+    with log.open("w") as f:  # streamed, so a long build can be followed
+        cmd = ["cmake", "--build", str(out), "-j", "2", "--target", *TARGETS]
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise StepError(
+            "cmake build", f"exited {proc.returncode} (full output: {log}):\n{log.read_text()[-4000:]}"
+        )
     for t in TARGETS:
         if not (out / "bin" / t).exists():
             raise StepError("cmake build", f"{out / 'bin' / t} was not built (see {cache / 'build.log'})")
