@@ -124,6 +124,7 @@ class TorchInt4Weights(nn.Module):
         self.register_buffer("packed", pack_int4(codes))  # padded rows and inputs: weight 0
         scale = grid.scale.float().repeat_interleave(self.repeat, 1)
         zero = _offsets(grid, dtype)
+        self.symmetric = zero is None  # (the dense path then skips adding the zero offsets)
         zero = torch.zeros_like(scale) if zero is None else zero.repeat_interleave(self.repeat, 1)
         sz = torch.stack([F.pad(scale, (0, 0, 0, pad)).T, F.pad(zero, (0, 0, 0, pad)).T], -1)
         self.register_buffer("scale_zero", sz.to(dtype).contiguous())  # [groups, padded out, 2]
@@ -147,7 +148,9 @@ class TorchInt4Weights(nn.Module):
         w = out[: self.out_features * self.padded_in].view(self.out_features, -1, self.group)
         sz = self.scale_zero[:, : self.out_features].to(dtype)  # [groups, out, 2]
         codes = unpack_int4(self.packed)[: self.out_features]
-        w.copy_(codes.view_as(w)).mul_(sz[..., 0].T.unsqueeze(-1)).add_(sz[..., 1].T.unsqueeze(-1))
+        w.copy_(codes.view_as(w)).mul_(sz[..., 0].T.unsqueeze(-1))
+        if not self.symmetric:
+            w.add_(sz[..., 1].T.unsqueeze(-1))
         return w.view(self.out_features, self.padded_in)[:, : self.in_features]
 
 
