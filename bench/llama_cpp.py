@@ -66,6 +66,10 @@ from _common import (  # noqa: E402
     write_json,
 )
 
+# bench/ itself off the path (Python puts a script's folder first): a bench/NAME.py must not shadow
+# a package of that name that a library imports (bench/kernels.py vs Hugging Face's `kernels`).
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != HERE]
+
 DEFAULT_CACHE = Path.home() / ".cache" / "quantplug-bench" / "llama.cpp"
 SDIST_VERSION = "0.3.36"
 TARGETS = ("llama-bench", "llama-quantize", "llama-completion")
