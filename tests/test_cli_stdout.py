@@ -173,7 +173,9 @@ def test_list(run):
     lines = _clean(proc).splitlines()
     assert lines[0].split() == ["backend", "plugin", "library", "status", "capabilities"]
     assert [line.split()[0] for line in lines[1 : 1 + len(names)]] == names
-    assert all(line.startswith(("note: ", "ambiguous: ")) for line in lines[1 + len(names) :]), lines
+    assert all(line.startswith(("note: ", "ambiguous: ", "kernels: ")) for line in lines[1 + len(names) :]), (
+        lines
+    )
 
 
 def test_doctor(run):

@@ -38,7 +38,8 @@ def test_grid_dequantizes_by_its_definition():
     [
         ({"codes": torch.zeros(2, 4, dtype=torch.int32)}, "codes must be int8"),
         ({"bits": 9}, "outside 1..8"),
-        ({"group_size": 3}, "does not divide"),
+        ({"group_size": 0}, "must be positive"),
+        ({"group_size": 3, "scale": torch.ones(2, 1)}, r"scale must be float \[2, 2\]"),  # 4 inputs: 3 + 1
         ({"scale": torch.ones(2, 3)}, r"scale must be float \[2, 2\]"),
         ({"scale": torch.ones(2, 2, dtype=torch.int32)}, "scale must be float"),
         ({"bits": 2}, "leave the 2-bit range -2..1"),

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class Kernel:
     """A matmul for integer-grid layers. Subclass it, set the class attributes, implement
     ``layout_problem`` and ``build``; register an instance (``quantplug.register_kernel``) or name
-    the class in a ``quantplug.kernels`` entry point.
+    the class in a ``quantplug_kernels`` entry point.
 
     ``build(grid, dtype)`` returns an ``nn.Module`` holding the grid's codes in the kernel's layout
     (scales and zero points as it needs them, in ``dtype``), with three methods:

@@ -8,7 +8,7 @@ plugin keeps its checkpoint layout (``quantplug.save`` rebuilds the plugin's mod
 and writes exactly what the plugin would have), and the repack happens once, at load or quantize.
 
 Kernels are registered like backends: ``quantplug.register_kernel(kernel)`` in a process, or an
-entry point in the ``quantplug.kernels`` group naming a ``"module:Class"`` (a kernel plugin:
+entry point in the ``quantplug_kernels`` group naming a ``"module:Class"`` (a kernel plugin:
 Marlin, gemlite, ggml-style, ...), loaded when a model first needs a kernel. quantplug ships
 torch's own fused CPU kernels (``quantplug.torch_kernels``): ``torch-int4-cpu``
 (``aten._weight_int4pack_mm_for_cpu``) and ``torch-int8-cpu`` (``aten._weight_int8pack_mm``).
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("quantplug")
 
-ENTRY_POINT_GROUP = "quantplug.kernels"
+ENTRY_POINT_GROUP = "quantplug_kernels"
 AUTO, NONE, REQUIRED = "auto", "none", "required"
 """``kernel=`` values of ``quantize`` / ``load`` besides a kernel's name."""
 
@@ -56,7 +56,7 @@ def unregister_kernel(name: str) -> None:
 
 @functools.cache
 def _entry_point_kernels() -> tuple[dict[str, Kernel], dict[str, str]]:
-    """The kernels named by installed ``quantplug.kernels`` entry points, and the problems of
+    """The kernels named by installed ``quantplug_kernels`` entry points, and the problems of
     those that failed to load (name -> why)."""
     from importlib import import_module
 
