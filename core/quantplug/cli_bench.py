@@ -7,19 +7,15 @@ import json
 
 import click
 
+from .cli_compare import candidates_option
 from .stdout_guard import GuardedCommand, echo
 
 
 @click.command("bench-presets", cls=GuardedCommand)
 @click.argument("model", required=False, type=click.Path(exists=True))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps, ...")
-@click.option(
-    "-c",
-    "--candidate",
-    "candidates",
-    multiple=True,
-    metavar="BACKEND[:PRESET]",
-    help="Measure only these (repeatable; a backend alone: all its presets). Default: every installed one.",
+@candidates_option(
+    "Measure only these (repeatable; a backend alone: all its presets). Default: every installed one."
 )
 @click.option(
     "--shape",

@@ -24,16 +24,16 @@ priority_option = click.option(
 )
 
 
+def candidates_option(help: str):
+    """``-c / --candidate BACKEND[:PRESET]`` (repeatable) into ``candidates``: compare, bench-presets, kernels."""
+    return click.option(
+        "-c", "--candidate", "candidates", multiple=True, metavar="BACKEND[:PRESET]", help=help
+    )
+
+
 @click.command("compare", cls=GuardedCommand)
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "-c",
-    "--candidate",
-    "candidates",
-    multiple=True,
-    metavar="BACKEND[:PRESET]",
-    help="A candidate (repeatable), e.g. bitsandbytes:nf4; default: every one `select` ranks.",
-)
+@candidates_option("A candidate (repeatable), e.g. bitsandbytes:nf4; default: every one `select` ranks.")
 @click.option("--top", type=click.IntRange(min=1), help="Measure only select's first N candidates.")
 @click.option(
     "--per-backend",

@@ -9,6 +9,7 @@ import json
 
 import click
 
+from .cli_compare import candidates_option
 from .stdout_guard import GuardedCommand, echo
 
 
@@ -20,14 +21,7 @@ from .stdout_guard import GuardedCommand, echo
 @click.option(
     "--dtype", default="bfloat16", show_default=True, help="The model dtype the presets are run in."
 )
-@click.option(
-    "-c",
-    "--candidate",
-    "candidates",
-    multiple=True,
-    metavar="BACKEND[:PRESET]",
-    help="With --presets: only these (repeatable; a backend alone: all its presets).",
-)
+@candidates_option("With --presets: only these (repeatable; a backend alone: all its presets).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def kernels_cmd(presets, device, dtype, candidates, as_json) -> None:
     """List the kernels and, with --presets, which one runs each preset here."""
