@@ -105,17 +105,19 @@ def _measure(folders: dict, ids, prefix, repeats: int) -> dict:
     cpu = torch.device("cpu")
     out = {}
     for label, folder in folders.items():
-        models = {}
+        models, load_s = {}, {}
         for how in ("none", "auto"):
             if folder is None:  # the unquantized bf16 model
                 from transformers import AutoModelForCausalLM
 
                 models[how] = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16).eval()
             else:
+                t0 = time.perf_counter()
                 models[how] = quantplug.load(folder, dtype=torch.bfloat16, progress=False, kernel=how)
+                load_s[how] = time.perf_counter() - t0
             if folder is None:
                 break
-        row = {"kernel": None}
+        row = {"kernel": None, **{f"load_s_{how}": t for how, t in load_s.items()}}
         if folder is not None:
             row["kernel"] = dict(summary(quantplug.kernel_choices(models["auto"])))
         prompt = ids[:PROMPT]
@@ -144,10 +146,10 @@ def _table(rows: dict) -> str:
     bf16 = rows["bf16"]
     lines = [
         "| preset | kernel (layers) | perplexity own → kernel | decode ms/token own → kernel | "
-        "kernel vs rtn same bits | prefill 256 ms own → kernel | kernel prefill vs bf16 |",
-        "|---|---|---|---|---|---|---|",
+        "kernel vs rtn same bits | prefill 256 ms own → kernel | kernel prefill vs bf16 | load s own → kernel |",
+        "|---|---|---|---|---|---|---|---|",
         f"| bf16 (unquantized) | - | {bf16['ppl_none']:.2f} | {bf16['decode_none']:.1f} | | "
-        f"{bf16['prefill_none']:.0f} | 1.00x |",
+        f"{bf16['prefill_none']:.0f} | 1.00x | |",
     ]
     for label, r in rows.items():
         if label == "bf16":
@@ -159,7 +161,8 @@ def _table(rows: dict) -> str:
         lines.append(
             f"| {label} | {kernel} | {r['ppl_none']:.3f} → {r['ppl_auto']:.3f} ({dppl:+.2f}%) | "
             f"{r['decode_none']:.1f} → **{r['decode_auto']:.1f}** | {vs:.2f}x {ref} | "
-            f"{r['prefill_none']:.0f} → {r['prefill_auto']:.0f} | {bf16['prefill_none'] / r['prefill_auto']:.2f}x |"
+            f"{r['prefill_none']:.0f} → {r['prefill_auto']:.0f} | {bf16['prefill_none'] / r['prefill_auto']:.2f}x | "
+            f"{r['load_s_none']:.1f} → {r['load_s_auto']:.1f} |"
         )
     return "\n".join(lines)
 
