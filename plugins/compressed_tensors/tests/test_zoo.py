@@ -178,8 +178,12 @@ def test_loads_with_transformers_logits_in_float32_and_the_stored_bfloat16(zoo, 
     theirs = load_file(folder.parent / f"{folder.name}_logits.safetensors")
     ours = quantplug.load(folder, dtype=torch.float32, progress=False)
     assert _rel(logits(ours, ids), theirs["torch.float32"]) < 1e-4
-    ours = quantplug.load(folder, progress=False)
+    ours = quantplug.load(folder, progress=False, kernel="none")  # compressed-tensors' own layers
     assert ours.model.layers[0].mlp.down_proj.weight_scale.dtype == torch.bfloat16
+    assert _rel(logits(ours, ids).float(), theirs["torch.bfloat16"]) < 1e-2
+    ours = quantplug.load(folder, progress=False)  # weight-only int4 grids: on torch's int4 CPU kernel
+    if name.endswith(("w4a16", "w4g128")):
+        assert set(quantplug.kernel_choices(ours).values()) == {"torch-int4-cpu"}
     assert _rel(logits(ours, ids).float(), theirs["torch.bfloat16"]) < 1e-2
 
 
