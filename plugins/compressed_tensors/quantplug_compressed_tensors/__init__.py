@@ -109,7 +109,8 @@ def register_backends(register):
             presets=PRESETS,
             description="compressed-tensors checkpoints (llm-compressor's format, served natively by vLLM): "
             "pack-quantized W4A16/W8A16, int-quantized W8A8, float-quantized FP8, both ways.",
-            notes="layers decompress their weight with compressed-tensors on every forward (no fused kernel here; "
-            "vLLM has them).",
+            notes="weight-only int4 / per-channel int8 layers of a bfloat16 / float16 model run quantplug's "
+            "kernels on a CPU (torch's fused int4 / int8 matmuls); the others decompress their weight with "
+            "compressed-tensors on every forward (vLLM has GPU kernels for them).",
         )
     )

@@ -76,7 +76,9 @@ def register_backends(register):
             description="GPTQ (Hessian-based rounding with error feedback, calibrated) by GPTQModel; "
             "checkpoints in the gptq format Transformers, vLLM and AutoGPTQ read.",
             notes="needs calibration data (a few hundred tokens of representative text at least); "
-            "layers run GPTQModel's torch kernel (dequantize + matmul) on every device.",
+            "4-bit layers of a bfloat16 / float16 model run quantplug's int4 kernel on a CPU (torch's fused "
+            "int4 matmul, act-order too); the others, and every layer on a GPU, GPTQModel's torch kernel "
+            "(dequantize + matmul). Calibrate a float32 model: in bfloat16 GPTQ is ~40x slower on a CPU.",
         )
     )
     register(
