@@ -65,6 +65,15 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return buf
 
 
+def _scaled(codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = codes * scale`` in ``out``'s dtype: one pass over the weight (int8 codes converted
+    and multiplied at once), the same bits as converting, then multiplying."""
+    if torch.compiler.is_compiling():  # (the compiler refuses out= into views; it fuses the two anyway)
+        out.copy_(codes).mul_(scale)
+    else:
+        torch.mul(codes, scale, out=out)
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 [out, in] (out a multiple of 64) in the layout of
     ``aten._convert_weight_to_int4pack_for_cpu``: per block of 64 output rows, for every input,
@@ -148,7 +157,7 @@ class TorchInt4Weights(nn.Module):
         w = out[: self.out_features * self.padded_in].view(self.out_features, -1, self.group)
         sz = self.scale_zero[:, : self.out_features].to(dtype)  # [groups, out, 2]
         codes = unpack_int4(self.packed)[: self.out_features]
-        w.copy_(codes.view_as(w)).mul_(sz[..., 0].T.unsqueeze(-1))
+        _scaled(codes.view_as(w), sz[..., 0].T.unsqueeze(-1), w)
         if not self.symmetric:
             w.add_(sz[..., 1].T.unsqueeze(-1))
         return w.view(self.out_features, self.padded_in)[:, : self.in_features]
@@ -188,7 +197,7 @@ class TorchInt8Weights(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         out = scratch(self.out_features * self.kernel_in, dtype, self.weight.device)
         w = out[: self.out_features * self.kernel_in].view(self.out_features, self.kernel_in)
-        w.copy_(self.weight).mul_(self.scale.to(dtype).unsqueeze(-1))
+        _scaled(self.weight, self.scale.to(dtype).unsqueeze(-1), w)
         if self.offset is not None:
             w.add_(self.offset.to(dtype).T)
         return w[:, : self.in_features]
