@@ -34,7 +34,7 @@ from .errors import (
 from .grid import Float8Grid, Float8Layout, GridLayout, IntegerGrid
 from .hookspecs import hookimpl
 from .kernel_base import Kernel
-from .kernels import available_kernels, register_kernel, unregister_kernel
+from .kernels import available_kernels, choose_kernel, register_kernel, unregister_kernel
 
 __version__ = "0.1.0"
 
@@ -97,6 +97,7 @@ __all__ = [
     "UnknownMethodError",
     "__version__",
     "available_kernels",
+    "choose_kernel",
     "backends",
     "config_from_dict",
     "get_backend",

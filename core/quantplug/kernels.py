@@ -123,6 +123,14 @@ def choose(layout: GridLayout, device_type: str, dtype: Any, wanted: str = AUTO)
     return None, "; ".join(reasons) or "no kernel is installed"
 
 
+def choose_kernel(layout: GridLayout, device_type: str, dtype: Any) -> tuple[Kernel | None, str]:
+    """The registered kernel that would run integer-grid weights of ``layout`` on ``device_type``
+    with ``dtype`` activations, and its name; or None and why none takes it. For a plugin whose
+    layer adds arithmetic around the matmul (quantplug-bitnet's int8 activations) and so runs a
+    kernel itself: ``kernel.build(grid, dtype)`` gives the weights (``Kernel``'s contract)."""
+    return choose(layout, device_type, dtype)
+
+
 def _refusal(kernel: Kernel, layout: GridLayout, device_type: str, dtype_name: str) -> str | None:
     if kernel.device_type != device_type:
         return f"runs on {kernel.device_type}, the layer is on {device_type}"

@@ -247,6 +247,7 @@ class _Layout:
                     )
             raise CheckpointError(f"{folder}: does not match what {what} implies: {'; '.join(parts)}")
         model_state = self.model.state_dict()
+        unchecked = {k for ks in self.owned.values() for k in ks} if self.prequantized else ()
         for key in sorted(have):
             shape, dt = self.expected[key]
             got_shape, got_dtype = ckpt.spec(key)
@@ -254,7 +255,7 @@ class _Layout:
                 raise self._error(folder, ckpt, key, f"shape {list(got_shape)}, expected {list(shape)}")
             if dt is not None and got_dtype != dt:
                 raise self._error(folder, ckpt, key, f"dtype {got_dtype}, expected {dt}")
-            mine = model_state.get(key)
+            mine = None if key in unchecked else model_state.get(key)  # load_module checks those
             if dt is None and mine is not None and not _compatible_dtype(got_dtype, mine.dtype):
                 # full-precision floats may be stored in any float dtype (they are cast); nothing else
                 raise CheckpointError(

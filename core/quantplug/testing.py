@@ -28,11 +28,6 @@ Needs pytest, torch and transformers.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -40,27 +35,10 @@ import pytest
 import quantplug
 
 from .preset_check import check_preset, figure_problems, measure_preset  # noqa: F401 (public)
+from .testing_checks import assert_listing_is_light, load_and_dump
+from .testing_loadonly import LoadOnlyConformance  # noqa: F401 (public)
 from .testing_models import MOE_ARCHS, logits, tiny_llama, tiny_moe, token_ids  # noqa: F401 (public)
 from .testing_moe import MoEConformance
-
-
-def _load_and_dump(checkpoint: Path, ids_file: Path, out_file: Path) -> None:
-    """Run in a fresh interpreter: load the checkpoint, write its logits."""
-    script = textwrap.dedent(
-        f"""
-        import torch, quantplug
-        from safetensors.torch import load_file, save_file
-        ids = load_file({str(ids_file)!r})["ids"]
-        model = quantplug.load({str(checkpoint)!r}, progress=False)
-        with torch.no_grad():
-            save_file({{"logits": model(ids).logits.contiguous()}}, {str(out_file)!r})
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, f"loading in a fresh process failed:\n{proc.stderr[-4000:]}"
 
 
 class BackendConformance(MoEConformance):
@@ -132,28 +110,7 @@ class BackendConformance(MoEConformance):
         assert not [p for p in quantplug.problems() if p.backend == self.backend_name]
 
     def test_listing_and_config_validation_import_nothing_heavy(self, case):
-        backend = quantplug.get_backend(self.backend_name)
-        heavy = {"torch", *self.library_modules, backend.quantizer.partition(":")[0]}
-        script = textwrap.dedent(
-            f"""
-            import json, os, sys; os.environ["QUANTPLUG_PLUGIN_CACHE"] = "0"  # imports the entry point
-            import quantplug; quantplug.backends()
-            quantplug.config_from_dict(json.loads({json.dumps({"quant_method": self.backend_name, **case[0]})!r}))
-            heavy = {sorted(heavy)!r}
-            print(json.dumps(sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy))))
-            """
-        )
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        imported = json.loads(proc.stdout.strip().splitlines()[-1])
-        roots = sorted({h for h in heavy for m in imported if m == h or m.startswith(h + ".")})
-        assert not imported, (
-            f"listing backends and validating a {self.backend_name!r} config imported heavy module(s): "
-            f"{', '.join(roots)} ({len(imported)} modules: {', '.join(imported[:8])}"
-            f"{', ...' if len(imported) > 8 else ''}). Fix: import them only in the quantizer's module "
-            f"({backend.quantizer}) or inside functions, never at the top of the plugin's package or "
-            f"config module (`python -X importtime -c 'import quantplug; quantplug.backends()'` shows who)."
-        )
+        assert_listing_is_light(self.backend_name, case[0], self.library_modules)
 
     # -- configs ------------------------------------------------------------------------------
 
@@ -321,7 +278,7 @@ class BackendConformance(MoEConformance):
         names = sorted(p.name for p in ckpt.iterdir())
         assert all(n.endswith((".json", ".safetensors")) for n in names), names
         save_file({"ids": ids.cpu()}, tmp_path / "ids.safetensors")
-        _load_and_dump(ckpt, tmp_path / "ids.safetensors", tmp_path / "out.safetensors")
+        load_and_dump(ckpt, tmp_path / "ids.safetensors", tmp_path / "out.safetensors")
         loaded = load_file(tmp_path / "out.safetensors")["logits"]
         assert torch.equal(loaded, out.cpu()), f"max abs diff {(loaded - out.cpu()).abs().max().item()}"
 
