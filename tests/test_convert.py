@@ -367,3 +367,24 @@ def test_unknown_method_is_refused_before_any_change():
     assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear, nn.ReLU, nn.Linear]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert getattr(model, INFO_ATTR, None) is None
+
+
+def test_a_quantized_model_deep_copies_and_pickles(tmp_path):
+    """Its quantization info (backend descriptor, read-only mappings included) copies with it: the
+    copy computes the same logits and saves as the original does."""
+    import copy
+    import pickle
+
+    model = tiny_llama()
+    quantplug.quantize(model, RtnConfig(bits=8, group_size=-1), progress=False)
+    ids = token_ids()
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(logits(twin, ids), logits(model, ids))
+        caps = getattr(twin, INFO_ATTR).quantizer.backend.capabilities
+        assert dict(caps.max_rel_error) == dict(
+            getattr(model, INFO_ATTR).quantizer.backend.capabilities.max_rel_error
+        )
+        with pytest.raises(TypeError):
+            caps.max_rel_error[8] = 1.0  # still read-only
+    saved = quantplug.save(copy.deepcopy(model), tmp_path / "copy")
+    assert torch.equal(logits(quantplug.load(saved, progress=False), ids), logits(model, ids))

@@ -21,8 +21,26 @@ def str_tuple(value: Any) -> tuple:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _plain(value: Any) -> Any:
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, types.MappingProxyType) else value
+
+
+class _Copyable:
+    """Pickling and ``copy.deepcopy`` of a frozen descriptor whose mappings are read-only proxies
+    (which pickle refuses): the fields as plain values, rebuilt through ``__post_init__``. A model
+    carrying its quantization info deep-copies and pickles like any other."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+        self.__post_init__()
+
+
 @dataclasses.dataclass(frozen=True)
-class Capabilities:
+class Capabilities(_Copyable):
     """What a backend can do, declared by its plugin. ``select`` reasons from these alone."""
 
     bits: tuple[int, ...]
@@ -74,7 +92,7 @@ PRESET_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
-class Preset:
+class Preset(_Copyable):
     """A concrete config a plugin recommends, with the facts ``quantplug.select`` reasons from.
 
     ``select`` knows nothing about any backend: it ranks a plugin's presets by what is declared
