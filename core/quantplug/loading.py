@@ -235,9 +235,7 @@ class _Layout:
         missing = set(self.expected) - have - set(self.aliases)
         if unexpected or missing:
             what = f"quant_method {self.method!r}" if self.prequantized else "the model"
-            parts = []
-            if missing:
-                parts.append(f"missing tensors {_fmt(missing)}")
+            parts = [f"missing tensors {_fmt(missing)}"] if missing else []
             if unexpected:
                 parts.append(f"unexpected tensors {_fmt(ckpt.stored_name.get(k, k) for k in unexpected)}")
                 if any(".experts." in k for k in unexpected):
@@ -247,7 +245,7 @@ class _Layout:
                     )
             raise CheckpointError(f"{folder}: does not match what {what} implies: {'; '.join(parts)}")
         model_state = self.model.state_dict()
-        unchecked = {k for ks in self.owned.values() for k in ks} if self.prequantized else ()
+        unchecked = set().union(*self.owned.values()) if self.prequantized else ()
         for key in sorted(have):
             shape, dt = self.expected[key]
             got_shape, got_dtype = ckpt.spec(key)

@@ -200,8 +200,10 @@ def save(
     limit = parse_size(max_shard_size, "max_shard_size")
     info = quantized_info(model)
     if info is not None and not info.quantizer.backend.capabilities.serializable:
+        notes = info.quantizer.backend.notes
         raise CheckpointError(
             f"backend {info.config.quant_method!r} declares that its models cannot be saved"
+            + (f" ({notes})" if notes else "")
         )
     tensors, aliases = checkpoint_layout(  # MoE: as Transformers saves
         model, *checkpoint_tensors(model), native=info.experts if info else None
