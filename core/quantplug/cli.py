@@ -30,7 +30,7 @@ def _library_text(backend) -> str:
 def _caps_text(caps) -> str:
     flags = [
         f"bits={','.join(map(str, caps.bits))}",
-        f"devices={','.join(caps.devices)}",
+        f"devices={','.join(caps.devices) or 'none (see its note)'}",
     ]
     if caps.needs_calibration:
         flags.append("calibration")
@@ -38,7 +38,7 @@ def _caps_text(caps) -> str:
         flags.append("trainable")
     if caps.serializable:
         flags.append("serializable")
-    if not caps.quantizes:
+    if not caps.quantizes and caps.devices:
         flags.append("load-only")
     return " ".join(flags)
 
