@@ -25,8 +25,11 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [rows, in] -> int8 codes [4 * rows, in] (2-bit fields minus 1: -1, 0, 1, or 2 for a 3)."""
-    parts = [((packed >> (2 * k)) & 3) for k in range(ROWS_PER_BYTE)]
-    return (torch.cat(parts, 0).to(torch.int8) - 1).contiguous()
+    rows = packed.shape[0]
+    out = torch.empty((ROWS_PER_BYTE * rows, *packed.shape[1:]), dtype=torch.uint8, device=packed.device)
+    for k in range(ROWS_PER_BYTE):
+        torch.bitwise_and(packed >> (2 * k), 3, out=out[k * rows : (k + 1) * rows])
+    return out.view(torch.int8).sub_(1)
 
 
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

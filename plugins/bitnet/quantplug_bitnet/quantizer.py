@@ -147,12 +147,11 @@ class BitNetQuantizer(quantplug.Quantizer):
                     f"{where} has shape {list(weight.shape)}; a packed BitNet weight of a [{out_f}, {in_f}] "
                     f"layer is uint8 [{out_f // packing.ROWS_PER_BYTE}, {in_f}] (4 rows per byte)"
                 )
-            codes = packing.unpack(weight)
-            if int(codes.max()) > 1:
+            if bool(((weight & (weight >> 1)) & 0x55).any()):  # a 2-bit field holding 3
                 raise quantplug.CheckpointError(
                     f"{where} holds the 2-bit value 3 (weight +2), which is not ternary: not a BitNet checkpoint"
                 )
-            return codes
+            return packing.unpack(weight)
         if weight.dtype.is_floating_point and self.config.linear_class == "autobitlinear":
             if tuple(weight.shape) != (out_f, in_f):
                 raise quantplug.CheckpointError(
