@@ -478,11 +478,24 @@ def test_known_plugin_method_not_installed_says_what_to_pip_install():
 
 def test_transformers_only_method_says_no_plugin_exists_yet():
     with pytest.raises(UnknownMethodError) as info:
-        AutoQuantizer.from_config({"quant_method": "aqlm", "bits": 4})
+        AutoQuantizer.from_config({"quant_method": "fp_quant", "bits": 4})
     msg = str(info.value)
-    assert "'aqlm'" in msg
+    assert "'fp_quant'" in msg
     assert "no installed quantplug plugin provides it and quantplug knows of none that does" in msg
     assert "pip install" not in msg
+
+
+def test_a_roster_method_names_its_plugin_folder():
+    """Dashes in a distribution's name are underscores in its folder (plugins/gpu_formats)."""
+    from quantplug.hints import install_command, missing_plugin_hint
+
+    assert "quantplug-gpu-formats" in missing_plugin_hint("spqr")
+    assert install_command("quantplug-gpu-formats").startswith("pip install ")
+    assert (
+        install_command("quantplug-gpu-formats")
+        .rstrip(")")
+        .endswith(("plugins/gpu_formats", "the package index yet"))
+    )
 
 
 def test_unknown_method_names_it_and_lists_installed_backends(make_backend):

@@ -23,6 +23,18 @@ PLUGIN_FOR_METHOD: dict[str, str] = {
     "gptq": "quantplug-gptqmodel",
     "awq": "quantplug-gptqmodel",
     "auto-round": "quantplug-autoround",
+    "compressed-tensors": "quantplug-compressed-tensors",
+    "fp8": "quantplug-float",
+    "mxfp8": "quantplug-float",
+    "fbgemm_fp8": "quantplug-float",
+    "mxfp4": "quantplug-float",
+    "bitnet": "quantplug-bitnet",
+    "eetq": "quantplug-gpu-formats",
+    "spqr": "quantplug-gpu-formats",
+    "higgs": "quantplug-gpu-formats",
+    "vptq": "quantplug-vptq",
+    "aqlm": "quantplug-aqlm",
+    "quark": "quantplug-quark",
 }
 
 #: Transformers 5.24's ``QuantizationMethod`` values, for when Transformers is not installed
@@ -73,7 +85,7 @@ def install_command(dist: str) -> str:
     """A command that installs the first-party plugin ``dist``. The plugins are not on the package
     index yet, so where quantplug was installed from a checkout (pip records its folder in
     ``direct_url.json``; editable installs too), it is that checkout's ``plugins/<name>`` folder."""
-    name = dist.removeprefix("quantplug-")
+    name = dist.removeprefix("quantplug-").replace("-", "_")  # quantplug-gpu-formats: plugins/gpu_formats
     root = _source_checkout()
     if root is not None and (root / "plugins" / name / "pyproject.toml").is_file():
         return f"pip install {shlex.quote(str(root / 'plugins' / name))}"

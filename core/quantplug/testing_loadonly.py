@@ -68,7 +68,7 @@ class LoadOnlyConformance:
 
     def _written(self, tmp_path: Path, case: dict[str, Any]):
         folder = tmp_path / "written"
-        folder.mkdir()
+        folder.mkdir(parents=True)
         ids, ref = self.write_checkpoint(folder, case)
         config = json.loads((folder / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == self.backend_name

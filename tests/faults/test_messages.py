@@ -100,10 +100,10 @@ def test_an_unknown_keyword_raises_config_error_as_the_readme_promises():
 
 def test_a_transformers_method_without_a_plugin_is_described_neutrally(rtn_only):
     with pytest.raises(UnknownMethodError) as info:
-        quantplug.get_backend("aqlm")
+        quantplug.get_backend("fp_quant")
     msg = str(info.value)
     assert (
-        "quant_method 'aqlm' is a method Transformers implements; no installed quantplug plugin provides it "
+        "quant_method 'fp_quant' is a method Transformers implements; no installed quantplug plugin provides it "
         "and quantplug knows of none that does: load the model with transformers directly"
     ) in msg
     assert "exists" not in msg and "pip install" not in msg
