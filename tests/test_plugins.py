@@ -487,9 +487,9 @@ def test_transformers_only_method_says_no_plugin_exists_yet():
 
 def test_a_roster_method_names_its_plugin_folder():
     """Dashes in a distribution's name are underscores in its folder (plugins/gpu_formats)."""
-    from quantplug.hints import install_command, missing_plugin_hint
+    from quantplug.hints import install_command, install_hint
 
-    assert "quantplug-gpu-formats" in missing_plugin_hint("spqr")
+    assert "quantplug-gpu-formats" in install_hint("spqr")
     assert install_command("quantplug-gpu-formats").startswith("pip install ")
     assert (
         install_command("quantplug-gpu-formats")
