@@ -18,10 +18,10 @@ from .modules import BitNetLinear, OnlineBitLinear
 TERNARY_WARNING = (
     "quantplug-bitnet: ternarizing weights (-1, 0, +1 times one scale per layer) keeps the accuracy "
     "only of models trained for it (BitNet b1.58); an ordinary model loses it (SmolLM2-135M-Instruct: "
-    "perplexity {ppl}, bench/RESULTS.md 'BitNet'). Load a BitNet checkpoint instead, or quantize with "
+    "perplexity {ppl}, bench/RESULTS.md 'bitnet'). Load a BitNet checkpoint instead, or quantize with "
     "quantization_mode='online' to train the model for it first."
 )
-PERPLEXITY_FIGURE = "MEASURE"
+PERPLEXITY_FIGURE = "14.2 -> 1.7e+08 in bfloat16"
 
 
 class BitNetQuantizer(quantplug.Quantizer):
