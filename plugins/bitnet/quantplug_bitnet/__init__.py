@@ -1,13 +1,14 @@
 """quantplug-bitnet: BitNet b1.58 (Transformers' ``quant_method: "bitnet"``) in Transformers' exact
-checkpoint layout, run on integer kernels.
+checkpoint layout, run on integer matmuls.
 
 Both of Transformers' linear classes load and save: ``bitlinear`` (``weight_scale`` = 1 / mean|W|)
 and ``autobitlinear`` (``weight_scale`` = mean|W|; microsoft/bitnet-b1.58-2B-4T), offline (packed
 ternary codes, 4 rows per byte) or online (full-precision weights ternarized on every forward, for
-quantization-aware training). An offline layer keeps its codes on the integer kernel quantplug has
-for them (``quantplug.choose_kernel``: torch's fused int4 CPU kernel in bfloat16 / float16, half a
-byte per weight) and rounds its activations to int8 per token, as Transformers does; Transformers'
-own CPU path unpacks every weight into floats on every forward.
+quantization-aware training). An offline layer rounds its activations to int8 per token, as
+Transformers does, and multiplies them with its int8 codes in ``torch._int_mm`` (exact integer sums)
+in a bfloat16 / float16 model on a CPU, else on the kernel quantplug has for them
+(``quantplug.choose_kernel``); Transformers' own CPU path unpacks every weight into floats on every
+forward.
 
 Quantizing an ordinary model to ternary weights destroys it (measured in bench/RESULTS.md 'BitNet'):
 only models trained for it (BitNet b1.58) keep their accuracy, so ``select`` proposes this method
@@ -58,7 +59,7 @@ def register_backends(register):
             requires=(),  # plain PyTorch
             presets=PRESETS,
             description="BitNet b1.58: ternary weights (packed 4 per byte) with int8 activations, Transformers' "
-            "BitLinear / AutoBitLinear layouts; for BitNet-trained models; integer kernels on CPU",
+            "BitLinear / AutoBitLinear layouts; for BitNet-trained models; integer matmuls on CPU",
             transformers_format=True,
         )
     )

@@ -66,23 +66,40 @@ class BitNetLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.rms_norm = None if rms_norm_eps is None else RMSNorm(in_features, rms_norm_eps, dtype, device)
         self.weights: nn.Module | None = None  # the kernel's form of the codes, once set_codes() found one
+        self.codes8: torch.Tensor | None = None  # int8 [out, in] for torch._int_mm, where it runs
         self.kernel: str | None = None
         self.kernel_problem = "no codes yet"
         self.dense_from: int | None = None
 
     def ternary_codes(self) -> torch.Tensor:
         """int8 [out, in]: the codes, whichever form holds them."""
+        if self.codes8 is not None:
+            return self.codes8
         return packing.unpack(self.packed) if self.weights is None else self.weights.codes()
 
-    def set_codes(self, codes: torch.Tensor, dtype: torch.dtype) -> None:
-        """Hold int8 ternary ``codes`` [out, in] on the fastest kernel for ``dtype`` activations on
-        their device, else packed 4 per byte (unpacked on every forward, as Transformers does). A
-        kernel is checked on one input against the plain matmul: one that answers otherwise is not
+    def set_codes(self, codes: torch.Tensor, dtype: torch.dtype, int_mm: bool = True) -> None:
+        """Hold int8 ternary ``codes`` [out, in] for the fastest matmul ``dtype`` activations have on
+        their device: in a bfloat16 / float16 model on a CPU, ``torch._int_mm`` (int8 activations
+        times int8 codes, exact int32 sums; one byte per weight), else the int4 kernel quantplug has
+        (half a byte), else packed 4 per byte and unpacked on every forward (as Transformers does).
+        Each is checked on one input against the plain matmul: one that answers otherwise is not
         used, and a warning names it."""
         if codes.device.type == "meta":
             self.packed = packing.pack(codes)
             return
         problems = []
+        if int_mm and codes.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            problem = _int_mm_problem(codes)
+            if problem is None:
+                self.codes8, self.kernel, self.packed, self.kernel_problem = (
+                    codes.contiguous(),
+                    INT_MM,
+                    None,
+                    "",
+                )
+                return
+            warnings.warn(f"quantplug-bitnet: {INT_MM} not used: {problem}", stacklevel=2)
+            problems.append(f"{INT_MM}: {problem}")
         for bits in (4, 8):  # ternary codes sit on a 4-bit grid (half the bytes) or an 8-bit one
             layout = quantplug.GridLayout(bits, self.in_features, True, self.in_features, self.out_features)
             kernel, why = quantplug.choose_kernel(layout, codes.device.type, dtype)
@@ -119,11 +136,25 @@ class BitNetLinear(nn.Module):
             return y if bias is None else y + bias
         return F.linear(x, w, bias) * 128 if shift else F.linear(x, w, bias)
 
+    def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch._int_mm`` on the int8 activations: the integer sums exactly, then the scales."""
+        xf = x if self.linear_class == "bitlinear" else x.float()  # (each class's scale dtype)
+        sx = ACT_MAX / xf.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+        q = (xf * sx).round().clamp(-128, 127).to(torch.int8)
+        y = torch._int_mm(q, self.codes8.T).float()
+        if self.linear_class == "bitlinear":
+            y = (y / (self.weight_scale.float() * sx.float())).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        y = (y / sx).to(x.dtype)
+        return (y if self.bias is None else y + self.bias) * self.weight_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
             x = self.rms_norm(x)
         shape = x.shape
         x = x.reshape(-1, self.in_features)
+        if self.codes8 is not None and not x.requires_grad:
+            return self._int_forward(x).reshape(*shape[:-1], self.out_features)
         if self.linear_class == "bitlinear":  # Transformers' BitLinear: the scale in the input's dtype
             sx = (ACT_MAX / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)).detach()
             y = self._matmul(_round(x * sx).clamp(-128, 127), shift=True)
@@ -142,6 +173,28 @@ class BitNetLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"linear_class={self.linear_class}, kernel={self.kernel or 'none (' + self.kernel_problem + ')'}"
         )
+
+
+INT_MM = "torch._int_mm"
+
+
+def _int_mm_problem(codes: torch.Tensor) -> str | None:
+    """Why ``torch._int_mm`` cannot run this layer's codes exactly here (None: it can): checked on
+    one and on 17 random int8 rows against an integer matmul."""
+    if not hasattr(torch, "_int_mm"):
+        return f"torch {torch.__version__} has no torch._int_mm"
+    gen = torch.Generator(device=codes.device).manual_seed(0)
+    for rows in (1, 17):
+        q = torch.randint(
+            -128, 128, (rows, codes.shape[1]), generator=gen, device=codes.device, dtype=torch.int8
+        )
+        try:
+            got = torch._int_mm(q, codes.T)
+        except RuntimeError as exc:
+            return f"it refuses a [{rows}, {codes.shape[1]}] x [{codes.shape[1]}, {codes.shape[0]}] product ({exc})"
+        if not torch.equal(got.long(), q.long() @ codes.T.long()):
+            return "its sums differ from an integer matmul"
+    return None
 
 
 def _check(weights: nn.Module, codes: torch.Tensor, dtype: torch.dtype) -> str | None:

@@ -29,15 +29,20 @@ def layer(out_f=256, in_f=512, dtype=torch.float32, bias=True, seed=0):
     return lin
 
 
+@pytest.mark.parametrize("int_mm", [True, False], ids=["int_mm", "int4-kernel"])
 @pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
-@pytest.mark.parametrize("rows", [1, 7, 200])  # decode, a short prompt, past the kernel's dense_from
-def test_kernel_matches_the_plain_matmul(linear_class, rows):
-    """bfloat16: the int4 kernel (or its dense path) computes what the ternary weights compute in float32."""
-    q = quantizer(linear_class=linear_class)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bf16 = q.quantize_module("l", layer(dtype=torch.bfloat16))
-    assert bf16.kernel == "torch-int4-cpu" and bf16.packed is None
+@pytest.mark.parametrize("rows", [1, 7, 200])  # decode, a short prompt, past the int4 kernel's dense_from
+def test_integer_paths_match_the_plain_matmul(linear_class, rows, int_mm):
+    """bfloat16: torch._int_mm and the int4 kernel (or its dense path) compute what the ternary
+    weights compute in float32, where neither runs."""
+    torch.manual_seed(0)
+    lin = layer(dtype=torch.bfloat16)
+    codes, scale = packing.ternarize(lin.weight)
+    bf16 = modules.BitNetLinear(512, 256, linear_class=linear_class, bias=True, dtype=torch.bfloat16)
+    bf16.weight_scale.fill_(float(scale))
+    bf16.bias.copy_(lin.bias)
+    bf16.set_codes(codes, torch.bfloat16, int_mm=int_mm)
+    assert bf16.kernel == ("torch._int_mm" if int_mm else "torch-int4-cpu") and bf16.packed is None
     x = torch.randn(rows, 512)
     fp32 = modules.BitNetLinear(512, 256, linear_class=linear_class, bias=True, dtype=torch.float32)
     fp32.set_codes(bf16.ternary_codes().clone(), torch.float32)
@@ -46,15 +51,39 @@ def test_kernel_matches_the_plain_matmul(linear_class, rows):
     with torch.no_grad():
         ref = fp32(x)
         out = bf16(x.bfloat16())
-    assert fp32.kernel is None  # float32 has no kernel here: the plain matmul
+    assert fp32.kernel is None and fp32.packed is not None  # float32: packed, the plain matmul
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
-def test_codes_are_half_a_byte_per_weight_on_the_kernel():
+def test_int_mm_sums_bitlinear_exactly_as_transformers_bfloat16_does():
+    """bitlinear's activations are integers: torch._int_mm's exact sums give Transformers' BitLinear
+    output (bf16 matmul of integers, exact in its float32 accumulator) up to the final scaling."""
+    from transformers.integrations import bitnet as hf_bitnet
+
+    lin = layer(dtype=torch.bfloat16)
+    codes, scale = packing.ternarize(lin.weight)
+    ours = modules.BitNetLinear(512, 256, linear_class="bitlinear", bias=True, dtype=torch.bfloat16)
+    ours.weight_scale.fill_(float(scale))
+    ours.bias.copy_(lin.bias)
+    ours.set_codes(codes, torch.bfloat16)
+    theirs = hf_bitnet.BitLinear(512, 256, bias=True, dtype=torch.bfloat16)
+    theirs.weight.copy_(hf_bitnet.pack_weights(codes.clone()))
+    theirs.weight_scale.copy_(ours.weight_scale)
+    theirs.bias.copy_(lin.bias)
+    x = torch.randn(5, 512, dtype=torch.bfloat16)
+    with torch.no_grad():
+        a, b = ours(x).float(), theirs(x).float()
+    assert ((a - b).norm() / b.norm()).item() < 4e-3  # bf16 rounding of the last scaling only
+
+
+def test_codes_take_one_byte_on_int_mm_and_half_on_the_int4_kernel():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = quantizer().quantize_module("l", layer(dtype=torch.bfloat16))
-    held = sum(t.numel() * t.element_size() for t in q.weights.buffers())
+    assert q.kernel == "torch._int_mm" and q.codes8.dtype == torch.int8 and q.codes8.numel() == 256 * 512
+    half = modules.BitNetLinear(512, 256, linear_class="bitlinear", bias=False, dtype=torch.bfloat16)
+    half.set_codes(q.ternary_codes(), torch.bfloat16, int_mm=False)
+    held = sum(t.numel() * t.element_size() for t in half.weights.buffers())
     assert held <= 0.55 * 256 * 512  # int4 codes + a scale and offset per 32-input group
     stored = quantizer().module_tensors("l", q)
     assert stored["weight"].dtype == torch.uint8 and tuple(stored["weight"].shape) == (64, 512)
