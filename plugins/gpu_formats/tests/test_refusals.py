@@ -174,5 +174,7 @@ def test_quantplug_list_shows_the_three_backends():
         assert rows[name]["plugin"] == "quantplug-gpu-formats", rows[name]
     text = subprocess.run([str(cli), "list"], check=True, capture_output=True, text=True).stdout
     lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
-    assert "load-only" in lines["spqr"] and "load-only" in lines["higgs"]
+    for name in ("spqr", "higgs"):  # they run nowhere: not "load-only", and the note says why
+        assert "devices=none (see its note)" in lines[name] and "load-only" not in lines[name]
+        assert any(line.startswith(f"note: {name}: CUDA only") for line in text.splitlines())
     assert "devices=cpu,cuda" in lines["eetq"] and "serializable" not in lines["eetq"]
