@@ -141,11 +141,16 @@ class BitNetLinear(nn.Module):
         xf = x if self.linear_class == "bitlinear" else x.float()  # (each class's scale dtype)
         sx = ACT_MAX / xf.abs().amax(-1, keepdim=True).clamp(min=1e-5)
         q = (xf * sx).round().clamp(-128, 127).to(torch.int8)
-        y = torch._int_mm(q, self.codes8.T).float()
+        y = torch._int_mm(q, self.codes8.T)
         if self.linear_class == "bitlinear":
-            y = (y / (self.weight_scale.float() * sx.float())).to(x.dtype)
+            if (
+                x.dtype == torch.bfloat16
+            ):  # Transformers' bf16 matmul rounds the exact sum once: the same bits
+                y = y.to(x.dtype) / (self.weight_scale * sx)
+            else:  # (float16 would overflow where Transformers' does: scaled in float32 instead)
+                y = (y.float() / (self.weight_scale.float() * sx.float())).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        y = (y / sx).to(x.dtype)
+        y = (y.float() / sx).to(x.dtype)
         return (y if self.bias is None else y + self.bias) * self.weight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
