@@ -36,6 +36,11 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+def _act_scale(t: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 scale of activations ``t`` [rows, in], in ``t``'s dtype: 127 / absmax (floored)."""
+    return ACT_MAX / t.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+
+
 def _round(t: torch.Tensor) -> torch.Tensor:
     """``round``, with a straight-through gradient when one is needed (Transformers' ``ActQuant``)."""
     return t + (t.round() - t).detach() if t.requires_grad else t.round()
@@ -91,12 +96,8 @@ class BitNetLinear(nn.Module):
         if int_mm and codes.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
             problem = _int_mm_problem(codes)
             if problem is None:
-                self.codes8, self.kernel, self.packed, self.kernel_problem = (
-                    codes.contiguous(),
-                    INT_MM,
-                    None,
-                    "",
-                )
+                self.codes8, self.kernel = codes.contiguous(), INT_MM
+                self.packed, self.kernel_problem = None, ""
                 return
             warnings.warn(f"quantplug-bitnet: {INT_MM} not used: {problem}", stacklevel=2)
             problems.append(f"{INT_MM}: {problem}")
@@ -139,13 +140,12 @@ class BitNetLinear(nn.Module):
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``torch._int_mm`` on the int8 activations: the integer sums exactly, then the scales."""
         xf = x if self.linear_class == "bitlinear" else x.float()  # (each class's scale dtype)
-        sx = ACT_MAX / xf.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+        sx = _act_scale(xf)
         q = (xf * sx).round().clamp(-128, 127).to(torch.int8)
         y = torch._int_mm(q, self.codes8.T)
         if self.linear_class == "bitlinear":
-            if (
-                x.dtype == torch.bfloat16
-            ):  # Transformers' bf16 matmul rounds the exact sum once: the same bits
+            # bfloat16: Transformers' bf16 matmul rounds the exact sum once, so these are its bits
+            if x.dtype == torch.bfloat16:
                 y = y.to(x.dtype) / (self.weight_scale * sx)
             else:  # (float16 would overflow where Transformers' does: scaled in float32 instead)
                 y = (y.float() / (self.weight_scale.float() * sx.float())).to(x.dtype)
@@ -161,14 +161,14 @@ class BitNetLinear(nn.Module):
         if self.codes8 is not None and not x.requires_grad:
             return self._int_forward(x).reshape(*shape[:-1], self.out_features)
         if self.linear_class == "bitlinear":  # Transformers' BitLinear: the scale in the input's dtype
-            sx = (ACT_MAX / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)).detach()
+            sx = _act_scale(x).detach()
             y = self._matmul(_round(x * sx).clamp(-128, 127), shift=True)
             y = y / (self.weight_scale * sx)
             if self.bias is not None:
                 y = y + self.bias
         else:  # AutoBitLinear: activations fake-quantized in float32, the output times weight_scale
             xf = x.float()
-            sx = (ACT_MAX / xf.abs().amax(-1, keepdim=True).clamp(min=1e-5)).detach()
+            sx = _act_scale(xf).detach()
             xq = (_round(xf * sx).clamp(-128, 127) / sx).to(x.dtype)
             y = self._matmul(xq, shift=False, bias=self.bias) * self.weight_scale
         return y.reshape(*shape[:-1], self.out_features)
@@ -233,6 +233,6 @@ class OnlineBitLinear(nn.Module):
         scale = 1.0 / wf.abs().mean().clamp(min=1e-5)
         wq = ((wf * scale).round().clamp(-1, 1) / scale).to(w.dtype)
         xf = x.float()
-        sx = ACT_MAX / xf.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+        sx = _act_scale(xf)
         xq = ((xf * sx).round().clamp(-128, 127) / sx).to(x.dtype)
         return F.linear(x + (xq - x).detach(), w + (wq - w).detach(), self.bias)
